@@ -1,0 +1,22 @@
+"""jlora: LoRA for any JAX function of a parameter pytree.
+
+    adapters = jlora.init(params, rank=8)              # trainable A/B tree
+    frozen, trainable = jlora.split(params, adapters)  # what trains, what does not
+    logits = jlora.adapt(model.apply)(params, adapters, tokens)
+    merged = jlora.merge(params, adapters)             # plain params for export
+"""
+
+from jlora.adapt import adapt
+from jlora.adapter import Adapter
+from jlora.count import ParamCount, count_params
+from jlora.lora import LoRA, init
+from jlora.merge import merge, unmerge
+from jlora.optimizer import optimizer
+from jlora.partition import Trainable, combine, split
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "LoRA", "ParamCount", "Trainable", "adapt", "combine", "count_params", "init",
+    "merge", "optimizer", "split", "unmerge",
+]

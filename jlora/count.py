@@ -1,0 +1,43 @@
+"""How much trains: parameter counts and bytes, trainable against total."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+from jlora import paths
+from jlora.partition import trainable_base_paths
+
+
+class ParamCount(NamedTuple):
+    trainable: int
+    total: int
+    trainable_bytes: int
+    total_bytes: int
+
+    def __str__(self):
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return (
+            f"trainable params: {self.trainable:,} ({self.trainable_bytes:,} bytes) || "
+            f"all params: {self.total:,} ({self.total_bytes:,} bytes) || trainable: {share:.4f}%"
+        )
+
+
+def _size(tree) -> tuple[int, int]:
+    arrays = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+    return sum(x.size for x in arrays), sum(x.size * x.dtype.itemsize for x in arrays)
+
+
+def count_params(params, adapters, bias: str = "none") -> ParamCount:
+    """Trainable (adapters plus base leaves unfrozen by ``bias``) against all (base plus adapters).
+
+    Example:
+      >>> print(jlora.count_params(params, adapters))
+      trainable params: 294,912 (1,179,648 bytes) || all params: ...
+    """
+    unfrozen = set(trainable_base_paths(params, adapters, bias))
+    base_n, base_b = _size(params)
+    ad_n, ad_b = _size(adapters)
+    tb_n, tb_b = _size([w for p, w in paths.leaves(params) if p in unfrozen])
+    return ParamCount(ad_n + tb_n, base_n + ad_n, ad_b + tb_b, base_b + ad_b)

@@ -1,0 +1,45 @@
+"""Merging adapters into their weights for export, and taking them out again to swap adapters."""
+
+from __future__ import annotations
+
+from jlora import paths
+from jlora.adapter import fitted_table
+
+
+def _apply(params, adapters, method: str):
+    found = fitted_table(params, adapters)
+    return paths.map_with_path(
+        lambda path, w: getattr(found[path], method)(w) if path in found else w, params
+    )
+
+
+def merge(params, adapters):
+    """Plain params with every adapted weight replaced by W0 + ΔW (any adapter kind).
+
+    The result has the tree structure, shapes and dtypes of ``params``; the sum is computed in
+    float32 and cast back, so the original model runs it with no added latency.
+
+    Args:
+      params: the base parameter pytree.
+      adapters: an adapter tree from ``jlora.init`` (or another kind's ``init``) for these params.
+
+    Returns:
+      The merged parameter pytree.
+
+    Raises:
+      ValueError: an adapter's path is missing from ``params`` or its weight has another shape.
+
+    Example:
+      >>> merged = jlora.merge(params, adapters)
+      >>> logits = model.apply(merged, tokens)
+    """
+    return _apply(params, adapters, "merge")
+
+
+def unmerge(merged, adapters):
+    """Inverse of :func:`merge`: takes the adapters' updates out of ``merged`` again.
+
+    Exact up to float rounding, so ``unmerge(merge(p, a), a)`` gives back ``p`` and another
+    adapter can then be merged into the shared base.
+    """
+    return _apply(merged, adapters, "unmerge")

@@ -1,0 +1,49 @@
+"""An optimizer that updates only what trains: ``optax.multi_transform`` over labelled leaves."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from jlora.adapter import is_adapter
+from jlora.partition import Trainable
+
+FROZEN, ADAPTER, ADAPTER_B, BASE = "frozen", "adapter", "adapter_b", "base"
+
+
+def labels(tree):
+    """Labels every leaf: adapter leaves ``'adapter'`` (LoRA's B ``'adapter_b'``), the base leaves
+    of a :class:`~jlora.partition.Trainable` ``'base'``, and everything else ``'frozen'``."""
+
+    def label(node):
+        if isinstance(node, Trainable):
+            return Trainable(labels(node.adapters), jax.tree.map(lambda _: BASE, node.base))
+        if is_adapter(node):
+            return jax.tree_util.tree_map_with_path(
+                lambda kp, _: ADAPTER_B if kp[-1] == jax.tree_util.GetAttrKey("b") else ADAPTER, node
+            )
+        return FROZEN
+
+    return jax.tree.map(label, tree, is_leaf=lambda x: isinstance(x, Trainable) or is_adapter(x))
+
+
+def optimizer(tx: optax.GradientTransformation, *, lora_plus_ratio: float | None = None):
+    """Wraps ``tx`` so that only adapters (and unfrozen base leaves) are updated.
+
+    Works on the trainable tree from ``jlora.split``, on an adapter tree, or on any tree holding
+    them beside frozen weights, e.g. ``(params, adapters)``: frozen leaves get an update of exactly
+    zero and no optimizer state.
+
+    Args:
+      tx: the optimizer for trainable leaves, e.g. ``optax.adamw(1e-3)``.
+      lora_plus_ratio: LoRA+ (Hayou et al., 2024): B's learning rate is this times A's (the
+        paper suggests 16). ``None``: same rate.
+
+    Example:
+      >>> tx = jlora.optimizer(optax.adamw(1e-3))
+      >>> opt_state = tx.init(trainable)
+    """
+    b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(lora_plus_ratio))
+    return optax.multi_transform(
+        {ADAPTER: tx, ADAPTER_B: b_tx, BASE: tx, FROZEN: optax.set_to_zero()}, labels
+    )
