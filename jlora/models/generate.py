@@ -1,0 +1,99 @@
+"""Autoregressive generation with a key/value cache: greedy, or sampled with temperature, top-k, top-p.
+
+Generation only needs a function `apply_fn(variables, tokens, cache) -> (logits, cache)`. For a plain
+model that is `model.apply`; for params wrapped by a transform (LoRA) it is any function of the same
+shape, e.g. `lambda v, tokens, cache: adapted(v['frozen'], v['adapters'], tokens, cache)`, so the same
+loop serves both. The prompt runs once, then each new token is one jitted step over the cache.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def sample_logits(logits, rng, *, temperature=1.0, top_k=0, top_p=1.0):
+    """One token id per row of `logits` [B, V].
+
+    Args:
+      logits: [B, V] float.
+      rng: a PRNG key; unused when temperature == 0.
+      temperature: 0 for greedy (argmax); otherwise logits are divided by it.
+      top_k: keep only the k most likely tokens (0: all). Must be a Python int.
+      top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1.0: all).
+
+    Returns:
+      int32 [B].
+    """
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+        # The last kept token is the first whose cumulative probability reaches top_p.
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(ordered, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=('apply_fn', 'temperature', 'top_k', 'top_p'))
+def _step(apply_fn, variables, tokens, cache, rng, *, temperature, top_k, top_p):
+    logits, cache = apply_fn(variables, tokens, cache)
+    return sample_logits(logits[:, -1], rng, temperature=temperature, top_k=top_k, top_p=top_p), cache
+
+
+def generate(apply_fn, variables, prompt, cache, *, max_new_tokens, eos_id=None, temperature=0.0, top_k=0,
+             top_p=1.0, rng=None):
+    """Continue `prompt` by up to `max_new_tokens` tokens, stopping once every row has produced an eos.
+
+    Args:
+      apply_fn: `(variables, tokens [B, T], cache) -> (logits [B, T, V], cache)`, e.g. `model.apply`.
+        Pass the same function object each call to reuse its compilation.
+      variables: whatever `apply_fn` takes first (a pytree of arrays).
+      prompt: int [B, P], every row the same length.
+      cache: an empty cache with room for P + max_new_tokens, e.g. `model.init_cache(B, P + max_new_tokens)`.
+      max_new_tokens: the most tokens to add.
+      eos_id: an id or a sequence of ids that end a row; later positions of that row repeat it.
+      temperature, top_k, top_p: see `sample_logits`; temperature 0 is greedy.
+      rng: PRNG key for sampling (default `jax.random.key(0)`).
+
+    Returns:
+      np.int32 [B, P + n]: the prompt followed by the n <= max_new_tokens generated tokens.
+
+    Example:
+      >>> model, variables, tokenizer, _ = jlora.models.load('smollm2-135m')
+      >>> prompt = jnp.array([tokenizer.encode('The capital of France is')])
+      >>> cache = model.init_cache(1, prompt.shape[1] + 8)
+      >>> ids = generate(model.apply, variables, prompt, cache, max_new_tokens=8, eos_id=tokenizer.eos_id)
+      >>> tokenizer.decode(ids[0])
+    """
+    prompt = np.asarray(prompt, np.int32)
+    room = int(cache['index']) + prompt.shape[1] + max_new_tokens
+    buffer = next(iter(v for k, v in cache.items() if k != 'index'))['key'].shape[1]
+    if room > buffer + 1:  # the last token is sampled but never written back
+        raise ValueError(f'cache holds {buffer} positions, but the prompt ({prompt.shape[1]}) plus '
+                         f'max_new_tokens ({max_new_tokens}) needs {room - 1}.')
+    stop = np.atleast_1d(np.asarray([] if eos_id is None else eos_id, np.int32))
+    rng = jax.random.key(0) if rng is None else rng
+    sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    done = np.zeros(prompt.shape[0], bool)
+    generated = []
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        rng, step_rng = jax.random.split(rng)
+        next_token, cache = _step(apply_fn, variables, jnp.asarray(tokens), cache, step_rng, **sampling)
+        next_token = np.asarray(next_token)
+        if stop.size:
+            next_token = np.where(done, stop[0], next_token)
+            done |= np.isin(next_token, stop)
+        generated.append(next_token)
+        if done.all():
+            break
+        tokens = next_token[:, None]
+    return np.concatenate([prompt, np.stack(generated, axis=1) if generated else prompt[:, :0]], axis=1)
