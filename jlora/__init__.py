@@ -6,7 +6,7 @@
     merged = jlora.merge(params, adapters)             # plain params for export
 """
 
-from jlora.adapt import adapt
+from jlora.transform import Use, adapt
 from jlora.adapter import Adapter
 from jlora.count import ParamCount, count_params
 from jlora.lora import LoRA, init
@@ -17,6 +17,6 @@ from jlora.partition import Trainable, combine, split
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "LoRA", "ParamCount", "Trainable", "adapt", "combine", "count_params", "init",
+    "Adapter", "LoRA", "ParamCount", "Trainable", "Use", "adapt", "combine", "count_params", "init",
     "merge", "optimizer", "split", "unmerge",
 ]

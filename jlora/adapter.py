@@ -37,6 +37,11 @@ class Adapter(abc.ABC):
     def unmerge(self, w: jax.Array) -> jax.Array:
         """The adapted weight -> W0 (inverse of ``merge``)."""
 
+    def use(self, w: jax.Array, path: str):
+        """This adapter on weight ``w`` as a ``jlora.transform.Use``, for factored evaluation by
+        ``jlora.adapt``; ``None`` (the default) makes ``adapt`` use the merged weight."""
+        return None
+
     def check(self, path: str, w) -> None:
         """Raises ValueError when this adapter does not fit the weight ``w`` at ``path``."""
         if tuple(w.shape) != self.kernel_shape:

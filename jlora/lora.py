@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import string
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import numpy as np
 
 from jlora import paths
 from jlora.adapter import Adapter, as_f32
+from jlora.transform import Use
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -72,6 +74,12 @@ class LoRA(Adapter):
 
     def merge(self, w):
         return (as_f32(w) + self.delta()).astype(w.dtype)
+
+    def use(self, w, path):
+        n_stack, n_in = self.stack_axes, len(self.in_shape)
+        ids = tuple(range(w.ndim))
+        stack, inputs, outputs = ids[:n_stack], ids[n_stack : n_stack + n_in], ids[n_stack + n_in :]
+        return LoRAUse(w, self.a, self.b, (*stack, *inputs, RANK), (*stack, RANK, *outputs), ids, self.scaling, path)
 
     def unmerge(self, w):
         return (as_f32(w) - self.delta()).astype(w.dtype)
@@ -157,3 +165,234 @@ def init(
         b = jnp.zeros(s + (r,) + o, dtype)
         adapters[path] = LoRA(a.astype(dtype), b, scaling_for(a_alpha, r, use_rslora), n_stack)
     return paths.nest(adapters)
+
+
+# ---- the factored form used by jlora.adapt ----
+
+RANK = -1  # the id of the rank axis r in LoRAUse's factor axes
+
+
+class _Letters:
+    """einsum subscripts: one letter per axis id, and fresh ones for the other operand's axes."""
+
+    def __init__(self):
+        self._of: dict[int, str] = {}
+        self._pool = iter(string.ascii_letters)
+
+    def __getitem__(self, axis_id) -> str:
+        if axis_id not in self._of:
+            self._of[axis_id] = next(self._pool)
+        return self._of[axis_id]
+
+    def fresh(self) -> str:
+        return next(self._pool)
+
+    def word(self, ids) -> str:
+        return "".join(self[i] for i in ids)
+
+
+def _reshape_groups(old: tuple, new: tuple):
+    """Pairs runs of old axes with the runs of new axes they become, or None."""
+    groups, i, j = [], 0, 0
+    while i < len(old) and j < len(new):
+        olds, news, po, pn = [i], [j], old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn and i < len(old):
+                olds.append(i)
+                po, i = po * old[i], i + 1
+            elif pn < po and j < len(new):
+                news.append(j)
+                pn, j = pn * new[j], j + 1
+            else:
+                return None
+        groups.append((olds, news))
+    while groups and i < len(old) and old[i] == 1:
+        groups[-1][0].append(i)
+        i += 1
+    while groups and j < len(new) and new[j] == 1:
+        groups[-1][1].append(j)
+        j += 1
+    return groups if i == len(old) and j == len(new) else None
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["base", "a", "b"],
+    meta_fields=["a_ids", "b_ids", "view", "scaling", "path"],
+)
+@dataclasses.dataclass(frozen=True)
+class LoRAUse(Use):
+    """A LoRA-adapted weight inside ``jlora.adapt``: ``base`` plus ``scaling · a ⊗_r b``.
+
+    Axes are named by ids: ``view`` names the axes of ``base`` as this use sees them, ``a_ids`` and
+    ``b_ids`` those of the factors (stacked-layer ids appear in both, ``RANK`` is r), so transposes
+    and reshapes only rename axes and every use becomes one einsum pair.
+    """
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    a_ids: tuple
+    b_ids: tuple
+    view: tuple
+    scaling: float
+    path: str
+
+    def _only(self, side: str) -> set:
+        a, b = set(self.a_ids), set(self.b_ids)
+        return (a - b) if side == "a" else (b - a)
+
+    def merged(self):
+        letters = _Letters()
+        delta = jnp.einsum(
+            f"{letters.word(self.a_ids)},{letters.word(self.b_ids)}->{letters.word(self.view)}",
+            as_f32(self.a), as_f32(self.b), precision=HIGHEST,
+        )
+        return (as_f32(self.base) + self.scaling * delta).astype(self.base.dtype)
+
+    def transpose(self, permutation):
+        return dataclasses.replace(
+            self, base=jax.lax.transpose(self.base, permutation), view=tuple(self.view[p] for p in permutation)
+        )
+
+    def convert(self, new_dtype):
+        return dataclasses.replace(self, base=jax.lax.convert_element_type(self.base, new_dtype))
+
+    def squeeze(self, dimensions):
+        gone = {self.view[d] for d in dimensions}
+        a_axes = tuple(k for k, i in enumerate(self.a_ids) if i in gone)
+        b_axes = tuple(k for k, i in enumerate(self.b_ids) if i in gone)
+        return dataclasses.replace(
+            self,
+            base=jax.lax.squeeze(self.base, dimensions),
+            a=jnp.squeeze(self.a, a_axes),
+            b=jnp.squeeze(self.b, b_axes),
+            a_ids=tuple(i for i in self.a_ids if i not in gone),
+            b_ids=tuple(i for i in self.b_ids if i not in gone),
+            view=tuple(i for i in self.view if i not in gone),
+        )
+
+    def reshape(self, new_sizes):
+        new_sizes = tuple(new_sizes)
+        groups = _reshape_groups(tuple(self.base.shape), new_sizes)
+        if groups is None:
+            return None
+        factors = {"a": [self.a, list(self.a_ids)], "b": [self.b, list(self.b_ids)]}
+        next_id = max(max(self.a_ids), max(self.b_ids)) + 1
+        view = []
+        for olds, news in groups:
+            ids = [self.view[k] for k in olds]
+            if len(olds) == 1 and len(news) == 1:
+                view.append(ids[0])
+                continue
+            side = next((s for s in "ab" if set(ids) <= self._only(s)), None)
+            if side is None:  # merges a factor's axes with the other's, or a stacked axis
+                return None
+            factor, fids = factors[side]
+            at = [fids.index(i) for i in ids]
+            if at != list(range(at[0], at[0] + len(at))):
+                return None
+            new_ids = list(range(next_id, next_id + len(news)))
+            next_id += len(news)
+            factor = factor.reshape(factor.shape[: at[0]] + tuple(new_sizes[k] for k in news) + factor.shape[at[-1] + 1 :])
+            fids[at[0] : at[-1] + 1] = new_ids
+            factors[side] = [factor, fids]
+            view.extend(new_ids)
+        (a, a_ids), (b, b_ids) = factors["a"], factors["b"]
+        return dataclasses.replace(
+            self, base=self.base.reshape(new_sizes), a=a, b=b, a_ids=tuple(a_ids), b_ids=tuple(b_ids), view=tuple(view)
+        )
+
+    def dot_general(self, x, x_is_lhs, base_out, params, ctx):
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
+        letters = _Letters()
+        w_word = [letters[i] for i in self.view]
+        x_word = []
+        for d in range(x.ndim):
+            if d in xc:
+                x_word.append(w_word[wc[list(xc).index(d)]])
+            elif d in xb:
+                x_word.append(w_word[wb[list(xb).index(d)]])
+            else:
+                x_word.append(letters.fresh())
+        x_free = [c for d, c in enumerate(x_word) if d not in xc and d not in xb]
+        w_free = [c for k, c in enumerate(w_word) if k not in wc and k not in wb]
+        out = [x_word[d] for d in xb] + (x_free + w_free if x_is_lhs else w_free + x_free)
+        # Contract x with the factor that holds the contracted axes first: x·A then ·B for a
+        # Dense use, x·Bᵀ then ·Aᵀ for a tied head's x·Wᵀ. Either order is exact.
+        contracted = {self.view[k] for k in wc}
+        a_first = bool(contracted & self._only("a")) or not contracted & self._only("b")
+        (f, f_ids), (g, g_ids) = ((self.a, self.a_ids), (self.b, self.b_ids))[:: 1 if a_first else -1]
+        f_word, g_word = letters.word(f_ids), letters.word(g_ids)
+        keep = set(g_word) | set(out)
+        t_word = "".join(c for c in dict.fromkeys(x_word + list(f_word)) if c in keep)
+        opts = dict(precision=params["precision"], preferred_element_type=params["preferred_element_type"])
+        t = jnp.einsum(f"{''.join(x_word)},{f_word}->{t_word}", ctx.dropout_input(x), f.astype(self.base.dtype), **opts)
+        t = t * jnp.asarray(self.scaling, t.dtype)
+        delta = jnp.einsum(f"{t_word},{g_word}->{''.join(out)}", t, g.astype(self.base.dtype), **opts)
+        return base_out + delta.astype(base_out.dtype)
+
+    def _factor_product(self, partial, partial_rank_axis: int, base_out):
+        """``base_out`` plus ``partial`` (whose axis ``partial_rank_axis`` is r) contracted with b."""
+        letters = _Letters()
+        b_word = letters.word(self.b_ids)
+        word = [letters.fresh() for _ in range(partial.ndim)]
+        word[partial_rank_axis] = letters[RANK]
+        out = list(word)
+        out[partial_rank_axis] = b_word.replace(letters[RANK], "")
+        delta = jnp.einsum(f"{''.join(word)},{b_word}->{''.join(out)}", partial, self.b.astype(partial.dtype))
+        return base_out + (self.scaling * delta).astype(base_out.dtype)
+
+    def gather(self, indices, base_out, params):
+        dn = params["dimension_numbers"]
+        if (
+            self.base.ndim != 2
+            or self.a_ids != (self.view[0], RANK)
+            or self.b_ids != (RANK, self.view[1])
+            or tuple(dn.collapsed_slice_dims) != (0,)
+            or tuple(dn.start_index_map) != (0,)
+            or dn.operand_batching_dims
+            or tuple(params["slice_sizes"]) != (1, self.base.shape[1])
+        ):
+            return None
+        rows = jax.lax.gather(
+            self.a.astype(self.base.dtype), indices, dn, (1, self.a.shape[1]),
+            indices_are_sorted=params["indices_are_sorted"], unique_indices=params["unique_indices"],
+            mode=params["mode"], fill_value=params["fill_value"],
+        )
+        return self._factor_product(rows, dn.offset_dims[0], base_out)
+
+    def conv(self, x, base_out, params, ctx):
+        dn = params["dimension_numbers"]
+        o_axis = dn.rhs_spec[0]
+        if (
+            params["feature_group_count"] != 1
+            or params["batch_group_count"] != 1
+            or self.b_ids != (RANK, self.view[o_axis])
+            or set(self.a_ids) != set(self.view) - {self.view[o_axis]} | {RANK}
+        ):
+            return None
+        # A is the kernel of an r-channel conv; B then maps r channels to the outputs (1×1).
+        kernel_ids = [RANK if k == o_axis else i for k, i in enumerate(self.view)]
+        kernel = jnp.transpose(self.a, [self.a_ids.index(i) for i in kernel_ids]).astype(self.base.dtype)
+        partial = jax.lax.conv_general_dilated(
+            ctx.dropout_input(x), kernel, params["window_strides"], params["padding"],
+            lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"], dimension_numbers=dn,
+            precision=params["precision"], preferred_element_type=params["preferred_element_type"],
+        )
+        return self._factor_product(partial, dn.out_spec[1], base_out)
+
+    def unstack(self):
+        layer = self.view[0]
+        if layer not in self.a_ids or layer not in self.b_ids:
+            return None
+        a = jnp.moveaxis(self.a, self.a_ids.index(layer), 0)
+        b = jnp.moveaxis(self.b, self.b_ids.index(layer), 0)
+        meta = dict(
+            a_ids=tuple(i for i in self.a_ids if i != layer),
+            b_ids=tuple(i for i in self.b_ids if i != layer),
+            view=self.view[1:], scaling=self.scaling, path=self.path,
+        )
+        return (self.base, a, b), lambda arrays: LoRAUse(*arrays, **meta)

@@ -10,13 +10,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 # nnx.State leaves sit inside Variable nodes whose key path ends in `.value`; dropping that component
 # gives the path users see (`lin/kernel`), identical to the linen spelling.
 _VARIABLE_ATTRS = ("value", "raw_value")
 
 Target = str | Sequence[str] | Callable[[str, Any], bool]
+
+# Leaves a module-name target never selects: DenseGeneral's bias can be a matrix too.
+NOT_WEIGHTS = ("bias", "scale")
 
 # The paper adapts W_q and W_v; these are the names common models give those projections.
 DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "c_attn")
@@ -64,7 +67,8 @@ def nest(flat: Mapping[str, Any]) -> dict:
 
 
 def is_floating_matrix(leaf) -> bool:
-    return hasattr(leaf, "shape") and len(leaf.shape) >= 2 and np.issubdtype(leaf.dtype, np.floating)
+    # jnp.issubdtype, not np's: numpy does not count ml_dtypes' bfloat16 as floating.
+    return hasattr(leaf, "shape") and len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def _contains_name(path: str, name: str) -> bool:
@@ -75,7 +79,8 @@ def matcher(targets: Target | None) -> tuple[Callable[[str, Any], bool], bool]:
     """Builds ``match(path, leaf) -> bool`` from a target spec.
 
     Returns the matcher and whether it selects modules by name (then only their floating matrices
-    are taken, so a bias next to a targeted kernel is skipped rather than rejected).
+    not named in :data:`NOT_WEIGHTS` are taken, so a bias next to a targeted kernel is skipped
+    rather than rejected).
 
     - ``None``: :data:`DEFAULT_TARGETS`.
     - a ``str``: a regex, ``re.fullmatch``-ed against the whole path.
@@ -107,6 +112,8 @@ def select(tree, targets: Target | None) -> dict[str, Any]:
     chosen = {}
     for path, leaf in leaves(tree):
         if not match(path, leaf):
+            continue
+        if by_name and path.rsplit("/", 1)[-1] in NOT_WEIGHTS:
             continue
         if not is_floating_matrix(leaf):
             if by_name:
