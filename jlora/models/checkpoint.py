@@ -102,6 +102,13 @@ def read_gguf(path):
     return metadata, tensors
 
 
+def check_tied(tensors, head, embedding, source):
+    """Refuse a checkpoint that stores an output head different from the embedding it is said to be tied to."""
+    if head in tensors and not np.array_equal(tensors[head], tensors.get(embedding)):
+        raise CheckpointError(f'{source}: the config ties the output head to {embedding!r}, but the file stores a '
+                              f'different {head!r}; set tie_word_embeddings=false in config.json.')
+
+
 def param_shapes(model, *inputs):
     """`{'a/b/kernel': shape}` for the params `model.init` would make, without allocating them."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)['params']

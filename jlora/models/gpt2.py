@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jlora.models import attention
-from jlora.models.checkpoint import assign, param_shapes, read_config, read_safetensors
+from jlora.models.checkpoint import assign, check_tied, param_shapes, read_config, read_safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +201,7 @@ def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
     model = GPT2(config, dtype=dtype, param_dtype=param_dtype)
     # GPT2LMHeadModel prefixes names with 'transformer.'; the original 'gpt2' checkpoints do not.
     tensors = {name.removeprefix('transformer.'): array for name, array in read_safetensors(directory).items()}
+    check_tied(tensors, 'lm_head.weight', 'wte.weight', directory)
     expected = param_shapes(model, jnp.zeros((1, 1), jnp.int32))
     variables = assign(tensors, hf_key_map(config), expected, source=directory, param_dtype=param_dtype,
                        ignore=_not_a_param)

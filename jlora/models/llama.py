@@ -17,11 +17,10 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora.models import attention
-from jlora.models.checkpoint import (CheckpointError, assign, param_shapes, read_config, read_gguf,
-                                     read_safetensors, transpose)
+from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_config, read_gguf, read_safetensors,
+                                     transpose)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,8 +312,10 @@ def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
     expected = param_shapes(model, jnp.zeros((1, 1), jnp.int32))
     # A tied checkpoint may still store lm_head.weight; rotary inv_freq buffers are recomputed.
     ignore = lambda name: name.endswith('rotary_emb.inv_freq') or (config.tie_word_embeddings and name == 'lm_head.weight')
-    variables = assign(read_safetensors(directory), hf_key_map(config), expected, source=directory,
-                       param_dtype=param_dtype, ignore=ignore)
+    tensors = read_safetensors(directory)
+    if config.tie_word_embeddings:
+        check_tied(tensors, 'lm_head.weight', 'model.embed_tokens.weight', directory)
+    variables = assign(tensors, hf_key_map(config), expected, source=directory, param_dtype=param_dtype, ignore=ignore)
     return model, variables, config
 
 
