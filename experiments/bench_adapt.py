@@ -1,0 +1,132 @@
+"""Factored LoRA against merged LoRA and full fine-tuning on GPT-2-small shapes, side by side.
+
+For each training step (loss, gradients, AdamW update) it prints XLA's FLOP count, the compiled
+memory (arguments + outputs + temporaries - aliased), and the median wall time over alternating
+repetitions, plus one forward pass for scale. Random weights: only shapes matter here.
+
+    python experiments/bench_adapt.py                 # GPT-2 small, batch 4x128, r=8, all linear layers
+    python experiments/bench_adapt.py --targets c_attn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jlora
+from jlora.models.gpt2 import GPT2, GPT2Config
+
+TARGETS = {"all": ["c_attn", "c_proj", "c_fc"], "c_attn": ["c_attn"]}
+
+
+def loss_fn(logits, tokens):
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+
+def make_steps(model, params, adapters, tx):
+    """The four jitted programs, each with the arguments it is called with."""
+    lora_tx = jlora.optimizer(tx)
+    adapted = jlora.adapt(model.apply)
+
+    def full_step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(model.apply(p, tokens), tokens))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def lora_step(apply):
+        def step(adapters, opt_state, params, tokens):
+            loss, grads = jax.value_and_grad(lambda a: loss_fn(apply(params, a, tokens), tokens))(adapters)
+            updates, opt_state = lora_tx.update(grads, opt_state, adapters)
+            return optax.apply_updates(adapters, updates), opt_state, loss
+
+        return step
+
+    merged_apply = lambda p, a, t: model.apply(jlora.merge(p, a), t)
+    forward = lambda params, tokens: loss_fn(model.apply(params, tokens), tokens)
+    lora_state = lora_tx.init(adapters)
+    return {
+        "lora_factored": (jax.jit(lora_step(adapted), donate_argnums=(0, 1)), lambda: (adapters, lora_state), 2),
+        "lora_merged": (jax.jit(lora_step(merged_apply), donate_argnums=(0, 1)), lambda: (adapters, lora_state), 2),
+        "full_finetune": (jax.jit(full_step, donate_argnums=(0, 1)), lambda: (params, tx.init(params)), 2),
+        "forward": (jax.jit(forward), lambda: (), 0),
+    }
+
+
+def compiled_stats(compiled) -> dict:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    total = (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+    )
+    return {"gflops": cost["flops"] / 1e9, "memory_mb": total / 2**20}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", choices=sorted(TARGETS), default="all")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "bench_adapt.json")
+    args = parser.parse_args(argv)
+
+    config = GPT2Config(vocab_size=args.vocab, n_positions=max(1024, args.seq), n_embd=args.d, n_layer=args.layers, n_head=args.heads)
+    model = GPT2(config)
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, args.vocab)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)
+    adapters = jlora.init(params, rank=args.rank, targets=TARGETS[args.targets])
+    print(jlora.count_params(params, adapters))
+    steps = make_steps(model, params, adapters, optax.adamw(1e-4))
+
+    results, runners = {}, {}
+    for name, (fn, state, n_state) in steps.items():
+        extra = (params, tokens) if name.startswith("lora") else (tokens,) if name == "full_finetune" else (params, tokens)
+        start = time.perf_counter()
+        compiled = fn.lower(*state(), *extra).compile()
+        results[name] = {**compiled_stats(compiled), "compile_s": time.perf_counter() - start, "times_s": []}
+        runners[name] = (fn, state, n_state, extra)
+
+    # Fresh state for each call (the steps donate theirs); runs alternate so load drifts hit all alike.
+    live = {name: list(jax.tree.map(jnp.copy, state())) for name, (_, state, _, _) in runners.items()}
+    for rep in range(args.reps + 1):
+        for name, (fn, _, n_state, extra) in runners.items():
+            start = time.perf_counter()
+            out = fn(*live[name], *extra)
+            jax.block_until_ready(out)
+            if n_state:
+                live[name] = list(out[:n_state])
+            if rep:  # the first round warms up
+                results[name]["times_s"].append(time.perf_counter() - start)
+
+    full, fwd = results["full_finetune"], results["forward"]
+    full["median_s"] = statistics.median(full["times_s"])
+    fwd["median_s"] = statistics.median(fwd["times_s"])
+    print(f"\nGPT-2 shapes: {args.layers} layers, d={args.d}, vocab {args.vocab}, batch {args.batch}x{args.seq}, "
+          f"r={args.rank}, targets {TARGETS[args.targets]}; {jax.devices()[0].platform}, {jax.device_count()} device(s)")
+    print(f"{'step':<15}{'GFLOP':>9}{'xFull':>8}{'memory MB':>11}{'xFull':>8}{'median s':>10}{'xFull':>8}{'xFwd':>7}")
+    for name, r in results.items():
+        r["median_s"] = statistics.median(r["times_s"])
+        print(f"{name:<15}{r['gflops']:>9.1f}{r['gflops'] / full['gflops']:>8.3f}{r['memory_mb']:>11.0f}"
+              f"{r['memory_mb'] / full['memory_mb']:>8.3f}{r['median_s']:>10.3f}{r['median_s'] / full['median_s']:>8.3f}"
+              f"{r['median_s'] / fwd['median_s']:>7.2f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

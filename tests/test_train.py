@@ -1,0 +1,119 @@
+"""The jitted train step: loss masking, optimizer schedule, accumulation, 1 vs 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora import train
+from jlora.models.gpt2 import GPT2, GPT2Config
+
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 64)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((8, 16))}
+    params = model.init(jax.random.key(0), batch["tokens"])
+    frozen, trainable = jlora.split(params, jlora.init(params, rank=4, targets=TARGETS))
+    return model, params, frozen, trainable, batch
+
+
+def run(model, frozen, trainable, batch, config, devices, steps=1):
+    mesh = train.mesh(devices)
+    state = train.replicate(train.init_state(trainable, config), mesh)
+    frozen = train.replicate(frozen, mesh)
+    step = train.make_step(model.apply, config)
+    for _ in range(steps):
+        state, metrics = step(state, frozen, train.shard_batch(batch, mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_eight_devices_equal_one(setup):
+    model, _, frozen, trainable, batch = setup
+    assert jax.device_count() == 8
+    config = train.TrainConfig(max_steps=5, warmup_steps=0, batch_size=8, learning_rate=1e-2)
+    one, m1 = run(model, frozen, trainable, batch, config, jax.devices()[:1])
+    eight, m8 = run(model, frozen, trainable, batch, config, jax.devices())
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), eight.trainable, one.trainable)
+    assert not np.array_equal(  # the step did move the adapters
+        jax.tree.leaves(eight.trainable)[1], jax.tree.leaves(trainable)[1]
+    )
+
+
+def test_fsdp_sharded_base_gives_the_same_step(setup):
+    model, _, frozen, trainable, batch = setup
+    config = train.TrainConfig(max_steps=5, warmup_steps=0, batch_size=8, learning_rate=1e-2)
+    mesh = train.mesh()
+    sharded = train.shard_fsdp(frozen, mesh)
+    wte = sharded["params"]["wte"]["embedding"]
+    assert len(wte.sharding.device_set) == 8 and wte.addressable_shards[0].data.shape == (8, 32)
+    state = train.replicate(train.init_state(trainable, config), mesh)
+    state, metrics = train.make_step(model.apply, config)(state, sharded, train.shard_batch(batch, mesh))
+    one, m1 = run(model, frozen, trainable, batch, config, jax.devices()[:1])
+    np.testing.assert_allclose(metrics["loss"], m1["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.device_get(state.trainable), one.trainable)
+
+
+def test_accumulation_averages_micro_batch_gradients(setup):
+    model, _, frozen, trainable, batch = setup
+    sgd = jlora.optimizer(optax.sgd(1.0))
+    whole = train.TrainConfig(max_steps=2, batch_size=8, accumulate=1)
+    split = train.TrainConfig(max_steps=2, batch_size=8, accumulate=4)
+    out = {}
+    for config in (whole, split):
+        state = train.init_state(trainable, config, sgd)
+        out[config.accumulate] = train.make_step(model.apply, config, sgd)(state, frozen, batch)
+    # Equal-sized micro-batches with full masks: the mean of means is the mean.
+    np.testing.assert_allclose(out[4][1]["loss"], out[1][1]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[4][0].trainable, out[1][0].trainable)
+
+
+def test_loss_is_masked():
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.1, 0.9]]]))
+    targets = jnp.array([[0, 0, 0]])
+    loss, count = train.lm_loss(logits, targets, jnp.array([[0, 1, 1]]))
+    assert count == 2
+    np.testing.assert_allclose(loss, -(np.log(0.9) + np.log(0.1)) / 2, rtol=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lr = train.schedule(train.TrainConfig(learning_rate=1.0, warmup_steps=4, max_steps=14, schedule="linear"))
+    assert [float(lr(s)) for s in (0, 2, 4, 9, 14)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    cosine = train.schedule(train.TrainConfig(learning_rate=1.0, warmup_steps=0, max_steps=10))
+    assert float(cosine(5)) == pytest.approx(0.5)
+
+
+def test_frozen_base_never_changes_and_loss_drops(setup):
+    model, params, frozen, trainable, batch = setup
+    config = train.TrainConfig(max_steps=20, warmup_steps=2, batch_size=8, learning_rate=3e-2)
+    state, step = train.init_state(trainable, config), train.make_step(model.apply, config)
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.2
+    assert int(state.step) == 20
+    params_after, _ = jlora.combine(frozen, state.trainable)
+    jax.tree.map(np.testing.assert_array_equal, params_after, params)
+
+
+def test_non_finite_loss_names_the_step():
+    with pytest.raises(train.LossNotFinite, match="loss is nan at step 7"):
+        train.check_finite(7, {"loss": jnp.array(jnp.nan)})
+    assert train.check_finite(3, {"loss": jnp.array(2.5)}) == 2.5
+
+
+def test_bad_settings_are_refused(setup):
+    with pytest.raises(ValueError, match="batch_size 6 is not divisible by accumulate 4"):
+        train.TrainConfig(batch_size=6, accumulate=4)
+    with pytest.raises(ValueError, match="schedule must be 'cosine' or 'linear', got 'step'"):
+        train.TrainConfig(schedule="step")
+    model, _, frozen, trainable, batch = setup
+    with pytest.raises(ValueError, match="batch of 6 rows cannot be split over 8 devices"):
+        train.shard_batch(jax.tree.map(lambda x: x[:6], batch), train.mesh())
