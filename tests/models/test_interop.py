@@ -1,0 +1,89 @@
+"""Logits equal transformers' on the same small random checkpoints (needs torch and transformers)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora.models
+from jlora.models import generate
+
+pytestmark = pytest.mark.interop
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOKENS = [[5, 17, 2, 60, 33, 1, 9, 44, 12, 3, 3, 58], [0, 61, 7, 7, 20, 39, 41, 2, 8, 50, 11, 6]]
+
+
+def randomize(model, seed):
+    """Every parameter random, norms and biases included, so a misplaced or mis-transposed tensor shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name or "ln_" in name else 0.0, 0.2)
+    return model.eval()
+
+
+def their_logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def test_gpt2_logits_equal_gpt2lmheadmodel(tmp_path):
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    theirs = randomize(transformers.GPT2LMHeadModel(config), seed=0)
+    theirs.save_pretrained(tmp_path)
+    model, variables, _, _ = jlora.models.load(tmp_path)
+    ours = np.asarray(jax.jit(model.apply)(variables, jnp.array(TOKENS)))
+    expected = their_logits(theirs)
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(ours - expected).max() < 1e-4
+
+
+def test_gpt2_greedy_generation_equals_transformers_generate(tmp_path):
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    theirs = randomize(transformers.GPT2LMHeadModel(config), seed=1)
+    theirs.save_pretrained(tmp_path)
+    model, variables, _, _ = jlora.models.load(tmp_path)
+    prompt = np.array(TOKENS)[:, :4]
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                   pad_token_id=0).numpy()
+    ours = generate(model.apply, variables, prompt, model.init_cache(2, 12), max_new_tokens=8)
+    np.testing.assert_array_equal(ours, expected)
+
+
+LLAMA_CASES = {
+    "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "mqa-tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    "mha-bias": dict(num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("case", LLAMA_CASES, ids=list(LLAMA_CASES))
+def test_llama_logits_equal_llamaforcausallm(tmp_path, case):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-5,
+                                      **LLAMA_CASES[case])
+    theirs = randomize(transformers.LlamaForCausalLM(config), seed=2)
+    theirs.save_pretrained(tmp_path)
+    model, variables, _, loaded = jlora.models.load(tmp_path)
+    assert loaded.tie_word_embeddings == config.tie_word_embeddings and loaded.rope_theta == 1000.0
+    ours = np.asarray(jax.jit(model.apply)(variables, jnp.array(TOKENS)))
+    expected = their_logits(theirs)
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(ours - expected).max() < 1e-4
+
+
+def test_llama_gguf_written_like_llama_cpp_loads_the_same_in_transformers(tmp_path):
+    """Our tiny llama.cpp-style GGUF (q/k permuted) means the same model to transformers' GGUF loader and to ours."""
+    from .test_llama import GGUF_CONFIG, random_variables, write_gguf
+
+    write_gguf(tmp_path / "tiny.gguf", GGUF_CONFIG, random_variables(jlora.models.Llama(GGUF_CONFIG), seed=9))
+    model, variables, _, _ = jlora.models.load(tmp_path / "tiny.gguf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    tokens = [[3, 100, 7, 250, 12, 40], [9, 9, 1, 0, 200, 260]]
+    ours = np.asarray(jax.jit(model.apply)(variables, jnp.array(tokens)))
+    assert np.abs(ours - their_logits(theirs, tokens)).max() < 1e-4
