@@ -1,0 +1,417 @@
+"""The ``jlora`` command: fine-tune, generate, evaluate, merge, and move adapters to and from PEFT.
+
+It only wires the library's parts together: ``jlora.models`` loads the base, ``jlora.data`` makes
+batches, ``jlora.train`` steps, ``jlora.checkpoint`` saves adapters.
+
+    jlora finetune --max-steps 100 --out runs/shakespeare
+    jlora generate --checkpoint runs/shakespeare --prompt "ROMEO:"
+    jlora eval --checkpoint runs/shakespeare --data play.txt
+    jlora merge runs/shakespeare runs/shakespeare/merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora
+from jlora import checkpoint, data, train
+
+DEFAULT_BASE = "smollm2-135m"
+DEFAULT_PROMPT = "ROMEO:\n"
+# Adapter kinds by name: the module whose `init(params, **options)` makes them.
+METHODS = {"lora": "jlora.lora", "dora": "jlora.dora", "ia3": "jlora.ia3"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed without a traceback, exit status 2."""
+
+
+# ---- pieces shared by the commands ----
+
+
+def load_base(name, dtype="float32"):
+    from jlora import models
+
+    try:
+        return models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+
+
+def adapter_options(args) -> dict:
+    """What `jlora.<method>.init` is called with; stored in the checkpoint to rebuild it."""
+    options = {"targets": args.targets}
+    if args.method != "ia3":
+        options |= {"rank": args.rank, "alpha": args.alpha, "use_rslora": args.rslora}
+    return options
+
+
+def make_adapters(method: str, params, options: dict):
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    init = importlib.import_module(METHODS[method]).init
+    targets = options.get("targets")
+    if isinstance(targets, str) and "," in targets:  # "q_proj,v_proj" means a list of names
+        targets = targets.split(",")
+    try:
+        return init(params, **{**options, "targets": targets})
+    except ValueError as error:
+        raise UsageError(f"{method} does not fit the base model: {error}") from None
+
+
+def run_dir_checkpoints(path) -> Path:
+    """Accepts a run directory (holding checkpoints/) or the checkpoints directory itself."""
+    path = Path(path).expanduser()
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if path.is_dir():
+        return path
+    raise UsageError(f"no checkpoint directory at {path}")
+
+
+def load_run(checkpoint_path, base=None, dtype="float32"):
+    """Base model plus the adapters of a run's latest checkpoint: (model, params, tokenizer,
+    config, adapters, metadata)."""
+    try:
+        ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
+        metadata = ckpt.metadata()
+    except checkpoint.CheckpointError as error:
+        raise UsageError(str(error)) from None
+    model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype)
+    adapter = metadata["adapter"]
+    adapters = make_adapters(adapter["method"], params, adapter["options"])
+    frozen, trainable = jlora.split(params, adapters, adapter.get("bias", "none"))
+    train_config = train.TrainConfig(**metadata["train"])
+    template = jax.eval_shape(lambda: train.init_state(trainable, train_config))
+    try:
+        state, _ = ckpt.restore(template, expect={"base": base_identity(metadata["base"]["name"], params)})
+    except checkpoint.CheckpointError as error:
+        raise UsageError(str(error)) from None
+    params, adapters = jlora.combine(frozen, state.trainable)
+    return model, params, tokenizer, config, adapters, metadata
+
+
+def base_identity(name, params) -> dict:
+    return {"name": str(name), "fingerprint": checkpoint.base_fingerprint(params)}
+
+
+def sample(model, params, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, seed=0) -> str:
+    from jlora.models import generate
+
+    ids = np.array([tokenizer.encode(prompt)], np.int32)
+    max_new_tokens = max(0, min(max_new_tokens, model.max_length - ids.shape[1]))
+    cache = model.init_cache(1, ids.shape[1] + max_new_tokens)
+    out = generate(model.apply, params, ids, cache, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                   temperature=temperature, rng=jax.random.key(seed))
+    return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+def valid_perplexity(evaluate, params, adapters, dataset, batch_size, max_batches) -> float:
+    batches = data.eval_batches(dataset, batch_size)
+    return train.perplexity(evaluate, params, adapters, (b for _, b in zip(range(max_batches), batches)))
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+class Progress:
+    """One status line: step, loss, tokens/s and ETA; a plain line every `every` steps off a TTY."""
+
+    def __init__(self, total: int, start: int, tokens_per_step: int, every: int = 10):
+        self.total, self.start, self.tokens_per_step, self.every = total, start, tokens_per_step, every
+        self.began = None
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float):
+        now = time.perf_counter()
+        if self.began is None:  # the first step compiles; rates count from its end
+            self.began, self.first = now, step
+        done = step - self.first
+        rate = done / (now - self.began) if done else 0.0
+        eta = (self.total - step) / rate if rate else float("nan")
+        width = 24
+        filled = int(width * step / self.total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  loss {loss:.4f}  "
+                f"{rate * self.tokens_per_step:,.0f} tok/s  ETA {eta:.0f}s")
+        if self.tty:
+            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
+        elif step % self.every == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+
+def plot_losses(history: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    valid_points = [(h["step"], math.log(h["valid_perplexity"])) for h in history if "valid_perplexity" in h]
+    if train_points:
+        ax.plot(*zip(*train_points), label="train loss", lw=1)
+    if valid_points:
+        ax.plot(*zip(*valid_points), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- commands ----
+
+
+def finetune(args) -> int:
+    start_time = time.perf_counter()
+    try:
+        out = checkpoint.writable_dir(args.out)
+        ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=args.keep)
+    except checkpoint.CheckpointError as error:
+        raise UsageError(str(error)) from None
+    latest = ckpt.latest_step()
+    if args.resume and latest is None:
+        raise UsageError(f"--resume: no checkpoint in {ckpt.directory}")
+    if not args.resume and latest is not None:
+        raise UsageError(f"{ckpt.directory} already holds checkpoints up to step {latest}; "
+                         "pass --resume to continue that run, or choose another --out")
+
+    model, params, tokenizer, config = load_base(args.base, args.dtype)
+    try:
+        train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid,
+                                                args.valid_fraction, args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if len(train_set) < args.batch_size:
+        raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
+                         f"fewer than one batch of {args.batch_size}")
+    options = adapter_options(args)
+    adapters = make_adapters(args.method, params, options)
+    print(jlora.count_params(params, adapters, args.bias), file=sys.stderr)
+    config_train = train.TrainConfig(
+        learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, schedule=args.schedule,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
+        accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
+    )
+    metadata = {
+        "base": base_identity(args.base, params),
+        "adapter": {"method": args.method, "options": options, "bias": args.bias},
+        "train": dataclasses.asdict(config_train),
+        "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
+    }
+    frozen, trainable = jlora.split(params, adapters, args.bias)
+    mesh = train.mesh()
+    frozen = train.shard_fsdp(frozen, mesh) if args.fsdp else train.replicate(frozen, mesh)
+    state = train.init_state(trainable, config_train)
+    if args.resume:
+        try:
+            state, _ = ckpt.restore(jax.eval_shape(lambda: state),
+                                    expect={k: metadata[k] for k in ("base", "adapter", "train")})
+        except checkpoint.CheckpointError as error:
+            raise UsageError(f"--resume: {error}") from None
+    state = train.replicate(state, mesh)
+    start = int(state.step)
+
+    history_path = out / "history.jsonl"
+    history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
+    history = [h for h in history if h["step"] <= start]
+    evaluate = train.make_eval(model.apply)
+    report = {"base": args.base, "method": args.method, "devices": jax.device_count()}
+    if valid_set is not None and start == 0:
+        report["valid_perplexity_before"] = valid_perplexity(evaluate, params, None, valid_set, args.batch_size, args.eval_batches)
+        history.append({"step": 0, "valid_perplexity": report["valid_perplexity_before"]})
+        print(f"validation perplexity before: {report['valid_perplexity_before']:.3f}", file=sys.stderr)
+    if args.sample_tokens and start == 0:
+        report["sample_before"] = sample(model, params, tokenizer, args.prompt, args.sample_tokens)
+        print(f"sample before: {args.prompt}{report['sample_before']}", file=sys.stderr)
+
+    step_fn = train.make_step(model.apply, config_train)
+    progress = Progress(args.max_steps, start, args.batch_size * args.seq_len)
+    train_began, last_saved = time.perf_counter(), start
+    with history_path.open("w") as log:
+        for h in history:
+            log.write(json.dumps(h) + "\n")
+        try:
+            for step in range(start, args.max_steps):
+                batch = train.shard_batch(data.batch_at(train_set, args.batch_size, args.seed, step), mesh)
+                state, metrics = step_fn(state, frozen, batch)
+                loss = train.check_finite(step + 1, metrics)
+                entry = {"step": step + 1, "loss": loss, "learning_rate": float(metrics["learning_rate"])}
+                history.append(entry)
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                progress.update(step + 1, loss)
+                if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+                    ckpt.save(state, metadata)
+                    last_saved = step + 1
+        except train.LossNotFinite as error:
+            print(f"\n{error}; last checkpoint: step {last_saved} in {ckpt.directory}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; the last checkpoint is step {last_saved} in {ckpt.directory}; "
+                  "continue with --resume", file=sys.stderr)
+            return 130
+    train_seconds = time.perf_counter() - train_began
+
+    params, adapters = jlora.combine(jax.device_get(frozen), jax.device_get(state.trainable))
+    if valid_set is not None:
+        report["valid_perplexity_after"] = valid_perplexity(evaluate, params, adapters, valid_set, args.batch_size, args.eval_batches)
+        history.append({"step": args.max_steps, "valid_perplexity": report["valid_perplexity_after"]})
+        print(f"validation perplexity after: {report['valid_perplexity_after']:.3f}", file=sys.stderr)
+    merged = jlora.merge(params, adapters)
+    if args.sample_tokens:
+        report["sample_after"] = sample(model, merged, tokenizer, args.prompt, args.sample_tokens)
+        print(f"sample after: {args.prompt}{report['sample_after']}", file=sys.stderr)
+    plot_losses(history, out / "loss.png")
+    from jlora.models.export import save_hf
+
+    save_hf(out / "merged", merged, config)
+    checkpoint_bytes = checkpoint.dir_bytes(ckpt.directory / str(ckpt.latest_step()))
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    steps_run = args.max_steps - start
+    report |= {
+        "steps": args.max_steps, "steps_this_run": steps_run, "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(steps_run * args.batch_size * args.seq_len / max(train_seconds, 1e-9), 1),
+        "checkpoint_bytes": checkpoint_bytes, "base_bytes": base_bytes,
+        "total_seconds": round(time.perf_counter() - start_time, 1),
+    }
+    (out / "run.json").write_text(json.dumps(report, indent=2))
+    print(f"checkpoint: {ckpt.directory / str(ckpt.latest_step())} ({human_bytes(checkpoint_bytes)}; "
+          f"base model {human_bytes(base_bytes)})\nmerged export: {out / 'merged'}\nloss curve: {out / 'loss.png'}",
+          file=sys.stderr)
+    return 0
+
+
+def generate_cmd(args) -> int:
+    if args.checkpoint:
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
+        params = jlora.merge(params, adapters)  # merged once: no extra latency per token
+    else:
+        model, params, tokenizer, _ = load_base(args.base or DEFAULT_BASE, args.dtype)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    print(prompt + sample(model, params, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed))
+    return 0
+
+
+def eval_cmd(args) -> int:
+    if args.checkpoint:
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
+    else:
+        (model, params, tokenizer, _), adapters = load_base(args.base or DEFAULT_BASE, args.dtype), None
+    try:
+        dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    ppl = valid_perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
+    print(json.dumps({"perplexity": ppl, "sequences": min(len(dataset), args.batch_size * args.max_batches)}))
+    return 0
+
+
+def merge_cmd(args) -> int:
+    from jlora.models.export import save_hf
+
+    model, params, _, config, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
+    save_hf(args.out, jlora.merge(params, adapters), config)
+    print(f"merged weights written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def common(p, base_default=None):
+        p.add_argument("--base", default=base_default, help=f"model name or path (default {DEFAULT_BASE})")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+    p = sub.add_parser("finetune", help="fine-tune adapters on text or prompt/completion JSONL")
+    common(p, DEFAULT_BASE)
+    p.add_argument("--data", nargs="+", help="training .txt or .jsonl files (default: bundled Shakespeare)")
+    p.add_argument("--valid", nargs="+", help="validation files (default: the corpus's held-out plays)")
+    p.add_argument("--valid-fraction", type=float, help="hold out this share of --data instead of --valid")
+    p.add_argument("--method", choices=sorted(METHODS), default="lora")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, help="lora_alpha (default: rank, so scaling 1)")
+    p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(rank)")
+    p.add_argument("--targets", help="comma-separated module names or a regex (default: q/v projections)")
+    p.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B's learning rate over A's")
+    p.add_argument("--fsdp", action="store_true", help="shard the frozen base over devices")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches before and after")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the before/after samples")
+    p.add_argument("--sample-tokens", type=int, default=40)
+    p.add_argument("--out", default="runs/jlora")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.set_defaults(run=finetune)
+
+    p = sub.add_parser("generate", help="continue a prompt with the base or base + adapters")
+    common(p)
+    p.add_argument("--checkpoint", help="a run directory or its checkpoints/")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=generate_cmd)
+
+    p = sub.add_parser("eval", help="perplexity of the base or base + adapters on a file")
+    common(p)
+    p.add_argument("--checkpoint")
+    p.add_argument("--data", nargs="+", help="text or JSONL files (default: the corpus's validation plays)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=16)
+    p.set_defaults(run=eval_cmd)
+
+    p = sub.add_parser("merge", help="write base + adapters as one Hugging Face safetensors model")
+    common(p)
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(run=merge_cmd)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"jlora {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
