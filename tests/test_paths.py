@@ -1,0 +1,183 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jlora import paths
+
+
+def zeros(*shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+def model_zoo():
+    """Projection names of Flax BERT/T5-style, Llama and GPT-2 attention blocks, plus an MLP."""
+    return {
+        "flax": {
+            "query": {"kernel": zeros(8, 8), "bias": zeros(8)},
+            "key": {"kernel": zeros(8, 8), "bias": zeros(8)},
+            "value": {"kernel": zeros(8, 8), "bias": zeros(8)},
+            "out": {"kernel": zeros(8, 8)},
+        },
+        "llama": {
+            "q_proj": {"kernel": zeros(8, 8)},
+            "k_proj": {"kernel": zeros(8, 4)},
+            "v_proj": {"kernel": zeros(8, 4)},
+            "o_proj": {"kernel": zeros(8, 8)},
+        },
+        "gpt2": {
+            "attn": {"c_attn": {"kernel": zeros(8, 24), "bias": zeros(24)}, "c_proj": {"kernel": zeros(8, 8)}},
+            "mlp": {"c_fc": {"kernel": zeros(8, 32)}, "c_proj": {"kernel": zeros(32, 8)}},
+        },
+    }
+
+
+def test_path_str_joins_dict_keys_and_sequence_indices():
+    tree = {"params": {"layers": [{"kernel": zeros(2, 2)}, {"kernel": zeros(2, 3)}]}}
+    assert [p for p, _ in paths.leaves(tree)] == ["params/layers/0/kernel", "params/layers/1/kernel"]
+
+
+def test_nnx_state_paths_drop_the_variable_value_attribute():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(3, 5, rngs=rngs), nnx.Linear(5, 2, rngs=rngs)])
+
+    _, state = nnx.split(Block(nnx.Rngs(0)))
+    found = {p: leaf.shape for p, leaf in paths.leaves(state)}
+    assert found == {
+        "layers/0/kernel": (3, 5), "layers/0/bias": (5,),
+        "layers/1/kernel": (5, 2), "layers/1/bias": (2,),
+    }
+
+
+def test_map_with_path_passes_path_and_rest_leaves():
+    tree = {"a": {"b": jnp.array(1.0)}, "c": jnp.array(2.0)}
+    out = paths.map_with_path(lambda p, x, y: (p, float(x + y)), tree, tree)
+    assert out == {"a": {"b": ("a/b", 2.0)}, "c": ("c", 4.0)}
+
+
+def test_nest_inverts_path_flattening():
+    assert paths.nest({"a/b/c": 1, "a/d": 2, "e": 3}) == {"a": {"b": {"c": 1}, "d": 2}, "e": 3}
+
+
+@pytest.mark.parametrize(
+    "leaf, expected",
+    [
+        (zeros(2, 3), True),
+        (zeros(2, 3, 4, dtype=jnp.bfloat16), True),
+        (zeros(2, 3, dtype=jnp.float16), True),
+        (jax.ShapeDtypeStruct((4, 4), jnp.float32), True),
+        (zeros(3), False),
+        (zeros(2, 3, dtype=jnp.int32), False),
+        (np.zeros((2, 2), np.bool_), False),
+        (1.0, False),
+    ],
+)
+def test_is_floating_matrix(leaf, expected):
+    assert paths.is_floating_matrix(leaf) is expected
+
+
+def test_default_targets_take_query_value_projections_only():
+    chosen = paths.select(model_zoo(), None)
+    assert sorted(chosen) == [
+        "flax/query/kernel", "flax/value/kernel",
+        "gpt2/attn/c_attn/kernel",
+        "llama/q_proj/kernel", "llama/v_proj/kernel",
+    ]
+
+
+def test_names_skip_non_matrix_leaves_of_a_named_module():
+    # c_attn holds a bias too; naming the module takes its kernel and leaves the bias alone.
+    assert list(paths.select(model_zoo(), ["c_attn"])) == ["gpt2/attn/c_attn/kernel"]
+
+
+def test_multi_component_name_matches_only_that_run_of_components():
+    assert list(paths.select(model_zoo(), ["attn/c_proj"])) == ["gpt2/attn/c_proj/kernel"]
+    assert sorted(paths.select(model_zoo(), ["c_proj"])) == ["gpt2/attn/c_proj/kernel", "gpt2/mlp/c_proj/kernel"]
+
+
+def test_name_is_a_whole_component_not_a_substring():
+    # 'proj' is a substring of q_proj etc. but no component is called 'proj'.
+    with pytest.raises(ValueError, match=r"targets \['proj'\] match no weight"):
+        paths.select(model_zoo(), ["proj"])
+
+
+def test_regex_is_fullmatched_against_the_whole_path():
+    assert sorted(paths.select(model_zoo(), r".*/(k|o)_proj/kernel")) == ["llama/k_proj/kernel", "llama/o_proj/kernel"]
+    # A regex that would only match a prefix (re.match) or substring (re.search) selects nothing.
+    with pytest.raises(ValueError, match="match no weight"):
+        paths.select(model_zoo(), r"llama/q_proj")
+
+
+def test_predicate_gets_path_and_leaf():
+    chosen = paths.select(model_zoo(), lambda path, leaf: path.startswith("gpt2/mlp") and leaf.shape[0] == 32)
+    assert list(chosen) == ["gpt2/mlp/c_proj/kernel"]
+
+
+def test_regex_on_nnx_state_paths():
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.query = nnx.Linear(4, 4, rngs=rngs)
+            self.key = nnx.Linear(4, 4, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([Layer(rngs), Layer(rngs)])
+
+    _, state = nnx.split(Model(nnx.Rngs(0)))
+    assert list(paths.select(state, "layers/0/query/kernel")) == ["layers/0/query/kernel"]
+    assert sorted(paths.select(state, ["query"])) == ["layers/0/query/kernel", "layers/1/query/kernel"]
+
+
+def test_no_match_lists_candidate_paths():
+    # Candidates come in flattening order (dict keys sorted), the first eight, then '...'.
+    with pytest.raises(
+        ValueError,
+        match=r"targets \['nope'\] match no weight; candidate paths: flax/key/kernel, flax/out/kernel, "
+        r"flax/query/kernel, .*, gpt2/mlp/c_proj/kernel, \.\.\.$",
+    ):
+        paths.select(model_zoo(), ["nope"])
+
+
+def test_no_match_without_any_matrix_says_none():
+    with pytest.raises(ValueError, match="candidate paths: none"):
+        paths.select({"w": zeros(3)}, None)
+
+
+def test_regex_onto_a_vector_names_path_and_shape():
+    with pytest.raises(ValueError, match=r"target 'flax/query/bias' is not a floating-point matrix \(shape \(8,\), dtype float32\)"):
+        paths.select(model_zoo(), r"flax/query/.*")
+
+
+def test_regex_onto_an_int_matrix_names_path_and_dtype():
+    tree = {"emb": {"table": zeros(10, 4, dtype=jnp.int32)}}
+    with pytest.raises(ValueError, match=r"target 'emb/table' is not a floating-point matrix \(shape \(10, 4\), dtype int32\)"):
+        paths.select(tree, "emb/table")
+
+
+def test_predicate_onto_a_python_scalar_is_rejected():
+    with pytest.raises(ValueError, match=r"target 'step' is not a floating-point matrix \(shape None, dtype int\)"):
+        paths.select({"step": 3, "w": zeros(2, 2)}, lambda path, leaf: path == "step")
+
+
+@pytest.mark.parametrize("targets", [[], [1, 2], ("query", 3)])
+def test_bad_target_spec_is_a_type_error(targets):
+    with pytest.raises(TypeError, match="targets must be a regex str, a list of names or a predicate"):
+        paths.matcher(targets)
+
+
+def test_per_path_takes_the_first_matching_pattern_else_default():
+    pattern = {r".*/q_proj/kernel": 4, "attn": 2, "v_proj": 16}
+    assert paths.per_path(pattern, "llama/q_proj/kernel", 8) == 4
+    assert paths.per_path(pattern, "gpt2/attn/q_proj/kernel", 8) == 4
+    assert paths.per_path(pattern, "gpt2/attn/c_attn/kernel", 8) == 2
+    assert paths.per_path(pattern, "llama/v_proj/kernel", 8) == 16
+    assert paths.per_path(pattern, "llama/o_proj/kernel", 8) == 8
+    assert paths.per_path(None, "x", 8) == 8
+    assert paths.per_path(3, "x", 8) == 3
+
+
+def test_fmt_paths_shortens_long_lists():
+    assert paths.fmt_paths(["a", "b"]) == "a, b"
+    assert paths.fmt_paths([str(i) for i in range(7)]) == "0, 1, 2, 3, 4, ... (7 in all)"
