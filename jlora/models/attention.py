@@ -5,8 +5,8 @@ function transform of the params (LoRA) sees generation as one pure function:
 
     logits, cache = model.apply(variables, tokens, cache)
 
-    cache = {'index': int32[],                      # how many positions are filled
-             'h_0': {'key': [B, S, H_kv, D], 'value': [B, S, H_kv, D]}, ...}
+    cache = {"index": int32[],                      # how many positions are filled
+             "h_0": {"key": [B, S, H_kv, D], "value": [B, S, H_kv, D]}, ...}
 
 Every row of the batch is at the same position, so positions are `index + arange(T)`.
 """
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 def init_cache(layer_names, batch_size, max_length, num_kv_heads, head_dim, dtype):
     """An empty cache: one zero key/value buffer of length `max_length` per layer, index 0."""
     shape = (batch_size, max_length, num_kv_heads, head_dim)
-    cache = {name: {'key': jnp.zeros(shape, dtype), 'value': jnp.zeros(shape, dtype)} for name in layer_names}
-    cache['index'] = jnp.zeros((), jnp.int32)
+    cache = {name: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for name in layer_names}
+    cache["index"] = jnp.zeros((), jnp.int32)
     return cache
 
 
@@ -27,7 +27,7 @@ def extend(layer_cache, keys, values, positions):
     """Write this call's keys/values at `positions[0]` and return what attention should see.
 
     Args:
-      layer_cache: `{'key', 'value'}` buffers [B, S, H_kv, D], or None to attend to this call only.
+      layer_cache: `{"key", "value"}` buffers [B, S, H_kv, D], or None to attend to this call only.
       keys, values: [B, T, H_kv, D] for the T new positions.
       positions: int [T], the positions of the new tokens.
 
@@ -38,11 +38,11 @@ def extend(layer_cache, keys, values, positions):
     if layer_cache is None:
         return keys, values, positions, None
     start = (0, positions[0], 0, 0)
-    all_keys = jax.lax.dynamic_update_slice(layer_cache['key'], keys.astype(layer_cache['key'].dtype), start)
-    all_values = jax.lax.dynamic_update_slice(layer_cache['value'], values.astype(layer_cache['value'].dtype), start)
+    all_keys = jax.lax.dynamic_update_slice(layer_cache["key"], keys.astype(layer_cache["key"].dtype), start)
+    all_values = jax.lax.dynamic_update_slice(layer_cache["value"], values.astype(layer_cache["value"].dtype), start)
     # Slots past the filled part hold zeros; their positions are later than any query, so the mask drops them.
     key_positions = jnp.arange(all_keys.shape[1])
-    return all_keys, all_values, key_positions, {'key': all_keys, 'value': all_values}
+    return all_keys, all_values, key_positions, {"key": all_keys, "value": all_values}
 
 
 def causal_attention(queries, keys, values, query_positions, key_positions):
@@ -62,10 +62,10 @@ def causal_attention(queries, keys, values, query_positions, key_positions):
     batch, length, heads, head_dim = queries.shape
     kv_heads = keys.shape[2]
     grouped = queries.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum('btgrd,bsgd->bgrts', grouped, keys, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", grouped, keys, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     visible = key_positions[None, :] <= query_positions[:, None]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum('bgrts,bsgd->btgrd', weights, values)
+    out = jnp.einsum("bgrts,bsgd->btgrd", weights, values)
     return out.reshape(batch, length, heads * head_dim)

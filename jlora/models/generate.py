@@ -2,7 +2,7 @@
 
 Generation only needs a function `apply_fn(variables, tokens, cache) -> (logits, cache)`. For a plain
 model that is `model.apply`; for params wrapped by a transform (LoRA) it is any function of the same
-shape, e.g. `lambda v, tokens, cache: adapted(v['frozen'], v['adapters'], tokens, cache)`, so the same
+shape, e.g. `lambda v, tokens, cache: adapted(v["frozen"], v["adapters"], tokens, cache)`, so the same
 loop serves both. The prompt runs once, then each new token is one jitted step over the cache.
 """
 
@@ -42,7 +42,7 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=0, top_p=1.0):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=('apply_fn', 'temperature', 'top_k', 'top_p'))
+@partial(jax.jit, static_argnames=("apply_fn", "temperature", "top_k", "top_p"))
 def _step(apply_fn, variables, tokens, cache, rng, *, temperature, top_k, top_p):
     logits, cache = apply_fn(variables, tokens, cache)
     return sample_logits(logits[:, -1], rng, temperature=temperature, top_k=top_k, top_p=top_p), cache
@@ -67,18 +67,18 @@ def generate(apply_fn, variables, prompt, cache, *, max_new_tokens, eos_id=None,
       np.int32 [B, P + n]: the prompt followed by the n <= max_new_tokens generated tokens.
 
     Example:
-      >>> model, variables, tokenizer, _ = jlora.models.load('smollm2-135m')
-      >>> prompt = jnp.array([tokenizer.encode('The capital of France is')])
+      >>> model, variables, tokenizer, _ = jlora.models.load("smollm2-135m")
+      >>> prompt = jnp.array([tokenizer.encode("The capital of France is")])
       >>> cache = model.init_cache(1, prompt.shape[1] + 8)
       >>> ids = generate(model.apply, variables, prompt, cache, max_new_tokens=8, eos_id=tokenizer.eos_id)
       >>> tokenizer.decode(ids[0])
     """
     prompt = np.asarray(prompt, np.int32)
-    room = int(cache['index']) + prompt.shape[1] + max_new_tokens
-    buffer = next(iter(v for k, v in cache.items() if k != 'index'))['key'].shape[1]
+    room = int(cache["index"]) + prompt.shape[1] + max_new_tokens
+    buffer = next(iter(v for k, v in cache.items() if k != "index"))["key"].shape[1]
     if room > buffer + 1:  # the last token is sampled but never written back
-        raise ValueError(f'cache holds {buffer} positions, but the prompt ({prompt.shape[1]}) plus '
-                         f'max_new_tokens ({max_new_tokens}) needs {room - 1}.')
+        raise ValueError(f"cache holds {buffer} positions, but the prompt ({prompt.shape[1]}) plus "
+                         f"max_new_tokens ({max_new_tokens}) needs {room - 1}.")
     stop = np.atleast_1d(np.asarray([] if eos_id is None else eos_id, np.int32))
     rng = jax.random.key(0) if rng is None else rng
     sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))

@@ -29,17 +29,17 @@ class GPT2Config:
     n_layer: int = 12
     n_head: int = 12
     n_inner: int | None = None  # MLP width; None means 4 * n_embd, as in Hugging Face
-    activation_function: str = 'gelu_new'
+    activation_function: str = "gelu_new"
     layer_norm_epsilon: float = 1e-5
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f'n_embd={self.n_embd} is not divisible by n_head={self.n_head}.')
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}.")
         if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f'activation_function={self.activation_function!r} is not supported; '
-                             f'known: {sorted(ACTIVATIONS)}.')
+            raise ValueError(f"activation_function={self.activation_function!r} is not supported; "
+                             f"known: {sorted(ACTIVATIONS)}.")
 
     @property
     def head_dim(self):
@@ -52,20 +52,21 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, hf):
         """The config of a Hugging Face GPT-2 `config.json` dict; refuses flags this model does not implement."""
-        for flag in ('scale_attn_by_inverse_layer_idx', 'reorder_and_upcast_attn', 'add_cross_attention'):
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if hf.get(flag):
-                raise NotImplementedError(f'GPT-2 config sets {flag}=True, which jlora.models.gpt2 does not implement.')
-        if not hf.get('scale_attn_weights', True):
-            raise NotImplementedError('GPT-2 config sets scale_attn_weights=False, which jlora.models.gpt2 does not implement.')
+                raise NotImplementedError(f"GPT-2 config sets {flag}=True, which jlora.models.gpt2 does not implement.")
+        if not hf.get("scale_attn_weights", True):
+            raise NotImplementedError("GPT-2 config sets scale_attn_weights=False, which jlora.models.gpt2 "
+                                      "does not implement.")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in hf.items() if k in fields})
 
 
 ACTIVATIONS = {
-    'gelu_new': partial(nn.gelu, approximate=True),
-    'gelu_pytorch_tanh': partial(nn.gelu, approximate=True),
-    'gelu': partial(nn.gelu, approximate=False),
-    'relu': nn.relu,
+    "gelu_new": partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(nn.gelu, approximate=True),
+    "gelu": partial(nn.gelu, approximate=False),
+    "relu": nn.relu,
 }
 
 init = nn.initializers.normal(0.02)
@@ -81,11 +82,11 @@ class Attention(nn.Module):
         config = self.config
         batch, length, _ = x.shape
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
-        query, key, value = jnp.split(dense(3 * config.n_embd, name='c_attn')(x), 3, axis=-1)
+        query, key, value = jnp.split(dense(3 * config.n_embd, name="c_attn")(x), 3, axis=-1)
         heads = lambda t: t.reshape(batch, length, config.n_head, config.head_dim)
         keys, values, key_positions, layer_cache = attention.extend(layer_cache, heads(key), heads(value), positions)
         y = attention.causal_attention(heads(query), keys, values, positions, key_positions)
-        return dense(config.n_embd, name='c_proj')(y), layer_cache
+        return dense(config.n_embd, name="c_proj")(y), layer_cache
 
 
 class MLP(nn.Module):
@@ -96,8 +97,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
-        x = ACTIVATIONS[self.config.activation_function](dense(self.config.mlp_width, name='c_fc')(x))
-        return dense(self.config.n_embd, name='c_proj')(x)
+        x = ACTIVATIONS[self.config.activation_function](dense(self.config.mlp_width, name="c_fc")(x))
+        return dense(self.config.n_embd, name="c_proj")(x)
 
 
 class Block(nn.Module):
@@ -109,9 +110,9 @@ class Block(nn.Module):
     def __call__(self, x, positions, layer_cache):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = partial(nn.LayerNorm, epsilon=self.config.layer_norm_epsilon, **kw)
-        h, layer_cache = Attention(self.config, name='attn', **kw)(norm(name='ln_1')(x), positions, layer_cache)
+        h, layer_cache = Attention(self.config, name="attn", **kw)(norm(name="ln_1")(x), positions, layer_cache)
         x = x + h
-        x = x + MLP(self.config, name='mlp', **kw)(norm(name='ln_2')(x))
+        x = x + MLP(self.config, name="mlp", **kw)(norm(name="ln_2")(x))
         return x, layer_cache
 
 
@@ -119,7 +120,7 @@ class GPT2(nn.Module):
     """GPT-2 language model.
 
     `model.apply(variables, tokens)` returns float32 logits [B, T, V];
-    `model.apply(variables, tokens, cache)` returns `(logits, cache)` and continues from `cache['index']`
+    `model.apply(variables, tokens, cache)` returns `(logits, cache)` and continues from `cache["index"]`
     (see `init_cache` and `jlora.models.generate`).
     """
     config: GPT2Config
@@ -130,26 +131,26 @@ class GPT2(nn.Module):
     def __call__(self, tokens, cache=None):
         config = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        start = 0 if cache is None else cache['index']
+        start = 0 if cache is None else cache["index"]
         positions = start + jnp.arange(tokens.shape[1])
-        wte = nn.Embed(config.vocab_size, config.n_embd, embedding_init=init, name='wte', **kw)
-        wpe = nn.Embed(config.n_positions, config.n_embd, embedding_init=init, name='wpe', **kw)
+        wte = nn.Embed(config.vocab_size, config.n_embd, embedding_init=init, name="wte", **kw)
+        wpe = nn.Embed(config.n_positions, config.n_embd, embedding_init=init, name="wpe", **kw)
         x = wte(tokens) + wpe(positions)[None]
         new_cache = {}
         for i in range(config.n_layer):
-            name = f'h_{i}'
+            name = f"h_{i}"
             x, new_cache[name] = Block(config, name=name, **kw)(x, positions, None if cache is None else cache[name])
-        x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, name='ln_f', **kw)(x)
+        x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, name="ln_f", **kw)(x)
         logits = wte.attend(x).astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, {**new_cache, 'index': start + tokens.shape[1]}
+        return logits, {**new_cache, "index": start + tokens.shape[1]}
 
     def init_cache(self, batch_size, max_length):
         """An empty cache for `batch_size` rows of at most `max_length` positions (prompt + new tokens)."""
         if max_length > self.config.n_positions:
-            raise ValueError(f'max_length={max_length} exceeds GPT-2 n_positions={self.config.n_positions}.')
-        names = [f'h_{i}' for i in range(self.config.n_layer)]
+            raise ValueError(f"max_length={max_length} exceeds GPT-2 n_positions={self.config.n_positions}.")
+        names = [f"h_{i}" for i in range(self.config.n_layer)]
         return attention.init_cache(names, batch_size, max_length, self.config.n_head, self.config.head_dim, self.dtype)
 
     @property
@@ -163,28 +164,28 @@ def hf_key_map(config):
     HF GPT-2 uses Conv1D, whose weight is already (in, out): kernels are copied as they are.
     """
     key_map = {
-        'wte.weight': ('wte/embedding', None),
-        'wpe.weight': ('wpe/embedding', None),
-        'ln_f.weight': ('ln_f/scale', None),
-        'ln_f.bias': ('ln_f/bias', None),
+        "wte.weight": ("wte/embedding", None),
+        "wpe.weight": ("wpe/embedding", None),
+        "ln_f.weight": ("ln_f/scale", None),
+        "ln_f.bias": ("ln_f/bias", None),
     }
     per_layer = {
-        'ln_1.weight': 'ln_1/scale', 'ln_1.bias': 'ln_1/bias',
-        'attn.c_attn.weight': 'attn/c_attn/kernel', 'attn.c_attn.bias': 'attn/c_attn/bias',
-        'attn.c_proj.weight': 'attn/c_proj/kernel', 'attn.c_proj.bias': 'attn/c_proj/bias',
-        'ln_2.weight': 'ln_2/scale', 'ln_2.bias': 'ln_2/bias',
-        'mlp.c_fc.weight': 'mlp/c_fc/kernel', 'mlp.c_fc.bias': 'mlp/c_fc/bias',
-        'mlp.c_proj.weight': 'mlp/c_proj/kernel', 'mlp.c_proj.bias': 'mlp/c_proj/bias',
+        "ln_1.weight": "ln_1/scale", "ln_1.bias": "ln_1/bias",
+        "attn.c_attn.weight": "attn/c_attn/kernel", "attn.c_attn.bias": "attn/c_attn/bias",
+        "attn.c_proj.weight": "attn/c_proj/kernel", "attn.c_proj.bias": "attn/c_proj/bias",
+        "ln_2.weight": "ln_2/scale", "ln_2.bias": "ln_2/bias",
+        "mlp.c_fc.weight": "mlp/c_fc/kernel", "mlp.c_fc.bias": "mlp/c_fc/bias",
+        "mlp.c_proj.weight": "mlp/c_proj/kernel", "mlp.c_proj.bias": "mlp/c_proj/bias",
     }
     for i in range(config.n_layer):
         for hf_name, path in per_layer.items():
-            key_map[f'h.{i}.{hf_name}'] = (f'h_{i}/{path}', None)
+            key_map[f"h.{i}.{hf_name}"] = (f"h_{i}/{path}", None)
     return key_map
 
 
 def _not_a_param(name):
     # lm_head.weight is a tied copy of wte; attn.bias / attn.masked_bias are causal-mask buffers of old checkpoints.
-    return name == 'lm_head.weight' or name.endswith(('.attn.bias', '.attn.masked_bias'))
+    return name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias"))
 
 
 def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -200,8 +201,8 @@ def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
     config = GPT2Config.from_hf(read_config(directory))
     model = GPT2(config, dtype=dtype, param_dtype=param_dtype)
     # GPT2LMHeadModel prefixes names with 'transformer.'; the original 'gpt2' checkpoints do not.
-    tensors = {name.removeprefix('transformer.'): array for name, array in read_safetensors(directory).items()}
-    check_tied(tensors, 'lm_head.weight', 'wte.weight', directory)
+    tensors = {name.removeprefix("transformer."): array for name, array in read_safetensors(directory).items()}
+    check_tied(tensors, "lm_head.weight", "wte.weight", directory)
     expected = param_shapes(model, jnp.zeros((1, 1), jnp.int32))
     variables = assign(tensors, hf_key_map(config), expected, source=directory, param_dtype=param_dtype,
                        ignore=_not_a_param)

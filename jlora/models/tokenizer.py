@@ -8,9 +8,9 @@ from tokenizers import Tokenizer as Backend
 
 # llama.cpp's `tokenizer.ggml.pre` names the regex the merges were learned with. Byte-level BPE
 # vocabularies split text one of these ways before merging.
-GPT2_SPLIT = ('default', 'gpt2')
-DIGITS_THEN_GPT2_SPLIT = ('smollm', 'starcoder', 'refact', 'codeshell')  # every digit on its own, as HF's Digits
-LLAMA3_SPLIT = ('llama3', 'llama-v3', 'llama-bpe')
+GPT2_SPLIT = ("default", "gpt2")
+DIGITS_THEN_GPT2_SPLIT = ("smollm", "starcoder", "refact", "codeshell")  # every digit on its own, as HF's Digits
+LLAMA3_SPLIT = ("llama3", "llama-v3", "llama-bpe")
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -54,14 +54,14 @@ class Tokenizer:
         Needs `jinja2`. Encode the result with `encode`.
         """
         if self.chat_template is None:
-            raise ValueError('this tokenizer has no chat template; format the prompt yourself.')
+            raise ValueError("this tokenizer has no chat template; format the prompt yourself.")
         try:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError as error:
-            raise ImportError('apply_chat_template needs jinja2: python -m pip install jinja2') from error
+            raise ImportError("apply_chat_template needs jinja2: python -m pip install jinja2") from error
 
         def raise_exception(message):
-            raise ValueError(f'chat template error: {message}')
+            raise ValueError(f"chat template error: {message}")
 
         # The same environment settings as transformers, so templates render identically.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -74,12 +74,12 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata):
         """A byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` metadata (the `gpt2` tokenizer model)."""
-        kind = metadata.get('tokenizer.ggml.model')
-        if kind != 'gpt2':
+        kind = metadata.get("tokenizer.ggml.model")
+        if kind != "gpt2":
             raise NotImplementedError(f"GGUF tokenizer model is {kind!r}; only byte-level BPE ('gpt2') is implemented.")
-        pre = metadata.get('tokenizer.ggml.pre', 'default')
-        tokens = metadata['tokenizer.ggml.tokens']
-        merges = [tuple(merge.split(' ', 1)) for merge in metadata['tokenizer.ggml.merges']]
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        tokens = metadata["tokenizer.ggml.tokens"]
+        merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
         backend = Backend(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
         if pre in GPT2_SPLIT:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -88,20 +88,20 @@ class Tokenizer:
                 pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
         elif pre in LLAMA3_SPLIT:
             backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior='isolated'),
+                pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
             known = GPT2_SPLIT + DIGITS_THEN_GPT2_SPLIT + LLAMA3_SPLIT
-            raise NotImplementedError(f'GGUF pre-tokenizer {pre!r} is not implemented; known: {list(known)}.')
+            raise NotImplementedError(f"GGUF pre-tokenizer {pre!r} is not implemented; known: {list(known)}.")
         backend.decoder = decoders.ByteLevel()
-        types = metadata.get('tokenizer.ggml.token_type') or []
+        types = metadata.get("tokenizer.ggml.token_type") or []
         backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                     for i, kind in enumerate(types) if kind == CONTROL])
         return cls(backend,
-                   bos_id=metadata.get('tokenizer.ggml.bos_token_id'),
-                   eos_id=metadata.get('tokenizer.ggml.eos_token_id'),
-                   add_bos=bool(metadata.get('tokenizer.ggml.add_bos_token', False)),
-                   chat_template=metadata.get('tokenizer.chat_template'))
+                   bos_id=metadata.get("tokenizer.ggml.bos_token_id"),
+                   eos_id=metadata.get("tokenizer.ggml.eos_token_id"),
+                   add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=metadata.get("tokenizer.chat_template"))
 
     @classmethod
     def from_hf_dir(cls, directory, config=None):
@@ -113,29 +113,29 @@ class Tokenizer:
         directory = Path(directory)
         config = config or {}
         tokenizer_config = {}
-        if (directory / 'tokenizer_config.json').is_file():
-            tokenizer_config = json.loads((directory / 'tokenizer_config.json').read_text())
-        if (directory / 'tokenizer.json').is_file():
-            backend = Backend.from_file(str(directory / 'tokenizer.json'))
-        elif (directory / 'vocab.json').is_file() and (directory / 'merges.txt').is_file():
-            backend = Backend(models.BPE.from_file(str(directory / 'vocab.json'), str(directory / 'merges.txt')))
+        if (directory / "tokenizer_config.json").is_file():
+            tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+        if (directory / "tokenizer.json").is_file():
+            backend = Backend.from_file(str(directory / "tokenizer.json"))
+        elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            backend = Backend(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = decoders.ByteLevel()
-            special = {'<|endoftext|>'} & set(backend.get_vocab())
+            special = {"<|endoftext|>"} & set(backend.get_vocab())
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         else:
             return None
 
         def special_id(name):
-            value = tokenizer_config.get(f'{name}_token')
+            value = tokenizer_config.get(f"{name}_token")
             if isinstance(value, dict):  # older files store AddedToken dicts
-                value = value.get('content')
+                value = value.get("content")
             if isinstance(value, str) and backend.token_to_id(value) is not None:
                 return backend.token_to_id(value)
-            value = config.get(f'{name}_token_id')
+            value = config.get(f"{name}_token_id")
             return value[0] if isinstance(value, list) else value
 
-        template = tokenizer_config.get('chat_template')
-        if (directory / 'chat_template.jinja').is_file():
-            template = (directory / 'chat_template.jinja').read_text()
-        return cls(backend, bos_id=special_id('bos'), eos_id=special_id('eos'), chat_template=template)
+        template = tokenizer_config.get("chat_template")
+        if (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+        return cls(backend, bos_id=special_id("bos"), eos_id=special_id("eos"), chat_template=template)

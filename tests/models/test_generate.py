@@ -97,7 +97,8 @@ def test_a_wrapped_apply_function_generates_through_the_same_loop(variables):
     wrapped = generate(adapted, {"frozen": variables, "delta": zero}, prompt, MODEL.init_cache(1, 8), max_new_tokens=5)
     np.testing.assert_array_equal(wrapped, plain)
     bumped = jax.tree_util.tree_map(lambda x: x + 0.3, zero)
-    changed = generate(adapted, {"frozen": variables, "delta": bumped}, prompt, MODEL.init_cache(1, 8), max_new_tokens=5)
+    changed = generate(adapted, {"frozen": variables, "delta": bumped}, prompt, MODEL.init_cache(1, 8),
+                       max_new_tokens=5)
     assert not np.array_equal(changed, plain)
 
 

@@ -1,5 +1,7 @@
 """Logits equal transformers' on the same small random checkpoints (needs torch and transformers)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,23 @@ def test_gpt2_greedy_generation_equals_transformers_generate(tmp_path):
                                    pad_token_id=0).numpy()
     ours = generate(model.apply, variables, prompt, model.init_cache(2, 12), max_new_tokens=8)
     np.testing.assert_array_equal(ours, expected)
+
+
+def test_gpt2_tokenizer_from_vocab_and_merges_equals_transformers(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = ["h e", "l l", "he ll", "Ġ w", "o r", "Ġw or", "Ġ 4", "Ġ4 2"]
+    for merge in merges:
+        vocab["".join(merge.split())] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    ours = jlora.models.Tokenizer.from_hf_dir(tmp_path)
+    theirs = transformers.GPT2Tokenizer.from_pretrained(tmp_path)
+    for text in ["hello world", "hello world 42<|endoftext|>", "  spaced\n\nlines\t", "naïve 東京 🙂", "it's 1234"]:
+        assert ours.encode(text) == theirs(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == text
 
 
 LLAMA_CASES = {

@@ -161,8 +161,9 @@ def test_load_bfloat16_safetensors_into_float32_params(tmp_path):
 
 def test_wrong_key_value_head_count_names_tensor_and_both_shapes(tmp_path):
     write_hf_dir(tmp_path, GQA, random_variables(Llama(GQA)), {"num_key_value_heads": 4})
-    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' gives shape \(32, 16\) "
-                                              r"for layers_0/self_attn/k_proj/kernel, but the config implies \(32, 32\)"):
+    message = (r"'model\.layers\.0\.self_attn\.k_proj\.weight' gives shape \(32, 16\) "
+               r"for layers_0/self_attn/k_proj/kernel, but the config implies \(32, 32\)")
+    with pytest.raises(CheckpointError, match=message):
         jlora.models.load(tmp_path)
 
 
@@ -243,7 +244,7 @@ def write_gguf(path, config, variables, quantized=None):
     writer.add_chat_template(TEMPLATE)
     expected = {}
 
-    def add(name, path, value):
+    def add(name, value):
         value = np.asarray(value, np.float32)
         if name in quantized:
             data = gguf.quants.quantize(value, quantized[name])
@@ -253,15 +254,14 @@ def write_gguf(path, config, variables, quantized=None):
             writer.add_tensor(name, value)
         return value
 
-    expected["embed_tokens/embedding"] = add("token_embd.weight", None, params["embed_tokens/embedding"])
-    expected["norm/weight"] = add("output_norm.weight", None, params["norm/weight"])
+    expected["embed_tokens/embedding"] = add("token_embd.weight", params["embed_tokens/embedding"])
+    expected["norm/weight"] = add("output_norm.weight", params["norm/weight"])
     if not c.tie_word_embeddings:
-        expected["lm_head/kernel"] = add("output.weight", None, params["lm_head/kernel"].T).T
+        expected["lm_head/kernel"] = add("output.weight", params["lm_head/kernel"].T).T
     for i in range(c.num_hidden_layers):
         p, b = f"layers_{i}", f"blk.{i}"
-        expected[f"{p}/input_layernorm/weight"] = add(f"{b}.attn_norm.weight", None, params[f"{p}/input_layernorm/weight"])
-        expected[f"{p}/post_attention_layernorm/weight"] = add(f"{b}.ffn_norm.weight", None,
-                                                               params[f"{p}/post_attention_layernorm/weight"])
+        for ours, theirs in [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")]:
+            expected[f"{p}/{ours}/weight"] = add(f"{b}.{theirs}.weight", params[f"{p}/{ours}/weight"])
         for ours, theirs, heads in [("self_attn/q_proj", "attn_q", c.num_attention_heads),
                                     ("self_attn/k_proj", "attn_k", c.num_key_value_heads),
                                     ("self_attn/v_proj", "attn_v", None), ("self_attn/o_proj", "attn_output", None),
@@ -269,10 +269,11 @@ def write_gguf(path, config, variables, quantized=None):
                                     ("mlp/down_proj", "ffn_down", None)]:
             torch_layout = np.asarray(params[f"{p}/{ours}/kernel"]).T
             if heads:
-                stored = add(f"{b}.{theirs}.weight", None, llama_cpp_permute(torch_layout, heads))
-                expected[f"{p}/{ours}/kernel"] = unpermute_rope(stored, heads).T
+                rows = llama_cpp_permute(np.arange(torch_layout.shape[0]), heads)
+                stored = add(f"{b}.{theirs}.weight", torch_layout[rows])
+                expected[f"{p}/{ours}/kernel"] = stored[np.argsort(rows)].T
             else:
-                expected[f"{p}/{ours}/kernel"] = add(f"{b}.{theirs}.weight", None, torch_layout).T
+                expected[f"{p}/{ours}/kernel"] = add(f"{b}.{theirs}.weight", torch_layout).T
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

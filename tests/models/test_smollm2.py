@@ -75,7 +75,8 @@ def test_logits_and_tokens_equal_transformers_loading_the_same_gguf(smollm2):
     path = jlora.models.fetch_smollm2()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     their_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in [PROMPT, "In 2024, 12345 apples", "naïve café — 東京 🙂\n\tx = 1", "<|im_start|>user\nHi<|im_end|>"]:
+    texts = [PROMPT, "In 2024, 12345 apples", "naïve café — 東京 🙂\n\tx = 1", "<|im_start|>user\nHi<|im_end|>"]
+    for text in texts:
         assert tokenizer.encode(text) == their_tokenizer(text).input_ids, text
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Name three French painters."}])
     ids = tokenizer.encode(text) + tokenizer.encode("Claude Monet, Edgar Degas")
@@ -84,3 +85,19 @@ def test_logits_and_tokens_equal_transformers_loading_the_same_gguf(smollm2):
     ours = np.asarray(jax.jit(model.apply)(variables, jnp.array([ids])))
     assert np.abs(ours - expected).max() < 1e-3
     np.testing.assert_array_equal(ours.argmax(-1), expected.argmax(-1))
+
+
+def test_tokenizer_saved_as_a_hugging_face_directory_reads_back_the_same(smollm2, tmp_path):
+    from jlora.models import Tokenizer
+
+    _, _, tokenizer, _ = smollm2
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}')
+    (tmp_path / "chat_template.jinja").write_text(tokenizer.chat_template)
+    loaded = Tokenizer.from_hf_dir(tmp_path)
+    text = "In 2024, naïve <|im_start|>user\nHi"
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert (loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (1, 2, 49152)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert loaded.apply_chat_template(messages) == tokenizer.apply_chat_template(messages)
