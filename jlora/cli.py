@@ -223,10 +223,13 @@ def finetune(args) -> int:
     state = train.init_state(trainable, config_train)
     if args.resume:
         try:
-            state, _ = ckpt.restore(jax.eval_shape(lambda: state),
-                                    expect={k: metadata[k] for k in ("base", "adapter", "train")})
+            state, saved = ckpt.restore(jax.eval_shape(lambda: state),
+                                        expect={k: metadata[k] for k in ("base", "adapter")})
         except checkpoint.CheckpointError as error:
             raise UsageError(f"--resume: {error}") from None
+        if saved.get("train") != metadata["train"]:
+            print(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
+                  "the resumed run will not equal an uninterrupted one", file=sys.stderr)
     state = train.replicate(state, mesh)
     start = int(state.step)
 

@@ -151,7 +151,7 @@ def init(
             )
         s, i, o = shape[:n_stack], shape[n_stack : n_stack + n_in], shape[n_stack + n_in :]
         fan_in, fan_out = math.prod(i), math.prod(o)
-        if not isinstance(r, (int, np.integer)) or not 0 < r <= min(fan_in, fan_out):
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 < r <= min(fan_in, fan_out):
             raise ValueError(
                 f"rank {r!r} for {path!r} (shape {shape}, in {fan_in}, out {fan_out}) must be an "
                 f"integer in 1..{min(fan_in, fan_out)}"
