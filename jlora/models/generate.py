@@ -42,7 +42,8 @@ def sample_logits(logits, rng, *, temperature=1.0, top_k=0, top_p=1.0):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("apply_fn", "temperature", "top_k", "top_p"))
+# The cache is donated: each step updates its buffers in place instead of copying them.
+@partial(jax.jit, static_argnames=("apply_fn", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
 def _step(apply_fn, variables, tokens, cache, rng, *, temperature, top_k, top_p):
     logits, cache = apply_fn(variables, tokens, cache)
     return sample_logits(logits[:, -1], rng, temperature=temperature, top_k=top_k, top_p=top_p), cache
@@ -58,9 +59,11 @@ def generate(apply_fn, variables, prompt, cache, *, max_new_tokens, eos_id=None,
       variables: whatever `apply_fn` takes first (a pytree of arrays).
       prompt: int [B, P], every row the same length.
       cache: an empty cache with room for P + max_new_tokens, e.g. `model.init_cache(B, P + max_new_tokens)`.
+        It is consumed (its buffers are donated); make a new one for each call.
       max_new_tokens: the most tokens to add.
       eos_id: an id or a sequence of ids that end a row; later positions of that row repeat it.
-      temperature, top_k, top_p: see `sample_logits`; temperature 0 is greedy.
+      temperature, top_k, top_p: see `sample_logits`; temperature 0 is greedy. Each distinct setting
+        compiles the step once.
       rng: PRNG key for sampling (default `jax.random.key(0)`).
 
     Returns:
