@@ -4,7 +4,7 @@ This is each loader read backwards. Tensor names come from the model file's own 
 name cannot differ between loading and saving; config.json is the reverse of the config's `from_hf`.
 
     merged = jlora.merge(variables, adapters)
-    save_hf('out/merged', merged, config)          # AutoModelForCausalLM.from_pretrained('out/merged')
+    save_hf("out/merged", merged, config)          # AutoModelForCausalLM.from_pretrained("out/merged")
 """
 
 import dataclasses
@@ -44,20 +44,20 @@ class Family:
 
 def _gpt2_config(config):
     # GPT-2 is always tied (`gpt2.GPT2` has no lm_head); transformers' default is the same, said for readers.
-    return {**dataclasses.asdict(config), 'tie_word_embeddings': True}
+    return {**dataclasses.asdict(config), "tie_word_embeddings": True}
 
 
 def _llama_config(config):
     fields = dataclasses.asdict(config)
     # transformers >= 5 reads rope_parameters, older versions rope_theta; both name the same default rotary.
-    return {**fields, 'hidden_act': 'silu', 'rope_parameters': {'rope_type': 'default', 'rope_theta': config.rope_theta}}
+    return {**fields, "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}}
 
 
 FAMILIES = {
-    gpt2.GPT2Config: Family('gpt2', 'GPT2LMHeadModel', gpt2.GPT2, gpt2.hf_key_map, 'transformer.',
-                            lambda config: 'wte/embedding', _gpt2_config),
-    llama.LlamaConfig: Family('llama', 'LlamaForCausalLM', llama.Llama, llama.hf_key_map, '',
-                              lambda config: 'embed_tokens/embedding' if config.tie_word_embeddings else None,
+    gpt2.GPT2Config: Family("gpt2", "GPT2LMHeadModel", gpt2.GPT2, gpt2.hf_key_map, "transformer.",
+                            lambda config: "wte/embedding", _gpt2_config),
+    llama.LlamaConfig: Family("llama", "LlamaForCausalLM", llama.Llama, llama.hf_key_map, "",
+                              lambda config: "embed_tokens/embedding" if config.tie_word_embeddings else None,
                               _llama_config),
 }
 
@@ -66,8 +66,8 @@ def family(config) -> Family:
     """The :class:`Family` of a model config (`GPT2Config` or `LlamaConfig`)."""
     found = FAMILIES.get(type(config))
     if found is None:
-        known = ', '.join(sorted(cls.__name__ for cls in FAMILIES))
-        raise TypeError(f'{type(config).__name__} is not a model config jlora can export; known: {known}.')
+        known = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
+        raise TypeError(f"{type(config).__name__} is not a model config jlora can export; known: {known}.")
     return found
 
 
@@ -80,8 +80,8 @@ def hf_names(config) -> dict:
     names = {}
     for hf_name, (path, transform) in fam.key_map(config).items():
         if transform not in (None, transpose):
-            raise NotImplementedError(f'{fam.model_type} key map transforms {hf_name!r} with {transform!r}, '
-                                      'which has no known inverse.')
+            raise NotImplementedError(f"{fam.model_type} key map transforms {hf_name!r} with {transform!r}, "
+                                      "which has no known inverse.")
         names[path] = (fam.prefix + hf_name, transform)
     return names
 
@@ -93,39 +93,41 @@ def expected_shapes(config) -> dict:
 
 def _flat(params):
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf for path, leaf in leaves}
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
 
 
 def hf_tensors(variables, config) -> dict:
-    """`{hf_name: np.ndarray}` of a variables dict (`{'params': ...}`) or its params, checked against the config.
+    """`{hf_name: np.ndarray}` of a variables dict (`{"params": ...}`) or its params, checked against the config.
 
     Raises:
       CheckpointError: a param the config implies is missing, one it does not is present, or a shape differs.
     """
-    params = variables['params'] if 'params' in variables else variables
+    params = variables["params"] if "params" in variables else variables
     flat = _flat(params)
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(flat))
     extra = sorted(set(flat) - set(expected))
     if missing or extra:
-        raise CheckpointError(f'the params do not fit this {type(config).__name__}: missing {missing[:5]}, '
-                              f'unexpected {extra[:5]}. Pass merged variables (jlora.merge), not adapters.')
+        raise CheckpointError(f"the params do not fit this {type(config).__name__}: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}. Pass merged variables (jlora.merge), not adapters.")
+    wrong = [f"{path} {tuple(flat[path].shape)} (config: {tuple(shape)})" for path, shape in expected.items()
+             if tuple(flat[path].shape) != tuple(shape)]
+    if wrong:
+        shown = ", ".join(wrong[:5])
+        raise CheckpointError(f"{len(wrong)} param(s) have shapes this {type(config).__name__} does not imply: {shown}.")
     tensors = {}
     for path, (hf_name, transform) in hf_names(config).items():
         array = np.asarray(jax.device_get(flat[path]))
-        if array.shape != tuple(expected[path]):
-            raise CheckpointError(f'param {path} has shape {array.shape}, but the config implies '
-                                  f'{tuple(expected[path])}.')
         tensors[hf_name] = np.ascontiguousarray(array if transform is None else transform(array))
     return tensors
 
 
 def hf_config(config, dtype=None) -> dict:
-    """The config.json dict transformers reads for this config; `dtype` (e.g. 'bfloat16') names the weights'."""
+    """The config.json dict transformers reads for this config; `dtype` (e.g. "bfloat16") names the weights'."""
     fam = family(config)
-    out = {'model_type': fam.model_type, 'architectures': [fam.architecture], **fam.hf_config(config)}
+    out = {"model_type": fam.model_type, "architectures": [fam.architecture], **fam.hf_config(config)}
     if dtype is not None:
-        out['dtype'] = str(dtype)
+        out["dtype"] = str(dtype)
     return out
 
 
@@ -137,16 +139,16 @@ def save_hf(directory, variables, config):
 
     Args:
       directory: created if needed; existing config.json / model.safetensors are replaced.
-      variables: `{'params': ...}` (or the params) of a GPT-2 or Llama model, e.g. `jlora.merge(variables, adapters)`.
+      variables: `{"params": ...}` (or the params) of a GPT-2 or Llama model, e.g. `jlora.merge(variables, adapters)`.
       config: the model's `GPT2Config` or `LlamaConfig`, as `jlora.models.load` returns it.
 
     Returns:
       The directory, as a Path.
 
     Example:
-      >>> model, variables, tokenizer, config = jlora.models.load('path/to/hf-dir')
-      >>> save_hf('merged', jlora.merge(variables, adapters), config)
-      >>> transformers.AutoModelForCausalLM.from_pretrained('merged')
+      >>> model, variables, tokenizer, config = jlora.models.load("path/to/hf-dir")
+      >>> save_hf("merged", jlora.merge(variables, adapters), config)
+      >>> transformers.AutoModelForCausalLM.from_pretrained("merged")
     """
     from safetensors.numpy import save_file
 
@@ -155,7 +157,7 @@ def save_hf(directory, variables, config):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # transformers refuses safetensors without format metadata it knows.
-    save_file(tensors, str(directory / 'model.safetensors'), metadata={'format': 'pt'})
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     text = json.dumps(hf_config(config, dtypes.pop() if len(dtypes) == 1 else None), indent=2, sort_keys=True)
-    (directory / 'config.json').write_text(text + '\n')
+    (directory / "config.json").write_text(text + "\n")
     return directory

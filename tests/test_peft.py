@@ -1,0 +1,351 @@
+"""PEFT's adapter format: jlora adapters load in PEFT and PEFT's import into jlora with equal logits, the
+round trip is bitwise, and every file that does not fit is refused by name."""
+
+import dataclasses
+import json
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import jlora
+import jlora.models
+from jlora import paths
+from jlora import peft as jpeft
+from jlora.adapter import table
+from jlora.lora import scaling_for
+from jlora.models import gpt2, llama
+
+TOKENS = [[5, 17, 2, 60, 33, 1, 9, 44, 12, 3], [0, 61, 7, 7, 20, 39, 41, 2, 8, 50]]
+GPT2 = gpt2.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+LLAMA = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=1000.0)
+# Every weight kind PEFT adapts, ranks and alphas varying by module, so the patterns must carry them.
+LLAMA_ADAPTERS = dict(rank=4, alpha=6.0, targets=["q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens", "lm_head"],
+                      rank_pattern={"layers_1/self_attn/q_proj": 2, "down_proj": 3}, alpha_pattern={"o_proj": 5.0})
+GPT2_ADAPTERS = dict(rank=4, alpha=8.0, targets=["c_attn", "c_fc", "wpe"], rank_pattern={"c_fc": 3})
+
+
+def abstract_params(config):
+    """The base's variables as shapes only: enough for init, export and import of adapters."""
+    model = jlora.models.export.family(config).model(config)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+
+def random_adapters(params, seed, **init):
+    """jlora.init's adapters with A and B both random and non-zero, so a misplaced or transposed factor shows."""
+    found = table(jlora.init(params, **init))
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(found)))
+    return paths.nest({
+        path: dataclasses.replace(lora, a=0.3 * jax.random.normal(next(keys), lora.a.shape),
+                                  b=0.3 * jax.random.normal(next(keys), lora.b.shape))
+        for path, lora in found.items()
+    })
+
+
+def assert_same_adapters(ours, theirs):
+    ours, theirs = table(ours), table(theirs)
+    assert sorted(ours) == sorted(theirs)
+    for path, lora in ours.items():
+        other = theirs[path]
+        assert (lora.scaling, lora.stack_axes, lora.a.dtype, lora.b.dtype) == (
+            other.scaling, other.stack_axes, other.a.dtype, other.b.dtype), path
+        np.testing.assert_array_equal(lora.a, other.a)
+        np.testing.assert_array_equal(lora.b, other.b)
+
+
+# ---- round trip and the written config (no torch needed) ----
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha/r", "rslora"])
+@pytest.mark.parametrize("config, init", [(GPT2, GPT2_ADAPTERS), (LLAMA, LLAMA_ADAPTERS)], ids=["gpt2", "llama"])
+def test_jlora_peft_jlora_round_trip_is_bitwise(tmp_path, config, init, use_rslora):
+    params = abstract_params(config)
+    adapters = random_adapters(params, seed=0, **init)
+    jpeft.export_peft(adapters, config, tmp_path / "once", use_rslora=use_rslora)
+    back = jpeft.import_peft(tmp_path / "once", params, config)
+    assert_same_adapters(back, adapters)
+    # and written again, the files are the same bytes
+    jpeft.export_peft(back, config, tmp_path / "twice", use_rslora=use_rslora)
+    for name in (jpeft.CONFIG_FILE, jpeft.WEIGHTS_FILE):
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "twice" / name).read_bytes()
+
+
+def test_written_config_names_modules_as_peft_matches_them(tmp_path):
+    adapters = random_adapters(abstract_params(LLAMA), seed=0, **LLAMA_ADAPTERS)
+    jpeft.export_peft(adapters, LLAMA, tmp_path, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
+    config = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
+    # alpha 6 at r=4 (scaling 1.5) is the common case; rank_pattern keeps jlora's alpha, so r=2 and r=3 keep 6 too.
+    assert (config["r"], config["lora_alpha"], config["use_rslora"], config["fan_in_fan_out"]) == (4, 6, False, False)
+    assert config["rank_pattern"] == {"down_proj": 3, "model.layers.1.self_attn.q_proj": 2}
+    assert config["alpha_pattern"] == {"o_proj": 5}
+    assert config["target_modules"] == ["down_proj", "embed_tokens", "lm_head", "o_proj", "q_proj", "v_proj"]
+    assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == (
+        "LORA", "CAUSAL_LM", "HuggingFaceTB/SmolLM2-135M")
+    tensors = load_file(tmp_path / jpeft.WEIGHTS_FILE)
+    assert len(tensors) == 2 * (4 * 2 + 2)  # q, v, o, down in each of 2 layers; embed_tokens, lm_head
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (2, 32)
+    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (16, 4)
+    assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 64)
+    assert tensors["base_model.model.lm_head.lora_B.weight"].shape == (64, 4)
+
+
+def test_some_layers_only_are_targeted_by_full_module_name(tmp_path):
+    params = abstract_params(GPT2)
+    adapters = random_adapters(params, seed=0, rank=2, targets=r"params/h_1/(attn|mlp)/c_proj/kernel")
+    jpeft.export_peft(adapters, GPT2, tmp_path)
+    config = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
+    assert config["target_modules"] == ["transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"]
+    assert config["fan_in_fan_out"] is True
+    assert_same_adapters(jpeft.import_peft(tmp_path, params, GPT2), adapters)
+
+
+def test_written_alpha_gives_back_the_scaling():
+    """Exact for every scaling an alpha makes at that rank (all of jlora.init's), else within an ulp."""
+    rng = np.random.default_rng(0)
+    for rank in (1, 3, 7, 12, 48, 100):
+        for made_with_rslora in (False, True):
+            for alpha in [*rng.uniform(0.01, 300.0, 100), 16, 1 / 3]:
+                scaling = scaling_for(alpha, rank, made_with_rslora)
+                for use_rslora in (False, True):
+                    written = jpeft._alpha(scaling, rank, use_rslora)
+                    found = scaling_for(written, rank, use_rslora)
+                    if use_rslora == made_with_rslora:
+                        assert found == scaling, (alpha, rank, use_rslora)
+                    else:
+                        assert abs(found - scaling) <= math.ulp(scaling), (alpha, rank, use_rslora)
+
+
+# ---- refusals: each names what is wrong ----
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A GPT-2 adapter directory to damage, with the base it was made for."""
+    directory = tmp_path_factory.mktemp("peft")
+    params = abstract_params(GPT2)
+    jpeft.export_peft(random_adapters(params, seed=0, rank=4, targets=["c_attn"]), GPT2, directory)
+    return directory, params
+
+
+def copy_with(source, target, *, config=None, tensors=None):
+    target.mkdir()
+    config_dict = json.loads((source / jpeft.CONFIG_FILE).read_text())
+    weights = load_file(source / jpeft.WEIGHTS_FILE)
+    (target / jpeft.CONFIG_FILE).write_text(json.dumps(config(config_dict) if config else config_dict))
+    save_file(tensors(weights) if tensors else weights, str(target / jpeft.WEIGHTS_FILE), metadata={"format": "pt"})
+    return target
+
+
+def test_missing_or_corrupt_files_are_named(exported, tmp_path):
+    source, params = exported
+    with pytest.raises(jpeft.PeftFormatError, match=r"nowhere/adapter_config\.json does not exist"):
+        jpeft.import_peft(tmp_path / "nowhere", params, GPT2)
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / jpeft.CONFIG_FILE).write_bytes((source / jpeft.CONFIG_FILE).read_bytes())
+    (tmp_path / "bin" / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(jpeft.PeftFormatError, match=r"adapter_model\.safetensors does not exist .*safe_serialization=True"):
+        jpeft.import_peft(tmp_path / "bin", params, GPT2)
+
+    (tmp_path / "bin" / jpeft.WEIGHTS_FILE).write_bytes((source / jpeft.WEIGHTS_FILE).read_bytes()[:100])
+    with pytest.raises(jpeft.PeftFormatError, match=r"bin/adapter_model\.safetensors is not a readable safetensors file"):
+        jpeft.import_peft(tmp_path / "bin", params, GPT2)
+
+    (tmp_path / "bin" / jpeft.CONFIG_FILE).write_text('{"peft_type": "LORA", ')
+    with pytest.raises(jpeft.PeftFormatError, match=r"bin/adapter_config\.json is not valid JSON"):
+        jpeft.import_peft(tmp_path / "bin", params, GPT2)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"peft_type": "IA3"}, r"peft_type='IA3'; jlora imports PEFT LoRA adapters"),
+    ({"use_dora": True}, r"use_dora=True: DoRA \(weight-decomposed LoRA\) is not implemented"),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
+], ids=["ia3", "dora", "modules_to_save"])
+def test_adapters_other_than_plain_lora_are_refused(exported, tmp_path, change, message):
+    source, params = exported
+    copy_with(source, tmp_path / "other", config=lambda c: {**c, **change})
+    with pytest.raises(jpeft.PeftFormatError, match=message):
+        jpeft.import_peft(tmp_path / "other", params, GPT2)
+
+
+def test_adapter_for_another_base_is_refused_with_both_shapes(exported):
+    source, _ = exported
+    wider = dataclasses.replace(GPT2, n_embd=48)
+    with pytest.raises(jpeft.PeftFormatError, match=(
+            r"tensor base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight has shape \(4, 32\), "
+            r"expected \(4, 48\) \(r=4 from the config, base weight params/h_0/attn/c_attn/kernel of shape \(48, 144\)\)")):
+        jpeft.import_peft(source, abstract_params(wider), wider)
+    with pytest.raises(jpeft.PeftFormatError, match=(
+            r"base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight, .* are not LoRA factors of any "
+            r"module of this LlamaConfig")):
+        jpeft.import_peft(source, abstract_params(LLAMA), LLAMA)
+
+
+def test_unknown_or_unpaired_tensors_are_named(exported, tmp_path):
+    source, params = exported
+    extra = {"base_model.model.transformer.h.5.attn.c_attn.lora_A.weight": np.ones((4, 32), np.float32),
+             "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector": np.ones((96,), np.float32)}
+    copy_with(source, tmp_path / "extra", tensors=lambda t: {**t, **extra})
+    with pytest.raises(jpeft.PeftFormatError, match=(
+            r"tensor\(s\) base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_magnitude_vector, "
+            r"base_model\.model\.transformer\.h\.5\.attn\.c_attn\.lora_A\.weight are not LoRA factors")):
+        jpeft.import_peft(tmp_path / "extra", params, GPT2)
+
+    b = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    copy_with(source, tmp_path / "unpaired", tensors=lambda t: {k: v for k, v in t.items() if k != b})
+    with pytest.raises(jpeft.PeftFormatError, match=r"h\.1\.attn\.c_attn\.lora_A\.weight has no .*h\.1\.attn\.c_attn\.lora_B\.weight"):
+        jpeft.import_peft(tmp_path / "unpaired", params, GPT2)
+
+    copy_with(source, tmp_path / "rank", config=lambda c: {**c, "rank_pattern": {"transformer.h.1.attn.c_attn": 8}})
+    with pytest.raises(jpeft.PeftFormatError, match=r"h\.1\.attn\.c_attn\.lora_A\.weight has shape \(4, 32\), expected \(8, 32\)"):
+        jpeft.import_peft(tmp_path / "rank", params, GPT2)
+
+
+def test_saved_embedding_must_be_the_bases(tmp_path):
+    """PEFT saves a targeted embedding's full weight; one that differs from the base is trained on another."""
+    params = abstract_params(LLAMA)
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+    jpeft.export_peft(random_adapters(params, seed=0, rank=2, targets=["embed_tokens"]), LLAMA, tmp_path / "emb")
+    name = "base_model.model.model.embed_tokens.base_layer.weight"
+    copy_with(tmp_path / "emb", tmp_path / "same", tensors=lambda t: {**t, name: np.ones((64, 32), np.float32)})
+    assert list(table(jpeft.import_peft(tmp_path / "same", params, LLAMA))) == ["params/embed_tokens/embedding"]
+    copy_with(tmp_path / "emb", tmp_path / "other", tensors=lambda t: {**t, name: np.zeros((64, 32), np.float32)})
+    with pytest.raises(jpeft.PeftFormatError, match=r"embed_tokens\.base_layer\.weight differs from the base's params/embed_tokens/embedding"):
+        jpeft.import_peft(tmp_path / "other", params, LLAMA)
+
+
+def test_export_refuses_what_peft_would_compute_differently(tmp_path):
+    params = abstract_params(GPT2)
+    tied = random_adapters(params, seed=0, rank=2, targets=["wte"])
+    with pytest.raises(jpeft.PeftFormatError, match=r"'params/wte/embedding' changes an embedding that is also the output head"):
+        jpeft.export_peft(tied, GPT2, tmp_path)
+    wider = dataclasses.replace(GPT2, n_embd=48)
+    other = random_adapters(abstract_params(wider), seed=0, rank=2, targets=["c_attn"])
+    with pytest.raises(jpeft.PeftFormatError, match=(
+            r"'params/h_0/attn/c_attn/kernel' is for a weight of shape \(48, 144\), but this GPT2Config has shape "
+            r"\(32, 96\) there")):
+        jpeft.export_peft(other, GPT2, tmp_path)
+    frozen, trainable = jlora.split(params, random_adapters(params, seed=0, rank=2, targets=["c_attn"]), bias="lora_only")
+    with pytest.raises(jpeft.PeftFormatError, match=r"also trains base leaves params/h_0/attn/c_attn/bias"):
+        jpeft.export_peft(trainable, GPT2, tmp_path)
+    assert not (tmp_path / jpeft.WEIGHTS_FILE).exists()
+
+
+# ---- against PEFT itself ----
+
+interop = pytest.mark.interop
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """A small random transformers model saved with save_pretrained and loaded back by jlora, by name."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    made = {}
+
+    def get(name):
+        if name not in made:
+            if name == "gpt2":
+                theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**dataclasses.asdict(GPT2)))
+            else:
+                fields = {k: v for k, v in dataclasses.asdict(LLAMA).items() if k != "rope_theta"}
+                theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                    **fields, rope_parameters={"rope_type": "default", "rope_theta": LLAMA.rope_theta}))
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for param_name, param in theirs.named_parameters():
+                    param.normal_(1.0 if "norm" in param_name or "ln_" in param_name else 0.0, 0.2)
+            directory = tmp_path_factory.mktemp(name)
+            theirs.save_pretrained(directory, safe_serialization=True)
+            model, variables, _, config = jlora.models.load(str(directory))
+            assert config == (GPT2 if name == "gpt2" else LLAMA)
+            made[name] = directory, model, variables
+        return made[name]
+
+    return get
+
+
+def torch_logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def jlora_logits(model, variables, adapters):
+    return np.asarray(jax.jit(jlora.adapt(model.apply))(variables, adapters, jnp.array(TOKENS)))
+
+
+def load_in_peft(base_dir, peft_dir):
+    """PeftModel.from_pretrained, failing on the missing/unexpected-key warnings that mean an adapter is not applied."""
+    import peft
+    import transformers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), peft_dir)
+    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    assert not bad
+    return model.eval()
+
+
+@interop
+@pytest.mark.parametrize("name, init, use_rslora", [
+    ("gpt2", GPT2_ADAPTERS, False),
+    ("llama", LLAMA_ADAPTERS, False),
+    ("llama", LLAMA_ADAPTERS, True),
+], ids=["gpt2", "llama", "llama-rslora"])
+def test_exported_adapter_gives_jloras_logits_in_peft(hf_base, tmp_path, name, init, use_rslora):
+    base_dir, model, variables = hf_base(name)
+    adapters = random_adapters(variables, seed=1, **init)
+    ours = jlora_logits(model, variables, adapters)
+    assert np.abs(ours - np.asarray(model.apply(variables, jnp.array(TOKENS)))).max() > 0.1
+    jpeft.export_peft(adapters, GPT2 if name == "gpt2" else LLAMA, tmp_path, use_rslora=use_rslora)
+    theirs = torch_logits(load_in_peft(base_dir, tmp_path))
+    diff = np.abs(theirs - ours).max()
+    print(f"{name} rslora={use_rslora}: jlora -> PEFT max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+
+
+@interop
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_peft_trained_adapter_gives_peft_logits_in_jlora(hf_base, tmp_path, name):
+    import peft
+    import torch
+    import transformers
+
+    base_dir, model, variables = hf_base(name)
+    if name == "gpt2":
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc", "wpe"],
+                               rank_pattern={"c_fc": 2}, alpha_pattern={"transformer.h.1.attn.c_proj": 3},
+                               init_lora_weights=False, task_type="CAUSAL_LM")
+    else:
+        lora = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True,
+                               target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head"],
+                               rank_pattern={"model.layers.0.self_attn.k_proj": 2, "up_proj": 3},
+                               alpha_pattern={"v_proj": 3}, init_lora_weights=False, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    torch.manual_seed(1)
+    with torch.no_grad():  # trained-looking factors: both non-zero and large enough to move the logits
+        for param_name, param in theirs.named_parameters():
+            if "lora_" in param_name:
+                param.normal_(0.0, 0.3)
+    theirs.save_pretrained(tmp_path)
+    expected = torch_logits(theirs.eval())
+
+    adapters = jpeft.import_peft(tmp_path, variables, GPT2 if name == "gpt2" else LLAMA)
+    n_modules = sum(1 for n, _ in theirs.named_parameters() if n.endswith(("lora_A.default.weight", "lora_embedding_A.default")))
+    assert len(table(adapters)) == n_modules
+    ours = jlora_logits(model, variables, adapters)
+    assert np.abs(expected - np.asarray(model.apply(variables, jnp.array(TOKENS)))).max() > 0.1
+    diff = np.abs(ours - expected).max()
+    print(f"{name}: PEFT -> jlora max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+    if name == "llama":  # rsLoRA with patterns: r=3, alpha=6 on up_proj
+        assert table(adapters)["params/layers_1/mlp/up_proj/kernel"].scaling == 6 / math.sqrt(3)
