@@ -1,7 +1,8 @@
 """PEFT's LoRA adapter format, in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 A jlora adapter trained in JAX loads with ``peft.PeftModel.from_pretrained`` on the matching transformers
-model, and a PEFT adapter trained in PyTorch becomes a jlora adapter tree for the same base. Module names
+model, and a PEFT adapter trained in PyTorch becomes a jlora adapter tree for the same base. LoRA and DoRA
+(``use_dora``, a ``lora_magnitude_vector`` per weight) are read and written; other PEFT types are refused. Module names
 come from the model family's Hugging Face key map (``jlora.models.export.hf_names``), the one table the
 loaders use too. Nothing is dropped quietly: every tensor of a file lands on a weight of the base or the
 import fails naming it, since a PEFT adapter whose names do not match is otherwise silently not applied.
@@ -13,6 +14,7 @@ import fails naming it, since a PEFT adapter whose names do not match is otherwi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import re
@@ -38,10 +40,11 @@ PREFIX = "base_model.model."  # PeftModelForCausalLM wraps the transformers mode
 FACTORS = {"kernel": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
 # PEFT writes a targeted embedding's full weight too (save_embedding_layers), in case its vocabulary grew.
 BASE_WEIGHT = "base_layer.weight"
+# DoRA (use_dora) adds the magnitude m of each output column, [out], to a weight's LoRA factors.
+MAGNITUDE = "lora_magnitude_vector"
 
 # LoraConfig options that change what an adapter computes in ways jlora's LoRA does not.
 UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "alora_invocation_tokens": "activated LoRA",
     "use_qalora": "QALoRA",
     "lora_bias": "a bias on lora_B",
@@ -54,6 +57,15 @@ UNSUPPORTED = {
 
 class PeftFormatError(ValueError):
     """A PEFT adapter directory is missing, unreadable, or does not fit the base model or jlora's LoRA."""
+
+
+def _dora_kind():
+    """jlora's DoRA class, or None while this checkout has no ``jlora.dora``."""
+    try:
+        from jlora.dora import DoRA
+    except ImportError:
+        return None
+    return DoRA
 
 
 def modules(model_config) -> dict[str, str]:
@@ -155,7 +167,7 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
     ``alpha_pattern``, keyed by module names as PEFT matches them.
 
     Args:
-      adapters: an adapter tree of :class:`jlora.LoRA` for the variables (``{'params': ...}``) or params of a
+      adapters: an adapter tree of :class:`jlora.LoRA` (or all ``jlora.DoRA``) for the variables (``{'params': ...}``) or params of a
         GPT-2 or Llama model, e.g. ``state.trainable.adapters`` of a restored checkpoint; or that
         ``jlora.Trainable`` itself, refused when it also trains base leaves (PEFT would not get them).
       model_config: the base's ``GPT2Config`` or ``LlamaConfig`` (as ``jlora.models.load`` returns it).
@@ -191,11 +203,20 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
     names = export.hf_names(model_config)
     shapes = export.expected_shapes(model_config)
     tied = export.family(model_config).tied_embedding(model_config)
+    dora = _dora_kind()
+    kinds = {type(adapter) for adapter in found.values()}
+    if not kinds <= {LoRA, dora} or len(kinds) > 1:
+        shown = ", ".join(f"{p!r}: {type(a).__name__}" for p, a in list(found.items())[:5])
+        raise PeftFormatError(
+            f"PEFT's LoRA format holds LoRA or DoRA adapters, all of one kind (use_dora is one flag for every "
+            f"module); these adapters are {shown}"
+        )
+    use_dora = kinds == {dora}
     tensors, ranks, alphas, kernel_in_out = {}, {}, {}, []
     for full_path, adapter in found.items():
         path = full_path.removeprefix("params/")  # adapters of a linen variables dict, or of its params
-        if not isinstance(adapter, LoRA):
-            raise PeftFormatError(f"adapter at {full_path!r} is {type(adapter).__name__}; PEFT export writes LoRA only")
+        magnitude = adapter.m if use_dora else None
+        adapter = adapter.lora if use_dora else adapter
         if adapter.stack_axes or adapter.a.ndim != 2 or adapter.b.ndim != 2:
             raise PeftFormatError(
                 f"LoRA at {full_path!r} has factors of shapes {adapter.a.shape}, {adapter.b.shape}; PEFT holds "
@@ -220,6 +241,10 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
         name_a, name_b = FACTORS[path.rsplit("/", 1)[-1]]
         tensors[f"{PREFIX}{module}.{name_a}"] = np.ascontiguousarray(np.asarray(adapter.a).T)
         tensors[f"{PREFIX}{module}.{name_b}"] = np.ascontiguousarray(np.asarray(adapter.b).T)
+        if magnitude is not None:
+            if not path.endswith("/kernel"):
+                raise PeftFormatError(f"DoRA at {full_path!r} is on an embedding; jlora exports DoRA on Linear/Conv1D weights")
+            tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.asarray(magnitude)
         ranks[module] = adapter.rank
         alphas[module] = _alpha(adapter.scaling, adapter.rank, use_rslora)
         if path.endswith("/kernel"):
@@ -237,6 +262,7 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": use_rslora,
+        "use_dora": use_dora,
         # GPT-2's Conv1D stores (in, out) like our kernels; PEFT needs to know when merging.
         "fan_in_fan_out": any(kernel_in_out),
         "bias": "none",
@@ -275,6 +301,8 @@ def read_config(peft_dir) -> dict:
     for option, what in UNSUPPORTED.items():
         if config.get(option):
             raise PeftFormatError(f"{path} sets {option}={config[option]!r}: {what} is not implemented by jlora's LoRA")
+    if config.get("use_dora") and _dora_kind() is None:
+        raise PeftFormatError(f"{path} sets use_dora=true, but this jlora has no DoRA adapter kind (jlora.dora)")
     return config
 
 
@@ -299,7 +327,7 @@ def _split_name(name: str) -> tuple[str, str] | None:
     """``(module, factor)`` of a tensor name ``base_model.model.<module>.<factor>``, or None."""
     if not name.startswith(PREFIX):
         return None
-    for factor in (*FACTORS["kernel"], *FACTORS["embedding"], BASE_WEIGHT):
+    for factor in (*FACTORS["kernel"], *FACTORS["embedding"], BASE_WEIGHT, MAGNITUDE):
         if name.endswith("." + factor):
             return name[len(PREFIX): -len(factor) - 1], factor
     return None
@@ -314,12 +342,13 @@ def import_peft(peft_dir, params, model_config) -> dict:
       model_config: its ``GPT2Config`` or ``LlamaConfig`` (as ``jlora.models.load`` returns it).
 
     Returns:
-      A nested dict of :class:`jlora.LoRA`, for ``jlora.adapt``, ``jlora.merge`` or a train state. Factors keep
-      the file's dtype; each scaling is the one PEFT computes (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
-      ``use_rslora``).
+      A nested dict of :class:`jlora.LoRA`, for ``jlora.adapt``, ``jlora.merge`` or a train state; of
+      ``jlora.DoRA`` when the config sets ``use_dora`` (``base_norm`` is then computed from ``params``, which
+      must hold arrays, not shapes). Factors keep the file's dtype; each scaling is the one PEFT computes
+      (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``).
 
     Raises:
-      PeftFormatError: a file is missing or unreadable; the config is not a plain LoRA; a tensor lands on no
+      PeftFormatError: a file is missing or unreadable; the config is not LoRA or DoRA; a tensor lands on no
         adaptable weight of this model (all such are named); a factor lacks its partner; a shape or rank does not
         fit the base (tensor, expected and found shapes named); an embedding saved alongside differs from the base.
 
@@ -336,6 +365,7 @@ def import_peft(peft_dir, params, model_config) -> dict:
     tied = export.family(model_config).tied_embedding(model_config)
     weights = dict(paths.leaves(params))
     root = "params/" if any(p.startswith("params/") for p in weights) else ""
+    use_dora = bool(config.get("use_dora"))
 
     factors, stray = collections.defaultdict(dict), []
     for name, array in tensors.items():
@@ -345,7 +375,8 @@ def import_peft(peft_dir, params, model_config) -> dict:
             continue
         module, factor = parsed
         path = known[module]
-        if factor != BASE_WEIGHT and factor not in FACTORS[path.rsplit("/", 1)[-1]]:
+        wanted = FACTORS[path.rsplit("/", 1)[-1]] + ((MAGNITUDE,) if use_dora else ())
+        if factor != BASE_WEIGHT and factor not in wanted:
             stray.append(name)
             continue
         factors[module][factor] = array
@@ -394,5 +425,23 @@ def import_peft(peft_dir, params, model_config) -> dict:
                     f"{source}: tensor {PREFIX}{module}.{name} has shape {tuple(array.shape)}, expected {want} "
                     f"(r={rank} from the config, base weight {root + path} of shape {base_shape})"
                 )
-        adapters[root + path] = LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), scaling)
+        lora = LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), scaling)
+        if use_dora and not path.endswith("/kernel"):
+            raise PeftFormatError(f"{source}: DoRA on {module}, an embedding; jlora imports DoRA on Linear/Conv1D weights")
+        if use_dora:
+            adapters[root + path] = _dora_from(lora, held.get(MAGNITUDE), base, f"{source}: {PREFIX}{module}.{MAGNITUDE}")
+        else:
+            adapters[root + path] = lora
     return paths.nest(adapters)
+
+
+def _dora_from(lora: LoRA, magnitude, base, name: str):
+    """A jlora DoRA of PEFT's factors and magnitude; ``base_norm`` (for unmerge) is ‖W0‖ of the base."""
+    dora = _dora_kind()
+    out_shape = lora.out_shape
+    if magnitude is None:
+        raise PeftFormatError(f"{name} is missing: a DoRA adapter (use_dora=true) has one per target")
+    if tuple(magnitude.shape) != out_shape:
+        raise PeftFormatError(f"{name} has shape {tuple(magnitude.shape)}, expected {out_shape}")
+    shell = dora(lora.a, lora.b, jnp.asarray(magnitude), None, lora.scaling, lora.stack_axes)
+    return dataclasses.replace(shell, base_norm=shell.column_norm(base))

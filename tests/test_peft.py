@@ -163,9 +163,9 @@ def test_missing_or_corrupt_files_are_named(exported, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"peft_type": "IA3"}, r"peft_type='IA3'; jlora imports PEFT LoRA adapters"),
-    ({"use_dora": True}, r"use_dora=True: DoRA \(weight-decomposed LoRA\) is not implemented"),
+    ({"alora_invocation_tokens": [5, 6]}, r"alora_invocation_tokens=\[5, 6\]: activated LoRA is not implemented"),
     ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
-], ids=["ia3", "dora", "modules_to_save"])
+], ids=["ia3", "alora", "modules_to_save"])
 def test_adapters_other_than_plain_lora_are_refused(exported, tmp_path, change, message):
     source, params = exported
     copy_with(source, tmp_path / "other", config=lambda c: {**c, **change})
@@ -234,6 +234,50 @@ def test_export_refuses_what_peft_would_compute_differently(tmp_path):
     with pytest.raises(jpeft.PeftFormatError, match=r"also trains base leaves params/h_0/attn/c_attn/bias"):
         jpeft.export_peft(trainable, GPT2, tmp_path)
     assert not (tmp_path / jpeft.WEIGHTS_FILE).exists()
+
+
+def dora_adapters(params, seed, **init):
+    """jlora.dora's adapters with A, B and the magnitude m all random."""
+    dora = pytest.importorskip("jlora.dora")
+    found = table(dora.init(params, **init))
+    keys = iter(jax.random.split(jax.random.key(seed), 3 * len(found)))
+    return paths.nest({
+        path: dataclasses.replace(d, a=0.3 * jax.random.normal(next(keys), d.a.shape),
+                                  b=0.3 * jax.random.normal(next(keys), d.b.shape),
+                                  m=d.m * (1 + 0.3 * jax.random.normal(next(keys), d.m.shape)))
+        for path, d in found.items()
+    })
+
+
+@pytest.mark.parametrize("config, targets", [(GPT2, ["c_attn", "c_fc", "c_proj"]), (LLAMA, ["q_proj", "v_proj", "lm_head"])],
+                         ids=["gpt2", "llama"])
+def test_dora_round_trip_is_bitwise(tmp_path, config, targets):
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.1, s.dtype) + jnp.arange(s.shape[-1]) / 100, abstract_params(config))
+    adapters = dora_adapters(params, seed=0, rank=4, alpha=8.0, targets=targets, rank_pattern={targets[0]: 2})
+    jpeft.export_peft(adapters, config, tmp_path)
+    written = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
+    assert written["use_dora"] is True and written["rank_pattern"] == {targets[0]: 2}
+    tensors = load_file(tmp_path / jpeft.WEIGHTS_FILE)
+    assert sum(name.endswith(".lora_magnitude_vector") for name in tensors) == len(table(adapters))
+    back = table(jpeft.import_peft(tmp_path, params, config))
+    for path, ours in table(adapters).items():
+        theirs = back[path]
+        assert type(theirs) is type(ours) and theirs.scaling == ours.scaling
+        for field in ("a", "b", "m", "base_norm"):
+            np.testing.assert_array_equal(getattr(theirs, field), getattr(ours, field))
+
+
+def test_dora_without_magnitude_or_mixed_with_lora_is_refused(exported, tmp_path):
+    pytest.importorskip("jlora.dora")
+    source, params = exported
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+    copy_with(source, tmp_path / "dora", config=lambda c: {**c, "use_dora": True})
+    with pytest.raises(jpeft.PeftFormatError, match=r"transformer\.h\.0\.attn\.c_attn\.lora_magnitude_vector is missing"):
+        jpeft.import_peft(tmp_path / "dora", params, GPT2)
+    mixed = paths.nest({**table(random_adapters(params, seed=0, rank=2, targets=["c_attn"])),
+                        **table(dora_adapters(params, seed=0, rank=2, targets=["c_fc"]))})
+    with pytest.raises(jpeft.PeftFormatError, match=r"all of one kind .* 'params/h_0/attn/c_attn/kernel': LoRA, .*DoRA"):
+        jpeft.export_peft(mixed, GPT2, tmp_path / "mixed")
 
 
 # ---- against PEFT itself ----
@@ -349,3 +393,44 @@ def test_peft_trained_adapter_gives_peft_logits_in_jlora(hf_base, tmp_path, name
     assert diff < 1e-4
     if name == "llama":  # rsLoRA with patterns: r=3, alpha=6 on up_proj
         assert table(adapters)["params/layers_1/mlp/up_proj/kernel"].scaling == 6 / math.sqrt(3)
+
+
+@interop
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_dora_equals_peft_both_ways(hf_base, tmp_path, name):
+    """A PEFT DoRA adapter imports with PEFT's logits, and exported again it loads in PEFT as the same adapter."""
+    pytest.importorskip("jlora.dora")
+    import peft
+    import torch
+    import transformers
+
+    base_dir, model, variables = hf_base(name)
+    config = GPT2 if name == "gpt2" else LLAMA
+    targets = ["c_attn", "c_fc"] if name == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    lora = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets, rank_pattern={targets[1]: 2},
+                           init_lora_weights=False, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for param_name, param in theirs.named_parameters():
+            if "lora_magnitude_vector" in param_name:
+                param.mul_(1.0 + 0.3 * torch.randn_like(param))
+            elif "lora_" in param_name:
+                param.normal_(0.0, 0.3)
+    theirs.save_pretrained(tmp_path / "theirs")
+    expected = torch_logits(theirs.eval())
+
+    adapters = jpeft.import_peft(tmp_path / "theirs", variables, config)
+    assert {type(d).__name__ for d in table(adapters).values()} == {"DoRA"}
+    ours = jlora_logits(model, variables, adapters)
+    assert np.abs(expected - np.asarray(model.apply(variables, jnp.array(TOKENS)))).max() > 0.1
+    diff = np.abs(ours - expected).max()
+    print(f"{name}: PEFT DoRA -> jlora max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+
+    jpeft.export_peft(adapters, config, tmp_path / "ours")
+    again = load_file(tmp_path / "ours" / jpeft.WEIGHTS_FILE)
+    assert again.keys() == load_file(tmp_path / "theirs" / jpeft.WEIGHTS_FILE).keys()
+    diff = np.abs(torch_logits(load_in_peft(base_dir, tmp_path / "ours")) - ours).max()
+    print(f"{name}: jlora DoRA -> PEFT max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
