@@ -2,8 +2,8 @@
 
 A jlora adapter trained in JAX loads with ``peft.PeftModel.from_pretrained`` on the matching transformers
 model, and a PEFT adapter trained in PyTorch becomes a jlora adapter tree for the same base. LoRA and DoRA
-(``use_dora``, a ``lora_magnitude_vector`` per weight) are read and written; other PEFT types are refused. Module names
-come from the model family's Hugging Face key map (``jlora.models.export.hf_names``), the one table the
+(``use_dora``, a ``lora_magnitude_vector`` per weight) and (IA)³ (``peft_type`` ``'IA3'``) are read and
+written; other PEFT types are refused. Module names come from the model family's Hugging Face key map (``jlora.models.export.hf_names``), the one table the
 loaders use too. Nothing is dropped quietly: every tensor of a file lands on a weight of the base or the
 import fails naming it, since a PEFT adapter whose names do not match is otherwise silently not applied.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 import json
 import math
 import re
@@ -42,8 +43,10 @@ FACTORS = {"kernel": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_emb
 BASE_WEIGHT = "base_layer.weight"
 # DoRA (use_dora) adds the magnitude m of each output column, [out], to a weight's LoRA factors.
 MAGNITUDE = "lora_magnitude_vector"
+# (IA)³'s vector: [out, 1] scales a weight's outputs, [1, in] (a feedforward module) its inputs.
+IA3_VECTOR = "ia3_l"
 
-# LoraConfig options that change what an adapter computes in ways jlora's LoRA does not.
+# LoraConfig / IA3Config options that change what an adapter computes in ways jlora's kinds do not.
 UNSUPPORTED = {
     "alora_invocation_tokens": "activated LoRA",
     "use_qalora": "QALoRA",
@@ -56,16 +59,21 @@ UNSUPPORTED = {
 
 
 class PeftFormatError(ValueError):
-    """A PEFT adapter directory is missing, unreadable, or does not fit the base model or jlora's LoRA."""
+    """A PEFT adapter directory is missing, unreadable, or does not fit the base model or jlora's adapters."""
 
 
-def _dora_kind():
-    """jlora's DoRA class, or None while this checkout has no ``jlora.dora``."""
+def _kind(module: str, name: str):
+    """An adapter class of jlora, or None while this checkout lacks its module."""
     try:
-        from jlora.dora import DoRA
+        return getattr(importlib.import_module(module), name)
     except ImportError:
         return None
-    return DoRA
+
+
+def _kinds() -> dict[str, type]:
+    """jlora's adapter kinds by PEFT's name for them (DoRA is LoRA with ``use_dora``)."""
+    found = {"LORA": LoRA, "DORA": _kind("jlora.dora", "DoRA"), "IA3": _kind("jlora.ia3", "IA3")}
+    return {name: kind for name, kind in found.items() if kind is not None}
 
 
 def modules(model_config) -> dict[str, str]:
@@ -158,29 +166,32 @@ def _patterns(values: dict[str, object], all_modules: list[str]) -> tuple[object
 
 def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str | None = None,
                 use_rslora: bool = False) -> Path:
-    """Write LoRA adapters as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
+    """Write adapters as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
 
-    PEFT recomputes each module's scaling from ``lora_alpha`` and ``r``, so the alpha written is
-    ``scaling · r`` (``scaling · √r`` with ``use_rslora``), chosen so that PEFT's division gives back the
-    adapter's ``scaling`` bit for bit (for every scaling ``jlora.init`` makes with the same ``use_rslora``;
-    otherwise to within one ulp). Ranks and alphas that differ between modules go to ``rank_pattern`` /
-    ``alpha_pattern``, keyed by module names as PEFT matches them.
+    LoRA (and DoRA) adapters become a ``peft_type`` ``'LORA'`` adapter. PEFT recomputes each module's
+    scaling from ``lora_alpha`` and ``r``, so the alpha written is ``scaling · r`` (``scaling · √r`` with
+    ``use_rslora``), chosen so that PEFT's division gives back the adapter's ``scaling`` bit for bit (for
+    every scaling ``jlora.init`` makes with the same ``use_rslora``; otherwise to within one ulp). Ranks and
+    alphas that differ between modules go to ``rank_pattern`` / ``alpha_pattern``, keyed by module names as
+    PEFT matches them. (IA)³ vectors become an ``'IA3'`` adapter, input-scaled ones ``feedforward_modules``.
 
     Args:
-      adapters: an adapter tree of :class:`jlora.LoRA` (or all ``jlora.DoRA``) for the variables (``{'params': ...}``) or params of a
-        GPT-2 or Llama model, e.g. ``state.trainable.adapters`` of a restored checkpoint; or that
-        ``jlora.Trainable`` itself, refused when it also trains base leaves (PEFT would not get them).
+      adapters: an adapter tree of one kind (:class:`jlora.LoRA`, ``jlora.DoRA`` or ``jlora.IA3``) for the
+        variables (``{'params': ...}``) or params of a GPT-2 or Llama model, e.g. ``state.trainable.adapters``
+        of a restored checkpoint; or that ``jlora.Trainable`` itself, refused when it also trains base leaves
+        (PEFT would not get them).
       model_config: the base's ``GPT2Config`` or ``LlamaConfig`` (as ``jlora.models.load`` returns it).
       out_dir: created if needed; its adapter_config.json and adapter_model.safetensors are replaced.
       base_model_name_or_path: recorded for PEFT (the hub name or directory of the base).
-      use_rslora: write rsLoRA's alpha (scaling = alpha / √r), for training on in PEFT with rsLoRA.
+      use_rslora: LoRA only: write rsLoRA's alpha (scaling = alpha / √r), for training on in PEFT with rsLoRA.
 
     Returns:
       ``out_dir`` as a Path.
 
     Raises:
-      PeftFormatError: an adapter is not a 2-D LoRA, sits on a weight PEFT's LoRA has no module for, on an
-        embedding tied to the output head, or has a shape other than the config's weight there.
+      PeftFormatError: the adapters mix kinds; one sits on a weight PEFT has no module for, on an embedding
+        tied to the output head, or has a shape other than the config's weight there; a LoRA is not 2-D; an
+        output-scaled (IA)³ vector is on a module with a bias (PEFT would scale the bias too).
 
     Example:
       >>> export_peft(adapters, config, 'out/peft', base_model_name_or_path='gpt2')
@@ -192,29 +203,74 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
         if paths.leaves(adapters.base):
             raise PeftFormatError(
                 f"the trainable state also trains base leaves {paths.fmt_paths(p for p, _ in paths.leaves(adapters.base))}, "
-                "which a PEFT LoRA adapter (bias='none') cannot carry; export the merged model with "
+                "which a PEFT adapter (bias='none') cannot carry; export the merged model with "
                 "jlora.models.export.save_hf instead"
             )
         adapters = adapters.adapters
     found = table(adapters)
     if not found:
         raise PeftFormatError("the adapter tree is empty: there is nothing to export")
-    known = modules(model_config)
-    names = export.hf_names(model_config)
-    shapes = export.expected_shapes(model_config)
-    tied = export.family(model_config).tied_embedding(model_config)
-    dora = _dora_kind()
+    writers = {_kinds().get(name): writer for name, writer in WRITERS.items()}
     kinds = {type(adapter) for adapter in found.values()}
-    if not kinds <= {LoRA, dora} or len(kinds) > 1:
+    if len(kinds) > 1 or next(iter(kinds)) not in writers:
         shown = ", ".join(f"{p!r}: {type(a).__name__}" for p, a in list(found.items())[:5])
         raise PeftFormatError(
-            f"PEFT's LoRA format holds LoRA or DoRA adapters, all of one kind (use_dora is one flag for every "
-            f"module); these adapters are {shown}"
+            f"a PEFT adapter holds LoRA, DoRA or IA3 adapters, all of one kind (peft_type and use_dora are one "
+            f"setting for every module); these adapters are {shown}"
         )
-    use_dora = kinds == {dora}
-    tensors, ranks, alphas, kernel_in_out = {}, {}, {}, []
+    placed = _place(found, model_config)
+    tensors, settings = writers[kinds.pop()](found, placed, model_config, use_rslora)
+    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, **settings,
+              "inference_mode": True}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def _place(found: dict, model_config) -> dict[str, tuple[str, str]]:
+    """``{adapter path: (param path, hf module)}``, after checking each adapter fits a module PEFT can adapt."""
+    known = modules(model_config)
+    shapes = export.expected_shapes(model_config)
+    tied = export.family(model_config).tied_embedding(model_config)
+    placed = {}
     for full_path, adapter in found.items():
         path = full_path.removeprefix("params/")  # adapters of a linen variables dict, or of its params
+        if path not in known:
+            raise PeftFormatError(
+                f"adapter at {full_path!r} is on no weight PEFT adapts in this {type(model_config).__name__}; "
+                f"adaptable weights are e.g. {paths.fmt_paths(known)}"
+            )
+        if path == tied:
+            raise PeftFormatError(
+                f"adapter at {full_path!r} changes an embedding that is also the output head; PEFT applies an "
+                "embedding's adapter to the lookup only, so the exported adapter would compute something else"
+            )
+        if adapter.kernel_shape != tuple(shapes[path]):
+            raise PeftFormatError(
+                f"adapter at {full_path!r} is for a weight of shape {adapter.kernel_shape}, but this "
+                f"{type(model_config).__name__} has shape {tuple(shapes[path])} there: another base model?"
+            )
+        placed[full_path] = path, known[path]
+    return placed
+
+
+def _is_conv1d(model_config, path: str) -> bool:
+    """Whether the checkpoint stores this kernel as (in, out) like ours: GPT-2's Conv1D (PEFT's fan_in_fan_out)."""
+    return path.endswith("/kernel") and export.hf_names(model_config)[path][1] is None
+
+
+def _has_bias(model_config, path: str) -> bool:
+    return path.rsplit("/", 1)[0] + "/bias" in export.hf_names(model_config)
+
+
+def _lora_export(found, placed, model_config, use_rslora):
+    dora = _kinds().get("DORA")
+    use_dora = dora is not None and all(isinstance(adapter, dora) for adapter in found.values())
+    tensors, ranks, alphas = {}, {}, {}
+    for full_path, adapter in found.items():
+        path, module = placed[full_path]
         magnitude = adapter.m if use_dora else None
         adapter = adapter.lora if use_dora else adapter
         if adapter.stack_axes or adapter.a.ndim != 2 or adapter.b.ndim != 2:
@@ -222,22 +278,6 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
                 f"LoRA at {full_path!r} has factors of shapes {adapter.a.shape}, {adapter.b.shape}; PEFT holds "
                 "2-D factors of one unstacked weight"
             )
-        if path not in known:
-            raise PeftFormatError(
-                f"adapter at {full_path!r} is on no weight PEFT's LoRA adapts in this {type(model_config).__name__}; "
-                f"adaptable weights are e.g. {paths.fmt_paths(known)}"
-            )
-        if path == tied:
-            raise PeftFormatError(
-                f"adapter at {full_path!r} changes an embedding that is also the output head; PEFT applies an "
-                "embedding's LoRA to the lookup only, so the exported adapter would compute something else"
-            )
-        if adapter.kernel_shape != tuple(shapes[path]):
-            raise PeftFormatError(
-                f"adapter at {full_path!r} is for a weight of shape {adapter.kernel_shape}, but this "
-                f"{type(model_config).__name__} has shape {tuple(shapes[path])} there: another base model?"
-            )
-        module = known[path]
         name_a, name_b = FACTORS[path.rsplit("/", 1)[-1]]
         tensors[f"{PREFIX}{module}.{name_a}"] = np.ascontiguousarray(np.asarray(adapter.a).T)
         tensors[f"{PREFIX}{module}.{name_b}"] = np.ascontiguousarray(np.asarray(adapter.b).T)
@@ -247,15 +287,11 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
             tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.asarray(magnitude)
         ranks[module] = adapter.rank
         alphas[module] = _alpha(adapter.scaling, adapter.rank, use_rslora)
-        if path.endswith("/kernel"):
-            kernel_in_out.append(names[path][1] is None)
-
-    rank, rank_pattern, target_modules = _patterns(ranks, list(known.values()))
-    alpha, alpha_pattern, _ = _patterns(alphas, list(known.values()))
-    config = {
+    every = list(modules(model_config).values())
+    rank, rank_pattern, target_modules = _patterns(ranks, every)
+    alpha, alpha_pattern, _ = _patterns(alphas, every)
+    settings = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": alpha,
         "target_modules": target_modules,
@@ -264,26 +300,62 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
         "use_rslora": use_rslora,
         "use_dora": use_dora,
         # GPT-2's Conv1D stores (in, out) like our kernels; PEFT needs to know when merging.
-        "fan_in_fan_out": any(kernel_in_out),
+        "fan_in_fan_out": any(_is_conv1d(model_config, path) for path, _ in placed.values()),
         "bias": "none",
         "lora_dropout": 0.0,
-        "inference_mode": True,
     }
     for module in ranks:  # the patterns must give back every module's own rank and scaling
-        if peft_scaling(config, module) != (ranks[module], scaling_for(alphas[module], ranks[module], use_rslora)):
+        if peft_scaling(settings, module) != (ranks[module], scaling_for(alphas[module], ranks[module], use_rslora)):
             raise AssertionError(f"rank/alpha patterns {rank_pattern}, {alpha_pattern} misdescribe {module}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
+    return tensors, settings
+
+
+def _ia3_export(found, placed, model_config, use_rslora):
+    from jlora.ia3 import INPUT
+
+    tensors, sides = {}, {}
+    for full_path, adapter in found.items():
+        path, module = placed[full_path]
+        if not path.endswith("/kernel") or adapter.stack_axes or adapter.in_axes != 1:
+            raise PeftFormatError(f"(IA)³ at {full_path!r} is not on one unstacked Linear/Conv1D kernel, which PEFT's IA3 needs")
+        if adapter.side != INPUT and _has_bias(model_config, path):
+            raise PeftFormatError(
+                f"(IA)³ at {full_path!r} scales the outputs of {module}, which has a bias: PEFT's IA3 scales the "
+                "bias too, (x·W + b)·l, where jlora's scales only W, so the export would compute something else"
+            )
+        vector = np.asarray(adapter.vector(), np.asarray(adapter.scale).dtype)
+        tensors[f"{PREFIX}{module}.{IA3_VECTOR}"] = vector[None, :] if adapter.side == INPUT else vector[:, None]
+        sides[module] = adapter.side
+    _, _, target_modules = _patterns(sides, list(modules(model_config).values()))
+    feedforward = sorted(m for m, side in sides.items() if side == INPUT)
+    # PEFT calls a module feedforward when its name ends with an entry (no dot boundary): a short name only
+    # where it ends no output-scaled target.
+    short = {}
+    for module in feedforward:
+        short.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    feedforward_modules = []
+    for name, group in sorted(short.items()):
+        clash = any(m.endswith(name) and sides[m] != INPUT for m in sides)
+        feedforward_modules.extend(group if clash else [name])
+    settings = {
+        "peft_type": "IA3",
+        "target_modules": target_modules,
+        "feedforward_modules": feedforward_modules,
+        "fan_in_fan_out": any(_is_conv1d(model_config, path) for path, _ in placed.values()),
+        "init_ia3_weights": True,
+    }
+    return tensors, settings
+
+
+WRITERS = {"LORA": _lora_export, "DORA": _lora_export, "IA3": _ia3_export}
 
 
 def read_config(peft_dir) -> dict:
-    """The adapter_config.json of a PEFT directory, checked to describe an adapter jlora's LoRA can hold.
+    """The adapter_config.json of a PEFT directory, checked to describe an adapter jlora can hold.
 
     Raises:
-      PeftFormatError: the file is missing or not JSON, ``peft_type`` is not ``'LORA'``, or an option in
+      PeftFormatError: the file is missing or not JSON, ``peft_type`` is not one jlora has a kind for
+        (``'LORA'``, ``'IA3'``), ``use_dora`` is set without ``jlora.dora``, or an option in
         :data:`UNSUPPORTED` is set.
     """
     path = Path(peft_dir) / CONFIG_FILE
@@ -296,12 +368,13 @@ def read_config(peft_dir) -> dict:
     if not isinstance(config, dict):
         raise PeftFormatError(f"{path} holds a JSON {type(config).__name__}, not an adapter config object")
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise PeftFormatError(f"{path} has peft_type={peft_type!r}; jlora imports PEFT LoRA adapters (peft_type 'LORA')")
+    readable = sorted(set(_kinds()) & set(READERS))
+    if peft_type not in readable:
+        raise PeftFormatError(f"{path} has peft_type={peft_type!r}; jlora imports PEFT adapters of peft_type {readable}")
     for option, what in UNSUPPORTED.items():
         if config.get(option):
-            raise PeftFormatError(f"{path} sets {option}={config[option]!r}: {what} is not implemented by jlora's LoRA")
-    if config.get("use_dora") and _dora_kind() is None:
+            raise PeftFormatError(f"{path} sets {option}={config[option]!r}: {what} is not implemented by jlora")
+    if config.get("use_dora") and "DORA" not in _kinds():
         raise PeftFormatError(f"{path} sets use_dora=true, but this jlora has no DoRA adapter kind (jlora.dora)")
     return config
 
@@ -327,14 +400,22 @@ def _split_name(name: str) -> tuple[str, str] | None:
     """``(module, factor)`` of a tensor name ``base_model.model.<module>.<factor>``, or None."""
     if not name.startswith(PREFIX):
         return None
-    for factor in (*FACTORS["kernel"], *FACTORS["embedding"], BASE_WEIGHT, MAGNITUDE):
+    for factor in (*FACTORS["kernel"], *FACTORS["embedding"], BASE_WEIGHT, MAGNITUDE, IA3_VECTOR):
         if name.endswith("." + factor):
             return name[len(PREFIX): -len(factor) - 1], factor
     return None
 
 
+def _wanted(config: dict, path: str) -> tuple[str, ...]:
+    """The tensor names a module at ``path`` holds under this config (besides PEFT's saved base weight)."""
+    leaf = path.rsplit("/", 1)[-1]
+    if config["peft_type"] == "IA3":
+        return (IA3_VECTOR,) if leaf == "kernel" else ()
+    return FACTORS[leaf] + ((MAGNITUDE,) if config.get("use_dora") else ())
+
+
 def import_peft(peft_dir, params, model_config) -> dict:
-    """A PEFT LoRA adapter directory as a jlora adapter tree for the same base model.
+    """A PEFT adapter directory (LoRA, DoRA or IA3) as a jlora adapter tree for the same base model.
 
     Args:
       peft_dir: a directory written by PEFT's ``save_pretrained`` (adapter_config.json + adapter_model.safetensors).
@@ -344,13 +425,15 @@ def import_peft(peft_dir, params, model_config) -> dict:
     Returns:
       A nested dict of :class:`jlora.LoRA`, for ``jlora.adapt``, ``jlora.merge`` or a train state; of
       ``jlora.DoRA`` when the config sets ``use_dora`` (``base_norm`` is then computed from ``params``, which
-      must hold arrays, not shapes). Factors keep the file's dtype; each scaling is the one PEFT computes
-      (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``).
+      must hold arrays, not shapes); of ``jlora.IA3`` for ``peft_type`` ``'IA3'``. Factors keep the file's
+      dtype; each LoRA scaling is the one PEFT computes (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
+      ``use_rslora``).
 
     Raises:
-      PeftFormatError: a file is missing or unreadable; the config is not LoRA or DoRA; a tensor lands on no
-        adaptable weight of this model (all such are named); a factor lacks its partner; a shape or rank does not
-        fit the base (tensor, expected and found shapes named); an embedding saved alongside differs from the base.
+      PeftFormatError: a file is missing or unreadable; the config is not LoRA, DoRA or IA3; a tensor lands on
+        no adaptable weight of this model (all such are named); a factor lacks its partner; a shape or rank does
+        not fit the base (tensor, expected and found shapes named); an embedding saved alongside differs from the
+        base; an output-scaled IA3 vector is on a module whose bias is not zero.
 
     Example:
       >>> model, variables, _, config = jlora.models.load('path/to/base')
@@ -362,86 +445,133 @@ def import_peft(peft_dir, params, model_config) -> dict:
     source = Path(peft_dir) / WEIGHTS_FILE
     known = {module: path for path, module in modules(model_config).items()}
     names = export.hf_names(model_config)
-    tied = export.family(model_config).tied_embedding(model_config)
     weights = dict(paths.leaves(params))
     root = "params/" if any(p.startswith("params/") for p in weights) else ""
-    use_dora = bool(config.get("use_dora"))
 
     factors, stray = collections.defaultdict(dict), []
     for name, array in tensors.items():
         parsed = _split_name(name)
-        if parsed is None or parsed[0] not in known:
+        if parsed is None or parsed[0] not in known or parsed[1] not in (BASE_WEIGHT, *_wanted(config, known[parsed[0]])):
             stray.append(name)
             continue
-        module, factor = parsed
-        path = known[module]
-        wanted = FACTORS[path.rsplit("/", 1)[-1]] + ((MAGNITUDE,) if use_dora else ())
-        if factor != BASE_WEIGHT and factor not in wanted:
-            stray.append(name)
-            continue
-        factors[module][factor] = array
+        factors[parsed[0]][parsed[1]] = array
     if stray:
-        example = f"{PREFIX}{next(iter(known))}.{FACTORS['kernel'][0]}"
+        example = next(module for module, path in known.items() if path.endswith("/kernel"))
         raise PeftFormatError(
-            f"{source}: tensor(s) {paths.fmt_paths(stray)} are not LoRA factors of any module of this "
-            f"{type(model_config).__name__} (names look like {example!r}); another base model or adapter kind?"
+            f"{source}: tensor(s) {paths.fmt_paths(stray)} are not {config['peft_type']} tensors of any module of "
+            f"this {type(model_config).__name__} (names look like {PREFIX}{example}.{_wanted(config, 'kernel')[0]}); "
+            "another base model or adapter kind?"
         )
     if not factors:
-        raise PeftFormatError(f"{source} holds no LoRA tensors")
+        raise PeftFormatError(f"{source} holds no adapter tensors")
 
+    reader = READERS[config["peft_type"]]
     adapters = {}
     for module, held in factors.items():
         path = known[module]
         base = weights.get(root + path)
         if base is None:
             raise PeftFormatError(f"{source}: module {module} maps to {root + path}, which the given params lack")
-        base_shape = tuple(base.shape)
         if BASE_WEIGHT in held:
             transform = names[path][1]
             stored = held.pop(BASE_WEIGHT)
             stored = stored if transform is None else transform(stored)
-            if stored.shape != base_shape or not np.array_equal(np.asarray(stored, np.float32), np.asarray(base, np.float32)):
+            if stored.shape != tuple(base.shape) or not np.array_equal(np.asarray(stored, np.float32), np.asarray(base, np.float32)):
                 raise PeftFormatError(
                     f"{source}: {PREFIX}{module}.{BASE_WEIGHT} differs from the base's {root + path} (shape "
-                    f"{stored.shape} vs {base_shape}); the adapter was trained on other weights or a resized vocabulary"
+                    f"{stored.shape} vs {tuple(base.shape)}); the adapter was trained on other weights or a resized vocabulary"
                 )
             if not held:
                 continue
-        name_a, name_b = FACTORS[path.rsplit("/", 1)[-1]]
-        for present, absent in ((name_a, name_b), (name_b, name_a)):
-            if present in held and absent not in held:
-                raise PeftFormatError(f"{source}: {PREFIX}{module}.{present} has no {PREFIX}{module}.{absent}")
-        if path == tied:
-            raise PeftFormatError(
-                f"{source}: LoRA on {module}, an embedding tied to the output head here; PEFT applied it to the "
-                "lookup only, which jlora's adapter on the shared weight cannot reproduce"
-            )
-        lora_a, lora_b = held[name_a], held[name_b]
-        rank, scaling = peft_scaling(config, module)
-        fan_in, fan_out = base_shape
-        for name, array, want in ((name_a, lora_a, (rank, fan_in)), (name_b, lora_b, (fan_out, rank))):
-            if tuple(array.shape) != want:
-                raise PeftFormatError(
-                    f"{source}: tensor {PREFIX}{module}.{name} has shape {tuple(array.shape)}, expected {want} "
-                    f"(r={rank} from the config, base weight {root + path} of shape {base_shape})"
-                )
-        lora = LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), scaling)
-        if use_dora and not path.endswith("/kernel"):
-            raise PeftFormatError(f"{source}: DoRA on {module}, an embedding; jlora imports DoRA on Linear/Conv1D weights")
-        if use_dora:
-            adapters[root + path] = _dora_from(lora, held.get(MAGNITUDE), base, f"{source}: {PREFIX}{module}.{MAGNITUDE}")
-        else:
-            adapters[root + path] = lora
+        where = _Where(source, module, root + path, base, weights, model_config)
+        adapters[root + path] = reader(config, held, where)
     return paths.nest(adapters)
 
 
-def _dora_from(lora: LoRA, magnitude, base, name: str):
-    """A jlora DoRA of PEFT's factors and magnitude; ``base_norm`` (for unmerge) is ‖W0‖ of the base."""
-    dora = _dora_kind()
-    out_shape = lora.out_shape
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """The module a reader is building an adapter for, and what errors name."""
+
+    source: Path
+    module: str
+    path: str  # the param path in the given params
+    base: object  # the base weight there
+    weights: dict
+    model_config: object
+
+    def tensor(self, factor: str) -> str:
+        return f"{PREFIX}{self.module}.{factor}"
+
+    def refuse(self, message: str) -> PeftFormatError:
+        return PeftFormatError(f"{self.source}: {message}")
+
+
+def _lora_import(config: dict, held: dict, where: _Where):
+    path = where.path.removeprefix("params/")
+    tied = export.family(where.model_config).tied_embedding(where.model_config)
+    name_a, name_b = FACTORS[path.rsplit("/", 1)[-1]]
+    for present, absent in ((name_a, name_b), (name_b, name_a)):
+        if present in held and absent not in held:
+            raise where.refuse(f"{where.tensor(present)} has no {where.tensor(absent)}")
+    if path == tied:
+        raise where.refuse(
+            f"LoRA on {where.module}, an embedding tied to the output head here; PEFT applied it to the lookup "
+            "only, which jlora's adapter on the shared weight cannot reproduce"
+        )
+    lora_a, lora_b = held[name_a], held[name_b]
+    rank, scaling = peft_scaling(config, where.module)
+    base_shape = tuple(where.base.shape)
+    fan_in, fan_out = base_shape
+    for name, array, want in ((name_a, lora_a, (rank, fan_in)), (name_b, lora_b, (fan_out, rank))):
+        if tuple(array.shape) != want:
+            raise where.refuse(
+                f"tensor {where.tensor(name)} has shape {tuple(array.shape)}, expected {want} "
+                f"(r={rank} from the config, base weight {where.path} of shape {base_shape})"
+            )
+    lora = LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), scaling)
+    if not config.get("use_dora"):
+        return lora
+    if not path.endswith("/kernel"):
+        raise where.refuse(f"DoRA on {where.module}, an embedding; jlora imports DoRA on Linear/Conv1D weights")
+    magnitude = held.get(MAGNITUDE)
     if magnitude is None:
-        raise PeftFormatError(f"{name} is missing: a DoRA adapter (use_dora=true) has one per target")
-    if tuple(magnitude.shape) != out_shape:
-        raise PeftFormatError(f"{name} has shape {tuple(magnitude.shape)}, expected {out_shape}")
-    shell = dora(lora.a, lora.b, jnp.asarray(magnitude), None, lora.scaling, lora.stack_axes)
-    return dataclasses.replace(shell, base_norm=shell.column_norm(base))
+        raise where.refuse(f"{where.tensor(MAGNITUDE)} is missing: a DoRA adapter (use_dora=true) has one per target")
+    if tuple(magnitude.shape) != lora.out_shape:
+        raise where.refuse(f"{where.tensor(MAGNITUDE)} has shape {tuple(magnitude.shape)}, expected {lora.out_shape}")
+    shell = _kinds()["DORA"](lora.a, lora.b, jnp.asarray(magnitude), None, lora.scaling, lora.stack_axes)
+    # base_norm = ‖W0‖ per column: what jlora.dora.init records, for unmerge
+    return dataclasses.replace(shell, base_norm=shell.column_norm(where.base))
+
+
+def _is_feedforward(config: dict, module: str) -> bool:
+    """PEFT's rule (``IA3Model._check_target_module_feedforward``): a regex fullmatch, or a name's ending."""
+    feedforward = config.get("feedforward_modules") or []
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, module) is not None
+    return any(module.endswith(name) for name in feedforward)
+
+
+def _ia3_import(config: dict, held: dict, where: _Where):
+    from jlora.ia3 import INPUT, OUTPUT
+
+    vector = held[IA3_VECTOR]
+    fan_in, fan_out = tuple(where.base.shape)
+    feedforward = _is_feedforward(config, where.module)
+    want = (1, fan_in) if feedforward else (fan_out, 1)
+    if tuple(vector.shape) != want:
+        raise where.refuse(
+            f"tensor {where.tensor(IA3_VECTOR)} has shape {tuple(vector.shape)}, expected {want} (a "
+            f"{'feedforward' if feedforward else 'non-feedforward'} module on base weight {where.path} of shape "
+            f"{(fan_in, fan_out)})"
+        )
+    bias = where.weights.get(where.path.rsplit("/", 1)[0] + "/bias")
+    if not feedforward and bias is not None and np.any(np.asarray(bias) != 0):
+        raise where.refuse(
+            f"IA3 scales the outputs of {where.module}, bias included, (x·W + b)·l; jlora's (IA)³ scales only W, "
+            f"and the base's {where.path.rsplit('/', 1)[0]}/bias is not zero"
+        )
+    side = INPUT if feedforward else OUTPUT
+    return _kinds()["IA3"](jnp.asarray(vector.reshape(-1)), (fan_in, fan_out), side)
+
+
+READERS = {"LORA": _lora_import, "IA3": _ia3_import}

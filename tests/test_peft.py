@@ -162,10 +162,10 @@ def test_missing_or_corrupt_files_are_named(exported, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"peft_type": "IA3"}, r"peft_type='IA3'; jlora imports PEFT LoRA adapters"),
+    ({"peft_type": "LOHA"}, r"peft_type='LOHA'; jlora imports PEFT adapters of peft_type \['IA3', 'LORA'\]"),
     ({"alora_invocation_tokens": [5, 6]}, r"alora_invocation_tokens=\[5, 6\]: activated LoRA is not implemented"),
     ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
-], ids=["ia3", "alora", "modules_to_save"])
+], ids=["loha", "alora", "modules_to_save"])
 def test_adapters_other_than_plain_lora_are_refused(exported, tmp_path, change, message):
     source, params = exported
     copy_with(source, tmp_path / "other", config=lambda c: {**c, **change})
@@ -181,7 +181,7 @@ def test_adapter_for_another_base_is_refused_with_both_shapes(exported):
             r"expected \(4, 48\) \(r=4 from the config, base weight params/h_0/attn/c_attn/kernel of shape \(48, 144\)\)")):
         jpeft.import_peft(source, abstract_params(wider), wider)
     with pytest.raises(jpeft.PeftFormatError, match=(
-            r"base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight, .* are not LoRA factors of any "
+            r"base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight, .* are not LORA tensors of any "
             r"module of this LlamaConfig")):
         jpeft.import_peft(source, abstract_params(LLAMA), LLAMA)
 
@@ -193,7 +193,7 @@ def test_unknown_or_unpaired_tensors_are_named(exported, tmp_path):
     copy_with(source, tmp_path / "extra", tensors=lambda t: {**t, **extra})
     with pytest.raises(jpeft.PeftFormatError, match=(
             r"tensor\(s\) base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_magnitude_vector, "
-            r"base_model\.model\.transformer\.h\.5\.attn\.c_attn\.lora_A\.weight are not LoRA factors")):
+            r"base_model\.model\.transformer\.h\.5\.attn\.c_attn\.lora_A\.weight are not LORA tensors of any module")):
         jpeft.import_peft(tmp_path / "extra", params, GPT2)
 
     b = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
@@ -278,6 +278,54 @@ def test_dora_without_magnitude_or_mixed_with_lora_is_refused(exported, tmp_path
                         **table(dora_adapters(params, seed=0, rank=2, targets=["c_fc"]))})
     with pytest.raises(jpeft.PeftFormatError, match=r"all of one kind .* 'params/h_0/attn/c_attn/kernel': LoRA, .*DoRA"):
         jpeft.export_peft(mixed, GPT2, tmp_path / "mixed")
+
+
+def ia3_adapters(params, seed, **init):
+    """jlora.ia3's vectors, random around one."""
+    ia3 = pytest.importorskip("jlora.ia3")
+    found = table(ia3.init(params, **init))
+    keys = iter(jax.random.split(jax.random.key(seed), len(found)))
+    return paths.nest({path: dataclasses.replace(v, scale=1 + 0.5 * jax.random.normal(next(keys), v.scale.shape))
+                       for path, v in found.items()})
+
+
+def test_ia3_round_trip_is_bitwise(tmp_path):
+    params = abstract_params(LLAMA)
+    adapters = ia3_adapters(params, seed=0)  # k_proj, v_proj scale outputs; down_proj its inputs
+    jpeft.export_peft(adapters, LLAMA, tmp_path)
+    written = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
+    assert (written["peft_type"], written["target_modules"], written["feedforward_modules"]) == (
+        "IA3", ["down_proj", "k_proj", "v_proj"], ["down_proj"])
+    tensors = load_file(tmp_path / jpeft.WEIGHTS_FILE)
+    assert tensors["base_model.model.model.layers.1.self_attn.k_proj.ia3_l"].shape == (16, 1)
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.ia3_l"].shape == (1, 48)
+    back = table(jpeft.import_peft(tmp_path, params, LLAMA))
+    for path, ours in table(adapters).items():
+        theirs = back[path]
+        assert (type(theirs), theirs.shape, theirs.side, theirs.in_axes, theirs.stack_axes, theirs.offset) == (
+            type(ours), ours.shape, ours.side, ours.in_axes, ours.stack_axes, ours.offset)
+        np.testing.assert_array_equal(theirs.scale, ours.scale)
+
+
+def test_ia3_where_peft_would_also_scale_a_bias_is_refused(tmp_path):
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), abstract_params(GPT2))
+    with pytest.raises(jpeft.PeftFormatError, match=(
+            r"'params/h_0/attn/c_attn/kernel' scales the outputs of transformer\.h\.0\.attn\.c_attn, which has a bias")):
+        jpeft.export_peft(ia3_adapters(params, seed=0), GPT2, tmp_path)
+    # feedforward modules scale inputs, which PEFT and jlora agree on
+    jpeft.export_peft(ia3_adapters(params, seed=0, targets=["mlp/c_proj"]), GPT2, tmp_path)
+    written = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
+    assert (written["target_modules"], written["feedforward_modules"]) == (
+        ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"], ["c_proj"])
+    # an output-scaled vector from PEFT imports only onto a zero bias
+    vector = np.full((96, 1), 2.0, np.float32)
+    (tmp_path / jpeft.CONFIG_FILE).write_text(json.dumps({"peft_type": "IA3", "target_modules": ["c_attn"], "feedforward_modules": []}))
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.ia3_l": vector}, str(tmp_path / jpeft.WEIGHTS_FILE))
+    with pytest.raises(jpeft.PeftFormatError, match=r"base's params/h_0/attn/c_attn/bias is not zero"):
+        jpeft.import_peft(tmp_path, params, GPT2)
+    zero_bias = paths.map_with_path(lambda p, w: jnp.zeros_like(w) if p == "params/h_0/attn/c_attn/bias" else w, params)
+    (only,) = table(jpeft.import_peft(tmp_path, zero_bias, GPT2)).values()
+    np.testing.assert_array_equal(only.scale, vector[:, 0])
 
 
 # ---- against PEFT itself ----
@@ -433,4 +481,38 @@ def test_dora_equals_peft_both_ways(hf_base, tmp_path, name):
     assert again.keys() == load_file(tmp_path / "theirs" / jpeft.WEIGHTS_FILE).keys()
     diff = np.abs(torch_logits(load_in_peft(base_dir, tmp_path / "ours")) - ours).max()
     print(f"{name}: jlora DoRA -> PEFT max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+
+
+@interop
+def test_ia3_equals_peft_both_ways(hf_base, tmp_path):
+    """A PEFT IA3 adapter on Llama imports with PEFT's logits, and exported again loads in PEFT the same."""
+    pytest.importorskip("jlora.ia3")
+    import peft
+    import torch
+    import transformers
+
+    base_dir, model, variables = hf_base("llama")
+    ia3 = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                         task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), ia3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param_name, param in theirs.named_parameters():
+            if "ia3_l" in param_name:
+                param.normal_(1.0, 0.5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    expected = torch_logits(theirs.eval())
+
+    adapters = jpeft.import_peft(tmp_path / "theirs", variables, LLAMA)
+    assert {type(v).__name__ for v in table(adapters).values()} == {"IA3"} and len(table(adapters)) == 6
+    ours = jlora_logits(model, variables, adapters)
+    assert np.abs(expected - np.asarray(model.apply(variables, jnp.array(TOKENS)))).max() > 0.1
+    diff = np.abs(ours - expected).max()
+    print(f"llama: PEFT IA3 -> jlora max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+
+    jpeft.export_peft(adapters, LLAMA, tmp_path / "ours")
+    diff = np.abs(torch_logits(load_in_peft(base_dir, tmp_path / "ours")) - ours).max()
+    print(f"llama: jlora IA3 -> PEFT max |logit diff| {diff:.2e}")
     assert diff < 1e-4
