@@ -10,6 +10,9 @@ from jlora.transform import Use, adapt
 from jlora.adapter import Adapter
 from jlora.count import ParamCount, count_params
 from jlora.lora import LoRA, init
+from jlora import dora, ia3, pissa
+from jlora.dora import DoRA
+from jlora.ia3 import IA3
 from jlora.merge import merge, unmerge
 from jlora.optimizer import optimizer
 from jlora.partition import Trainable, combine, split
@@ -17,6 +20,6 @@ from jlora.partition import Trainable, combine, split
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "LoRA", "ParamCount", "Trainable", "Use", "adapt", "combine", "count_params", "init",
-    "merge", "optimizer", "split", "unmerge",
+    "Adapter", "DoRA", "IA3", "LoRA", "ParamCount", "Trainable", "Use", "adapt", "combine", "count_params", "init",
+    "merge", "optimizer", "split", "unmerge", "dora", "ia3", "pissa",
 ]

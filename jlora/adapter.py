@@ -24,6 +24,10 @@ class Adapter(abc.ABC):
     recognises (see ``jlora.transform``); without one, ``adapt`` uses the merged weight.
     """
 
+    #: Array fields that travel with the adapter (checkpoints, ``unmerge``) but never train: the
+    #: optimizer leaves them unchanged and ``count_params`` counts them as frozen.
+    frozen_fields: tuple[str, ...] = ()
+
     @property
     @abc.abstractmethod
     def kernel_shape(self) -> tuple[int, ...]:

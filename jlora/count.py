@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 
 from jlora import paths
+from jlora.adapter import is_adapter
 from jlora.partition import trainable_base_paths
 
 
@@ -40,4 +41,8 @@ def count_params(params, adapters, bias: str = "none") -> ParamCount:
     base_n, base_b = _size(params)
     ad_n, ad_b = _size(adapters)
     tb_n, tb_b = _size([w for p, w in paths.leaves(params) if p in unfrozen])
-    return ParamCount(ad_n + tb_n, base_n + ad_n, ad_b + tb_b, base_b + ad_b)
+    # Fields an adapter carries but never trains (DoRA's base_norm) count in the total only.
+    adapters_found = [a for a in jax.tree.leaves(adapters, is_leaf=is_adapter) if is_adapter(a)]
+    held = [getattr(a, field) for a in adapters_found for field in a.frozen_fields]
+    held_n, held_b = _size(held)
+    return ParamCount(ad_n - held_n + tb_n, base_n + ad_n, ad_b - held_b + tb_b, base_b + ad_b)

@@ -8,9 +8,16 @@ from jlora.adapter import fitted_table
 
 def _apply(params, adapters, method: str):
     found = fitted_table(params, adapters)
-    return paths.map_with_path(
-        lambda path, w: getattr(found[path], method)(w) if path in found else w, params
-    )
+
+    def one(path, w):
+        if path not in found:
+            return w
+        try:
+            return getattr(found[path], method)(w)
+        except ValueError as error:  # a kind's refusal (e.g. a scale too small to divide out) names no path
+            raise ValueError(f"{method} at {path!r}: {error}") from None
+
+    return paths.map_with_path(one, params)
 
 
 def merge(params, adapters):
@@ -41,5 +48,9 @@ def unmerge(merged, adapters):
 
     Exact up to float rounding, so ``unmerge(merge(p, a), a)`` gives back ``p`` and another
     adapter can then be merged into the shared base.
+
+    Raises:
+      ValueError: a kind cannot invert its merge at some path (an (IA)³ entry near zero, a DoRA
+        column whose update outgrew its base); the message names the path.
     """
     return _apply(merged, adapters, "unmerge")

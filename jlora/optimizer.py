@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from jlora import paths
 from jlora.adapter import is_adapter
 from jlora.partition import Trainable
 
@@ -12,19 +13,24 @@ FROZEN, ADAPTER, ADAPTER_B, BASE = "frozen", "adapter", "adapter_b", "base"
 
 
 def labels(tree):
-    """Labels every leaf: adapter leaves ``'adapter'`` (LoRA's B ``'adapter_b'``), the base leaves
-    of a :class:`~jlora.partition.Trainable` ``'base'``, and everything else ``'frozen'``."""
+    """Labels every leaf: adapter leaves ``'adapter'`` (LoRA's B ``'adapter_b'``, an adapter's
+    ``frozen_fields`` ``'frozen'``), the base leaves of a :class:`~jlora.partition.Trainable`
+    ``'base'``, and everything else ``'frozen'``."""
 
     def label(node):
         if isinstance(node, Trainable):
             return Trainable(labels(node.adapters), jax.tree.map(lambda _: BASE, node.base))
         if is_adapter(node):
-            return jax.tree_util.tree_map_with_path(
-                lambda kp, _: ADAPTER_B if kp[-1] == jax.tree_util.GetAttrKey("b") else ADAPTER, node
-            )
+            return jax.tree_util.tree_map_with_path(lambda kp, _: _adapter_label(node, kp), node)
         return FROZEN
 
     return jax.tree.map(label, tree, is_leaf=lambda x: isinstance(x, Trainable) or is_adapter(x))
+
+
+def _adapter_label(adapter, keypath) -> str:
+    if paths.key_name(keypath[0]) in adapter.frozen_fields:
+        return FROZEN
+    return ADAPTER_B if keypath[-1] == jax.tree_util.GetAttrKey("b") else ADAPTER
 
 
 def optimizer(tx: optax.GradientTransformation, *, lora_plus_ratio: float | None = None):
