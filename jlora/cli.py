@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -71,6 +73,23 @@ def make_adapters(method: str, params, options: dict):
         raise UsageError(f"{method} does not fit the base model: {error}") from None
 
 
+def structure(adapters) -> str:
+    """A hash of the adapter tree's paths, shapes and static fields (scaling, sides, ...), so a
+    checkpoint restored into adapters rebuilt from its options is known to fit exactly."""
+    shapes = [(p, tuple(x.shape)) for p, x in jlora.paths.leaves(adapters)]
+    return hashlib.sha256(f"{jax.tree.structure(adapters)}{shapes}".encode()).hexdigest()[:16]
+
+
+def options_for(adapters) -> dict:
+    """`init` options that rebuild exactly these LoRA-style adapters (imported ones, say):
+    the adapted paths, and each path's rank and alpha."""
+    found = jlora.adapter.table(adapters)
+    ranks = {re.escape(p): int(a.a.shape[-1]) for p, a in found.items()}
+    alphas = {re.escape(p): float(a.scaling) * int(a.a.shape[-1]) for p, a in found.items()}
+    return {"targets": "|".join(ranks), "rank": 8, "alpha": None, "use_rslora": False,
+            "rank_pattern": ranks, "alpha_pattern": alphas}
+
+
 def run_dir_checkpoints(path) -> Path:
     """Accepts a run directory (holding checkpoints/) or the checkpoints directory itself."""
     path = Path(path).expanduser()
@@ -92,6 +111,9 @@ def load_run(checkpoint_path, base=None, dtype="float32"):
     model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype)
     adapter = metadata["adapter"]
     adapters = make_adapters(adapter["method"], params, adapter["options"])
+    if structure(adapters) != adapter.get("structure"):
+        raise UsageError(f"the adapters rebuilt from {checkpoint_path}'s options do not match the saved ones "
+                         f"(method {adapter['method']}, options {adapter['options']})")
     frozen, trainable = jlora.split(params, adapters, adapter.get("bias", "none"))
     train_config = train.TrainConfig(**metadata["train"])
     template = jax.eval_shape(lambda: train.init_state(trainable, train_config))
@@ -194,6 +216,9 @@ def finetune(args) -> int:
         raise UsageError(f"{ckpt.directory} already holds checkpoints up to step {latest}; "
                          "pass --resume to continue that run, or choose another --out")
 
+    if args.batch_size % (args.accumulate * jax.device_count()):
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
+                         f"times the {jax.device_count()} devices the batch is split over")
     model, params, tokenizer, config = load_base(args.base, args.dtype)
     try:
         train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid,
@@ -213,7 +238,7 @@ def finetune(args) -> int:
     )
     metadata = {
         "base": base_identity(args.base, params),
-        "adapter": {"method": args.method, "options": options, "bias": args.bias},
+        "adapter": {"method": args.method, "options": options, "bias": args.bias, "structure": structure(adapters)},
         "train": dataclasses.asdict(config_train),
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
     }
@@ -339,6 +364,50 @@ def merge_cmd(args) -> int:
     return 0
 
 
+def export_peft_cmd(args) -> int:
+    import jlora.peft
+
+    model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype)
+    options = metadata["adapter"]["options"]
+    try:
+        out = jlora.peft.export_peft(adapters, config, args.out, base_model_name_or_path=metadata["base"]["name"],
+                                     use_rslora=bool(options.get("use_rslora")))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"PEFT adapter written to {out}", file=sys.stderr)
+    return 0
+
+
+def import_peft_cmd(args) -> int:
+    import jlora.peft
+
+    base = args.base or DEFAULT_BASE
+    model, params, _, config = load_base(base, args.dtype)
+    try:
+        adapters = jlora.peft.import_peft(args.peft_dir, params, config)
+        ckpt = checkpoint.Checkpointer(args.out)
+    except (ValueError, checkpoint.CheckpointError) as error:
+        raise UsageError(str(error)) from None
+    if ckpt.latest_step() is not None:
+        raise UsageError(f"{ckpt.directory} already holds checkpoints; choose an empty directory")
+    kinds = {type(a) for a in jlora.adapter.table(adapters).values()}
+    method = {jlora.LoRA: "lora", jlora.DoRA: "dora"}.get(kinds.pop()) if len(kinds) == 1 else None
+    if method is None:
+        raise UsageError("import-peft makes checkpoints of LoRA or DoRA adapters; "
+                         "use jlora.peft.import_peft directly for others")
+    options = options_for(adapters if method == "lora" else {p: a.lora for p, a in jlora.adapter.table(adapters).items()})
+    if structure(make_adapters(method, params, options)) != structure(adapters):
+        raise UsageError("the imported adapters cannot be rebuilt from init options; use jlora.peft.import_peft directly")
+    frozen, trainable = jlora.split(params, adapters)
+    state = train.init_state(trainable, train.TrainConfig())
+    metadata = {"base": base_identity(base, params),
+                "adapter": {"method": method, "options": options, "bias": "none", "structure": structure(adapters)},
+                "train": dataclasses.asdict(train.TrainConfig()), "data": {"imported_from": str(args.peft_dir)}}
+    path = ckpt.save(state, metadata)
+    print(f"jlora checkpoint written to {path}", file=sys.stderr)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -404,6 +473,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.set_defaults(run=merge_cmd)
+
+    p = sub.add_parser("export-peft", help="write a checkpoint's adapters in PEFT's format")
+    common(p)
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(run=export_peft_cmd)
+
+    p = sub.add_parser("import-peft", help="turn a PEFT LoRA/DoRA adapter into a jlora checkpoint")
+    common(p)
+    p.add_argument("peft_dir")
+    p.add_argument("out", help="an empty directory for the checkpoint")
+    p.set_defaults(run=import_peft_cmd)
     return top
 
 

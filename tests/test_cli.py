@@ -11,7 +11,7 @@ import pytest
 from jlora import checkpoint, cli, train
 
 pytestmark = pytest.mark.slow
-SMALL = ["--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--sample-tokens", "4", "--warmup", "1"]
+SMALL = ["--seq-len", "16", "--batch-size", "8", "--eval-batches", "1", "--sample-tokens", "4", "--warmup", "1"]
 
 
 _load_base_once = functools.lru_cache(maxsize=None)(cli.load_base)
@@ -81,7 +81,7 @@ def test_generate_eval_and_merge_from_a_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert run("generate", "--checkpoint", out, "--prompt", "ROMEO:", "--max-new-tokens", 3) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
-    assert run("eval", "--checkpoint", out, "--seq-len", 32, "--batch-size", 2, "--max-batches", 1) == 0
+    assert run("eval", "--checkpoint", out, "--seq-len", 16, "--batch-size", 8, "--max-batches", 1) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1.0
     assert run("merge", out, tmp_path / "merged") == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
@@ -144,3 +144,17 @@ def test_unwritable_out_and_existing_or_mismatched_checkpoints_lose_nothing(tmp_
     assert run("finetune", "--max-steps", 2, "--out", out, "--resume", "--rank", 4, *SMALL) == 2
     assert "'rank': 8" in capsys.readouterr().err
     assert checkpoint.Checkpointer(out / "checkpoints").latest_step() == 1
+
+
+def test_export_peft_then_import_peft_gives_the_same_adapters(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("finetune", "--max-steps", 1, "--out", out, "--rank", 4, "--alpha", 6, *SMALL) == 0
+    assert run("export-peft", out, tmp_path / "peft") == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    assert run("import-peft", tmp_path / "peft", tmp_path / "imported") == 0
+    (original, _), (imported, meta) = adapters_of(out), adapters_of(tmp_path / "imported")
+    assert meta["adapter"]["method"] == "lora"
+    jax.tree.map(np.testing.assert_array_equal, imported, original)
+    assert run("import-peft", tmp_path / "peft", tmp_path / "imported") == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
