@@ -39,11 +39,12 @@ def lora(weights: str, rank: int, alpha: float = 8.0) -> dict:
 TABLES = {
     # Table 5: the same budget of trainable parameters (r·#weights = 8) spread differently.
     "5": {
+        "base": {"method": "base"},
         "Wq_r8": lora("q", 8), "Wk_r8": lora("k", 8), "Wv_r8": lora("v", 8), "Wo_r8": lora("o", 8),
         "Wq,Wk_r4": lora("qk", 4), "Wq,Wv_r4": lora("qv", 4), "Wq,Wk,Wv,Wo_r2": lora("qkvo", 2),
     },
     # Table 6: rank for Wq, Wq+Wv and all four.
-    "6": {
+    "6": {"base": {"method": "base"}} | {
         f"{name}_r{r}": lora(weights, r)
         for name, weights in (("Wq", "q"), ("Wq,Wv", "qv"), ("Wq,Wk,Wv,Wo", "qkvo"))
         for r in (1, 2, 4, 8, 64)
