@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import jlora
 from jlora import checkpoint, cli, train
 
 pytestmark = pytest.mark.slow
@@ -158,3 +159,14 @@ def test_export_peft_then_import_peft_gives_the_same_adapters(tmp_path, capsys):
     jax.tree.map(np.testing.assert_array_equal, imported, original)
     assert run("import-peft", tmp_path / "peft", tmp_path / "imported") == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ia3", "dora"])
+def test_other_adapter_kinds_train_and_reload(tmp_path, capsys, method):
+    out = tmp_path / method
+    assert run("finetune", "--method", method, "--max-steps", 1, "--out", out, *SMALL) == 0
+    adapters, meta = adapters_of(out)
+    assert meta["adapter"]["method"] == method
+    kinds = {type(a).__name__ for a in jlora.adapter.table(adapters).values()}
+    assert kinds == {"IA3" if method == "ia3" else "DoRA"}
+    assert run("generate", "--checkpoint", out, "--max-new-tokens", 2) == 0
