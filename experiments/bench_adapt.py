@@ -70,6 +70,45 @@ def compiled_stats(compiled) -> dict:
     return {"gflops": cost["flops"] / 1e9, "memory_mb": total / 2**20}
 
 
+def call_args(name, params, tokens) -> tuple:
+    """The arguments after the state that program `name` of `make_steps` takes."""
+    return (tokens,) if name == "full_finetune" else (params, tokens)
+
+
+def compile_runner(fn, state, n_state, extra):
+    """Compiles `fn` for `(*state(), *extra)`: its `compiled_stats` plus `compile_s`, and a
+    zero-argument function that runs one step to completion and keeps the state it returns."""
+    start = time.perf_counter()
+    compiled = fn.lower(*state(), *extra).compile()
+    stats = {**compiled_stats(compiled), "compile_s": time.perf_counter() - start}
+    live = list(jax.tree.map(jnp.copy, state()))  # a fresh copy: the steps donate their state
+
+    def run():
+        nonlocal live
+        out = jax.block_until_ready(compiled(*live, *extra))
+        if n_state:
+            live = list(out[:n_state])
+
+    return stats, run
+
+
+def time_alternating(runs, reps, warmup=1) -> dict:
+    """`{name: [seconds] * reps}` for zero-argument `runs`, after `warmup` untimed rounds.
+
+    Each round calls every run once, odd rounds in reverse order, so drifts in machine load hit
+    all alike and no run always follows the same neighbour.
+    """
+    times = {name: [] for name in runs}
+    for round_ in range(warmup + reps):
+        order = list(runs.items())[:: -1 if round_ % 2 else 1]
+        for name, run in order:
+            start = time.perf_counter()
+            run()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
@@ -92,25 +131,11 @@ def main(argv=None):
     print(jlora.count_params(params, adapters))
     steps = make_steps(model, params, adapters, optax.adamw(1e-4))
 
-    results, runners = {}, {}
+    results, runs = {}, {}
     for name, (fn, state, n_state) in steps.items():
-        extra = (params, tokens) if name.startswith("lora") else (tokens,) if name == "full_finetune" else (params, tokens)
-        start = time.perf_counter()
-        compiled = fn.lower(*state(), *extra).compile()
-        results[name] = {**compiled_stats(compiled), "compile_s": time.perf_counter() - start, "times_s": []}
-        runners[name] = (fn, state, n_state, extra)
-
-    # Fresh state for each call (the steps donate theirs); runs alternate so load drifts hit all alike.
-    live = {name: list(jax.tree.map(jnp.copy, state())) for name, (_, state, _, _) in runners.items()}
-    for rep in range(args.reps + 1):
-        for name, (fn, _, n_state, extra) in runners.items():
-            start = time.perf_counter()
-            out = fn(*live[name], *extra)
-            jax.block_until_ready(out)
-            if n_state:
-                live[name] = list(out[:n_state])
-            if rep:  # the first round warms up
-                results[name]["times_s"].append(time.perf_counter() - start)
+        results[name], runs[name] = compile_runner(fn, state, n_state, call_args(name, params, tokens))
+    for name, times in time_alternating(runs, args.reps).items():
+        results[name]["times_s"] = times
 
     full, fwd = results["full_finetune"], results["forward"]
     full["median_s"] = statistics.median(full["times_s"])
