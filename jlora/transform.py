@@ -114,14 +114,8 @@ def _materialize(x):
 
 
 def _fallback(ctx: Context, eqn, invals):
-    used = [v.path for v in invals if isinstance(v, Use)]
-    message = (
-        f"jlora.adapt: {paths.fmt_paths(used)} used by `{eqn.primitive.name}`, which has no factored "
-        "rule; that use gets the merged weight W0 + ΔW"
-    )
-    if ctx.strict:
-        raise ValueError(message + " (strict=True)")
-    warnings.warn(message, stacklevel=2)
+    used = paths.fmt_paths(v.path for v in invals if isinstance(v, Use))
+    _warn_or_raise(ctx, used, f"`{eqn.primitive.name}`, which has no factored rule")
     return _bind(eqn, [_materialize(v) for v in invals])
 
 
@@ -235,7 +229,7 @@ def _scan(ctx, eqn, invals):
             stacked.append(_materialize(x) if isinstance(x, Use) else x)
             rebuilders.append(None)
             if isinstance(x, Use):
-                _warn_or_raise(ctx, x.path, "scan (weight not stacked along its layer axis)")
+                _warn_or_raise(ctx, repr(x.path), "scan (weight not stacked along its layer axis)")
         else:
             stacked.append(unstacked[0])
             rebuilders.append(unstacked[1])
@@ -265,8 +259,9 @@ def _while(ctx, eqn, invals):
     )
 
 
-def _warn_or_raise(ctx, path, what):
-    message = f"jlora.adapt: {path!r} used by {what}; that use gets the merged weight W0 + ΔW"
+def _warn_or_raise(ctx, names: str, what: str):
+    """The one place a use without a factored rule is reported: a warning, or an error if strict."""
+    message = f"jlora.adapt: {names} used by {what}; that use gets the merged weight W0 + ΔW"
     if ctx.strict:
         raise ValueError(message + " (strict=True)")
     warnings.warn(message, stacklevel=3)
