@@ -1,32 +1,63 @@
-"""The protocol every adapter kind (LoRA, IA3, DoRA, ...) implements, and the adapter tree.
+"""The protocol every adapter kind (LoRA, IA3, DoRA, ...) implements, the kind registry, and the adapter tree.
 
 An adapter tree is a nested dict that mirrors the parameter tree's paths down to each targeted
 weight, where it holds one :class:`Adapter` (a pytree whose array fields train). ``merge``,
 ``adapt``, the optimizer and checkpoints all go through this protocol, never through the kind.
+
+A kind registers itself by subclassing with a name, ``class LoRA(Adapter, name="lora")``; the CLI's
+``--method`` choices, checkpoints and PEFT interop find it in :data:`KINDS` by that name.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora import paths
 
+#: Every adapter kind by its name, filled by the kinds as their modules are imported.
+KINDS: dict[str, type[Adapter]] = {}
+
 
 class Adapter(abc.ABC):
-    """Base class of adapter kinds. Subclasses are frozen dataclasses registered as pytrees.
+    """Base class of adapter kinds. Subclasses are frozen dataclasses registered as pytrees
+    (``jax.tree_util.register_dataclass``), whose data fields are arrays and meta fields static.
 
-    A kind must say how it changes its weight W0 (``merge``/``unmerge``) and which weight shape it
-    fits (``kernel_shape``). It may also give a factored form for uses of W0 that ``jlora.adapt``
-    recognises (see ``jlora.transform``); without one, ``adapt`` uses the merged weight.
+    A kind must say how to make its adapters for a parameter tree (``create``), how it changes its
+    weight W0 (``merge``/``unmerge``) and which weight shape it fits (``kernel_shape``). It may also
+    give a factored form for uses of W0 that ``jlora.adapt`` recognises (see ``jlora.transform``);
+    without one, ``adapt`` uses the merged weight.
     """
 
+    #: The kind's name (``--method`` on the command line, ``kind`` in a checkpoint).
+    name: ClassVar[str]
+    #: Keywords of :meth:`create` a command line may set (``targets``, ``rank``, ...).
+    init_options: ClassVar[tuple[str, ...]] = ("targets",)
     #: Array fields that travel with the adapter (checkpoints, ``unmerge``) but never train: the
     #: optimizer leaves them unchanged and ``count_params`` counts them as frozen.
-    frozen_fields: tuple[str, ...] = ()
+    frozen_fields: ClassVar[tuple[str, ...]] = ()
+    #: Array fields LoRA+ trains at ``lora_plus_ratio`` times the learning rate (LoRA's B).
+    lora_plus_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, *, name: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if name is None:
+            return
+        known = KINDS.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"adapter kind name {name!r} is taken by {known.__module__}.{known.__qualname__}")
+        cls.name = name
+        KINDS[name] = cls
+
+    @classmethod
+    @abc.abstractmethod
+    def create(cls, params, **options) -> dict:
+        """An adapter tree of this kind for ``params`` (the kind's ``init`` function)."""
 
     @property
     @abc.abstractmethod
@@ -53,6 +84,13 @@ class Adapter(abc.ABC):
                 f"adapter at {path!r} is for a weight of shape {self.kernel_shape}, "
                 f"but the params have shape {tuple(w.shape)} there"
             )
+
+
+def kind(name: str) -> type[Adapter]:
+    """The adapter kind registered as ``name``; ValueError naming the known ones otherwise."""
+    if name not in KINDS:
+        raise ValueError(f"unknown adapter kind {name!r}; known kinds: {', '.join(sorted(KINDS))}")
+    return KINDS[name]
 
 
 def is_adapter(x: Any) -> bool:
@@ -84,5 +122,91 @@ def fitted_table(params, adapters) -> dict[str, Adapter]:
     return found
 
 
+# ---- an adapter tree as plain data (checkpoint metadata) and back ----
+
+
+def _arrays(adapter: Adapter) -> dict[str, Any]:
+    """The adapter's array fields by name: what its pytree flattens to."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(adapter)
+    return {paths.key_name(keypath[0]): leaf for keypath, leaf in flat}
+
+
+def _plain(value):
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _frozen(value):
+    """JSON's lists back to the tuples static fields hold (they must hash)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def describe(adapters) -> dict[str, dict]:
+    """``{path: {'kind', 'static', 'arrays'}}``: each adapter's kind name, static fields and array
+    shapes and dtypes, as JSON-ready data from which :func:`abstract` rebuilds the tree's structure.
+
+    Example:
+      >>> params = {'attn': {'query': {'kernel': jnp.ones((16, 32))}}}
+      >>> described = describe(jlora.init(params, rank=4))
+      >>> described['attn/query/kernel']['kind'], described['attn/query/kernel']['arrays']['a']
+      ('lora', [[16, 4], 'float32'])
+    """
+    out = {}
+    for path, adapter in table(adapters).items():
+        arrays = _arrays(adapter)
+        static = {f.name: _plain(getattr(adapter, f.name)) for f in dataclasses.fields(adapter) if f.name not in arrays}
+        shapes = {field: [list(x.shape), str(x.dtype)] for field, x in arrays.items()}
+        out[path] = {"kind": adapter.name, "static": static, "arrays": shapes}
+    return out
+
+
+def abstract(description: dict[str, dict]) -> dict:
+    """The adapter tree :func:`describe` described, with ``jax.ShapeDtypeStruct`` for its arrays:
+    a template to restore saved adapters into.
+
+    Raises:
+      ValueError: a kind is not registered in this jlora (the path and known kinds are named).
+
+    Example:
+      >>> params = {'attn': {'query': {'kernel': jnp.ones((16, 32))}}}
+      >>> template = abstract(describe(jlora.init(params, rank=4)))
+      >>> template['attn']['query']['kernel'].b
+      ShapeDtypeStruct(shape=(4, 32), dtype=float32)
+    """
+    adapters = {}
+    for path, entry in description.items():
+        try:
+            cls = kind(entry["kind"])
+        except ValueError as error:
+            raise ValueError(f"adapter at {path!r}: {error}") from None
+        arrays = {f: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for f, (shape, dtype) in entry["arrays"].items()}
+        static = {f: _frozen(v) for f, v in entry["static"].items()}
+        adapters[path] = cls(**static, **arrays)
+    return paths.nest(adapters)
+
+
+# ---- helpers the kinds share ----
+
+
 def as_f32(x: jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
+
+
+# Below this, dividing a factor out of a merged weight loses the weight (and 0 cannot be divided).
+MIN_INVERTIBLE = 1e-6
+
+
+def refuse_near_zero(values, what: str) -> None:
+    """Raises ValueError naming the first entry of ``values`` with ``|v| < MIN_INVERTIBLE`` (skipped
+    under tracing, where the values are not known)."""
+    if isinstance(values, jax.core.Tracer):
+        return
+    magnitudes = np.abs(np.asarray(values, np.float64))
+    if magnitudes.size and magnitudes.min() < MIN_INVERTIBLE:
+        index = np.unravel_index(np.argmin(magnitudes), magnitudes.shape)
+        value = float(np.asarray(values)[index])
+        raise ValueError(
+            f"cannot unmerge: {what} entry {tuple(int(i) for i in index)} is {value:.3g}; dividing by a "
+            f"value with |v| < {MIN_INVERTIBLE:g} cannot recover the weight; keep the params from before the merge"
+        )

@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import lora, paths
-from jlora.adapter import Adapter, as_f32, table
-from jlora.ia3 import align, refuse_near_zero, scaled_dot
+from jlora import axes, lora, paths
+from jlora.adapter import Adapter, as_f32, refuse_near_zero, table
 from jlora.transform import Use
 
 
@@ -36,7 +35,7 @@ from jlora.transform import Use
     meta_fields=["scaling", "stack_axes"],
 )
 @dataclasses.dataclass(frozen=True)
-class DoRA(Adapter):
+class DoRA(Adapter, name="dora"):
     """The DoRA factors and magnitude of one weight.
 
     Attributes:
@@ -53,7 +52,13 @@ class DoRA(Adapter):
     scaling: float
     stack_axes: int = 0
 
+    init_options = lora.LoRA.init_options
     frozen_fields = ("base_norm",)
+    lora_plus_fields = ("b",)
+
+    @classmethod
+    def create(cls, params, **options):
+        return init(params, **options)
 
     @property
     def lora(self) -> lora.LoRA:
@@ -171,7 +176,7 @@ class DoRAUse(Use):
         return self.inner.base
 
     def merged(self):
-        scale = align(self.scale, self.scale_ids, self.inner.view)
+        scale = axes.align(self.scale, self.scale_ids, self.inner.view)
         return (as_f32(self.inner.merged()) * scale).astype(self.base.dtype)
 
     def transpose(self, permutation):
@@ -181,7 +186,7 @@ class DoRAUse(Use):
         return dataclasses.replace(self, inner=self.inner.convert(new_dtype))
 
     def dot_general(self, x, x_is_lhs, base_out, params, ctx):
-        return scaled_dot(
+        return axes.scaled_dot(
             self.scale, self.scale_ids, self.inner.view, self.base, x, x_is_lhs, base_out, params,
             lambda x, out: self.inner.dot_general(x, x_is_lhs, out, params, ctx),
         )

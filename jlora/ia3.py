@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
-from jlora.adapter import Adapter, as_f32
+from jlora import axes, paths
+from jlora.adapter import Adapter, as_f32, refuse_near_zero
 from jlora.transform import Use
 
 OUTPUT, INPUT = "output", "input"
@@ -40,17 +40,13 @@ DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj", "c_attn", "mlp/c_proj", "key
 DEFAULT_FEEDFORWARD = ("down_proj", "mlp/c_proj", "MlpBlock_0/Dense_1")
 DEFAULT_FUSED_QKV = ("c_attn",)
 
-# Below this, dividing a vector out of a merged weight loses the weight (and 0 cannot be divided).
-MIN_INVERTIBLE = 1e-6
-
-
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["scale"],
     meta_fields=["shape", "side", "in_axes", "stack_axes", "offset"],
 )
 @dataclasses.dataclass(frozen=True)
-class IA3(Adapter):
+class IA3(Adapter, name="ia3"):
     """The (IA)³ vector of one weight.
 
     Attributes:
@@ -69,6 +65,10 @@ class IA3(Adapter):
     in_axes: int = 1
     stack_axes: int = 0
     offset: int = 0
+
+    @classmethod
+    def create(cls, params, **options):
+        return init(params, **options)
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -120,21 +120,6 @@ class IA3(Adapter):
         cut = self.stack_axes + self.in_axes
         side = ids[self.stack_axes : cut] if self.side == INPUT else ids[cut:]
         return IA3Use(w, self.vector(), ids[: self.stack_axes] + side, ids, path)
-
-
-def refuse_near_zero(values, what: str) -> None:
-    """Raises ValueError naming the first entry of ``values`` with ``|v| < MIN_INVERTIBLE`` (skipped
-    under tracing, where the values are not known)."""
-    if isinstance(values, jax.core.Tracer):
-        return
-    magnitudes = np.abs(np.asarray(values, np.float64))
-    if magnitudes.size and magnitudes.min() < MIN_INVERTIBLE:
-        index = np.unravel_index(np.argmin(magnitudes), magnitudes.shape)
-        value = float(np.asarray(values)[index])
-        raise ValueError(
-            f"cannot unmerge: {what} entry {tuple(int(i) for i in index)} is {value:.3g}; dividing by a "
-            f"value with |v| < {MIN_INVERTIBLE:g} cannot recover the weight; keep the params from before the merge"
-        )
 
 
 def init(
@@ -215,45 +200,6 @@ def _matcher(target: paths.Target):
 # ---- the factored form used by jlora.adapt (DoRA's magnitude uses it too) ----
 
 
-def dot_axes(view: tuple, x_ndim: int, x_is_lhs: bool, dimension_numbers) -> tuple[list, list]:
-    """Where a weight's axes (named by ``view``) land in ``dot_general(x, W)``: the ids of x's axes
-    and of the result's axes, ``None`` for an axis that belongs to x alone."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
-    x_ids = [None] * x_ndim
-    for d, k in (*zip(xc, wc), *zip(xb, wb)):
-        x_ids[d] = view[k]
-    x_free = [None for d in range(x_ndim) if d not in xc and d not in xb]
-    w_free = [view[k] for k in range(len(view)) if k not in wc and k not in wb]
-    return x_ids, [view[k] for k in wb] + (x_free + w_free if x_is_lhs else w_free + x_free)
-
-
-def align(values: jax.Array, ids: tuple, target_ids) -> jax.Array:
-    """``values`` (axes named ``ids``) transposed and given unit axes so that it broadcasts against
-    an array whose axes are named ``target_ids``; every id must be among them."""
-    present = [t for t in target_ids if t is not None and t in ids]
-    moved = jnp.transpose(values, [ids.index(t) for t in present])
-    return moved.reshape([values.shape[ids.index(t)] if t is not None and t in ids else 1 for t in target_ids])
-
-
-def scaled_dot(scale, scale_ids, view, base, x, x_is_lhs, base_out, params, dot):
-    """A dot_general with a weight scaled along its axes ``scale_ids``, never scaling the weight.
-
-    ``dot(x, base_out)`` is the unscaled use x·W given ``base_out`` = x·W0. The scale multiplies its
-    result when the scaled axes are output axes, or x (and ``base_out`` is recomputed) when they
-    are contracted. ``None`` when they are split between the two.
-    """
-    x_ids, out_ids = dot_axes(view, x.ndim, x_is_lhs, params["dimension_numbers"])
-    if set(scale_ids) <= set(out_ids):
-        out = dot(x, base_out)
-        return None if out is None else out * align(scale, scale_ids, out_ids).astype(out.dtype)
-    if set(scale_ids) <= set(x_ids):
-        x = x * align(scale, scale_ids, x_ids).astype(x.dtype)
-        base_out = jax.lax.dot_general_p.bind(*((x, base) if x_is_lhs else (base, x)), **params)
-        return dot(x, base_out)
-    return None
-
-
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["base", "scale"],
@@ -271,7 +217,7 @@ class IA3Use(Use):
     path: str
 
     def merged(self):
-        return (as_f32(self.base) * align(self.scale, self.scale_ids, self.view)).astype(self.base.dtype)
+        return (as_f32(self.base) * axes.align(self.scale, self.scale_ids, self.view)).astype(self.base.dtype)
 
     def transpose(self, permutation):
         return dataclasses.replace(
@@ -283,7 +229,7 @@ class IA3Use(Use):
 
     def dot_general(self, x, x_is_lhs, base_out, params, ctx):
         # Output side: (x·W0) ⊙ l, from base_out as it is. Input side: (x ⊙ l)·W0.
-        return scaled_dot(
+        return axes.scaled_dot(
             self.scale, self.scale_ids, self.view, self.base, x, x_is_lhs, base_out, params, lambda x, out: out
         )
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import string
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
+from jlora import axes, paths
 from jlora.adapter import Adapter, as_f32
 from jlora.transform import Use
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+# The paper adapts W_q and W_v; these are the names common models give those projections.
+DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "c_attn")
 
 
 @functools.partial(
@@ -30,7 +32,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
     meta_fields=["scaling", "stack_axes"],
 )
 @dataclasses.dataclass(frozen=True)
-class LoRA(Adapter):
+class LoRA(Adapter, name="lora"):
     """The LoRA factors of one weight.
 
     Attributes:
@@ -44,6 +46,13 @@ class LoRA(Adapter):
     b: jax.Array
     scaling: float
     stack_axes: int = 0
+
+    init_options = ("targets", "rank", "alpha", "use_rslora")
+    lora_plus_fields = ("b",)
+
+    @classmethod
+    def create(cls, params, **options):
+        return init(params, **options)
 
     @property
     def rank(self) -> int:
@@ -113,7 +122,7 @@ def init(
       alpha: PEFT's ``lora_alpha``; scaling = alpha / r. Default: alpha = r (scaling 1), as the
         paper sets alpha to the first r tried.
       targets: which weights to adapt: ``None`` for the attention query and value projections
-        (names in ``jlora.paths.DEFAULT_TARGETS``), a regex ``re.fullmatch``-ed against the
+        (names in :data:`DEFAULT_TARGETS`), a regex ``re.fullmatch``-ed against the
         '/'-joined path, a list of module names, or a predicate ``(path, leaf) -> bool``.
       key: PRNG key for A. Default ``jax.random.key(0)``.
       init: ``'gaussian'`` (A ~ N(0, 1/r²), PEFT's gaussian init) or ``'kaiming'`` (A ~ U(±1/√fan_in),
@@ -137,7 +146,7 @@ def init(
     if init not in ("gaussian", "kaiming"):
         raise ValueError(f"init must be 'gaussian' or 'kaiming', got {init!r}")
     key = jax.random.key(0) if key is None else key
-    chosen = paths.select(params, targets)
+    chosen = paths.select(params, DEFAULT_TARGETS if targets is None else targets)
     keys = jax.random.split(key, len(chosen))
     adapters = {}
     for k, (path, w) in zip(keys, chosen.items()):
@@ -172,65 +181,13 @@ def init(
 RANK = -1  # the id of the rank axis r in LoRAUse's factor axes
 
 
-class _Letters:
-    """einsum subscripts: one letter per axis id, and fresh ones for the other operand's axes."""
-
-    def __init__(self):
-        self._of: dict[int, str] = {}
-        self._pool = iter(string.ascii_letters)
-
-    def __getitem__(self, axis_id) -> str:
-        if axis_id not in self._of:
-            self._of[axis_id] = next(self._pool)
-        return self._of[axis_id]
-
-    def fresh(self) -> str:
-        return next(self._pool)
-
-    def word(self, ids) -> str:
-        return "".join(self[i] for i in ids)
-
-
-def _contract(lhs, lhs_word: str, rhs, rhs_word: str, out_word: str, **opts):
-    """``jnp.einsum(f"{lhs_word},{rhs_word}->{out_word}", lhs, rhs)`` as one 2-D matmul where no
-    axis is batched: XLA's CPU dot is several times slower on the 3-D operands einsum hands it
-    (``(batch, seq, d)`` activations), in the backward pass above all."""
-    shared = [c for c in lhs_word if c in rhs_word]
-    lhs_free = [c for c in lhs_word if c not in shared]
-    rhs_free = [c for c in rhs_word if c not in shared]
-    if any(c in out_word for c in shared) or sorted(lhs_free + rhs_free) != sorted(out_word):
-        return jnp.einsum(f"{lhs_word},{rhs_word}->{out_word}", lhs, rhs, **opts)
-    size = dict(zip(lhs_word, lhs.shape)) | dict(zip(rhs_word, rhs.shape))
-    prod = lambda word: math.prod(size[c] for c in word)
-    left = jnp.transpose(lhs, [lhs_word.index(c) for c in lhs_free + shared]).reshape(prod(lhs_free), prod(shared))
-    right = jnp.transpose(rhs, [rhs_word.index(c) for c in shared + rhs_free]).reshape(prod(shared), prod(rhs_free))
-    product = jnp.matmul(left, right, **opts).reshape([size[c] for c in lhs_free + rhs_free])
-    return jnp.transpose(product, [(lhs_free + rhs_free).index(c) for c in out_word])
-
-
-def _reshape_groups(old: tuple, new: tuple):
-    """Pairs runs of old axes with the runs of new axes they become, or None."""
-    groups, i, j = [], 0, 0
-    while i < len(old) and j < len(new):
-        olds, news, po, pn = [i], [j], old[i], new[j]
-        i, j = i + 1, j + 1
-        while po != pn:
-            if po < pn and i < len(old):
-                olds.append(i)
-                po, i = po * old[i], i + 1
-            elif pn < po and j < len(new):
-                news.append(j)
-                pn, j = pn * new[j], j + 1
-            else:
-                return None
-        groups.append((olds, news))
-    while groups and i < len(old) and old[i] == 1:
-        groups[-1][0].append(i)
-        i += 1
-    while groups and j < len(new) and new[j] == 1:
-        groups[-1][1].append(j)
-        j += 1
-    return groups if i == len(old) and j == len(new) else None
+def _dropout(ctx, x):
+    """LoRA dropout on the adapter path's input, at ``jlora.adapt``'s rate; off without an rng."""
+    key = ctx.next_key() if ctx.dropout else None
+    if key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - ctx.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - ctx.dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 @functools.partial(
@@ -261,7 +218,7 @@ class LoRAUse(Use):
         return (a - b) if side == "a" else (b - a)
 
     def merged(self):
-        letters = _Letters()
+        letters = axes.Letters()
         delta = jnp.einsum(
             f"{letters.word(self.a_ids)},{letters.word(self.b_ids)}->{letters.word(self.view)}",
             as_f32(self.a), as_f32(self.b), precision=HIGHEST,
@@ -292,7 +249,7 @@ class LoRAUse(Use):
 
     def reshape(self, new_sizes):
         new_sizes = tuple(new_sizes)
-        groups = _reshape_groups(tuple(self.base.shape), new_sizes)
+        groups = axes.reshape_groups(tuple(self.base.shape), new_sizes)
         if groups is None:
             return None
         factors = {"a": [self.a, list(self.a_ids)], "b": [self.b, list(self.b_ids)]}
@@ -324,7 +281,7 @@ class LoRAUse(Use):
     def dot_general(self, x, x_is_lhs, base_out, params, ctx):
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
-        letters = _Letters()
+        letters = axes.Letters()
         w_word = [letters[i] for i in self.view]
         x_word = []
         for d in range(x.ndim):
@@ -346,20 +303,20 @@ class LoRAUse(Use):
         keep = set(g_word) | set(out)
         t_word = "".join(c for c in dict.fromkeys(x_word + list(f_word)) if c in keep)
         opts = dict(precision=params["precision"], preferred_element_type=params["preferred_element_type"])
-        t = _contract(ctx.dropout_input(x), "".join(x_word), f.astype(self.base.dtype), f_word, t_word, **opts)
+        t = axes.contract(_dropout(ctx, x), "".join(x_word), f.astype(self.base.dtype), f_word, t_word, **opts)
         t = t * jnp.asarray(self.scaling, t.dtype)
-        delta = _contract(t, t_word, g.astype(self.base.dtype), g_word, "".join(out), **opts)
+        delta = axes.contract(t, t_word, g.astype(self.base.dtype), g_word, "".join(out), **opts)
         return base_out + delta.astype(base_out.dtype)
 
     def _factor_product(self, partial, partial_rank_axis: int, base_out):
         """``base_out`` plus ``partial`` (whose axis ``partial_rank_axis`` is r) contracted with b."""
-        letters = _Letters()
+        letters = axes.Letters()
         b_word = letters.word(self.b_ids)
         word = [letters.fresh() for _ in range(partial.ndim)]
         word[partial_rank_axis] = letters[RANK]
         out = list(word)
         out[partial_rank_axis] = b_word.replace(letters[RANK], "")
-        delta = _contract(partial, "".join(word), self.b.astype(partial.dtype), b_word, "".join(out))
+        delta = axes.contract(partial, "".join(word), self.b.astype(partial.dtype), b_word, "".join(out))
         return base_out + (self.scaling * delta).astype(base_out.dtype)
 
     def gather(self, indices, base_out, params):
@@ -395,7 +352,7 @@ class LoRAUse(Use):
         kernel_ids = [RANK if k == o_axis else i for k, i in enumerate(self.view)]
         kernel = jnp.transpose(self.a, [self.a_ids.index(i) for i in kernel_ids]).astype(self.base.dtype)
         partial = jax.lax.conv_general_dilated(
-            ctx.dropout_input(x), kernel, params["window_strides"], params["padding"],
+            _dropout(ctx, x), kernel, params["window_strides"], params["padding"],
             lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"], dimension_numbers=dn,
             precision=params["precision"], preferred_element_type=params["preferred_element_type"],
         )

@@ -13,8 +13,8 @@ FROZEN, ADAPTER, ADAPTER_B, BASE = "frozen", "adapter", "adapter_b", "base"
 
 
 def labels(tree):
-    """Labels every leaf: adapter leaves ``'adapter'`` (LoRA's B ``'adapter_b'``, an adapter's
-    ``frozen_fields`` ``'frozen'``), the base leaves of a :class:`~jlora.partition.Trainable`
+    """Labels every leaf: adapter leaves ``'adapter'`` (a kind's ``lora_plus_fields``, LoRA's B,
+    ``'adapter_b'``; its ``frozen_fields`` ``'frozen'``), the base leaves of a :class:`~jlora.partition.Trainable`
     ``'base'``, and everything else ``'frozen'``."""
 
     def label(node):
@@ -28,9 +28,10 @@ def labels(tree):
 
 
 def _adapter_label(adapter, keypath) -> str:
-    if paths.key_name(keypath[0]) in adapter.frozen_fields:
+    field = paths.key_name(keypath[0])
+    if field in adapter.frozen_fields:
         return FROZEN
-    return ADAPTER_B if keypath[-1] == jax.tree_util.GetAttrKey("b") else ADAPTER
+    return ADAPTER_B if field in adapter.lora_plus_fields else ADAPTER
 
 
 def optimizer(tx: optax.GradientTransformation, *, lora_plus_ratio: float | None = None):

@@ -21,9 +21,6 @@ Target = str | Sequence[str] | Callable[[str, Any], bool]
 # Leaves a module-name target never selects: DenseGeneral's bias can be a matrix too.
 NOT_WEIGHTS = ("bias", "scale")
 
-# The paper adapts W_q and W_v; these are the names common models give those projections.
-DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "c_attn")
-
 
 def key_name(key) -> str:
     """The text of one key-path entry: dict key, sequence index, attribute or flattened index."""
@@ -75,21 +72,18 @@ def _contains_name(path: str, name: str) -> bool:
     return f"/{name}/" in f"/{path}/"
 
 
-def matcher(targets: Target | None) -> tuple[Callable[[str, Any], bool], bool]:
+def matcher(targets: Target) -> tuple[Callable[[str, Any], bool], bool]:
     """Builds ``match(path, leaf) -> bool`` from a target spec.
 
     Returns the matcher and whether it selects modules by name (then only their floating matrices
     not named in :data:`NOT_WEIGHTS` are taken, so a bias next to a targeted kernel is skipped
     rather than rejected).
 
-    - ``None``: :data:`DEFAULT_TARGETS`.
     - a ``str``: a regex, ``re.fullmatch``-ed against the whole path.
     - a sequence of ``str``: module names; a name matches a path component or a run of them
       (``'attn/c_proj'``).
     - a callable ``(path, leaf) -> bool``.
     """
-    if targets is None:
-        targets = DEFAULT_TARGETS
     if isinstance(targets, str):
         pattern = re.compile(targets)
         return (lambda path, leaf: pattern.fullmatch(path) is not None), False
@@ -101,7 +95,7 @@ def matcher(targets: Target | None) -> tuple[Callable[[str, Any], bool], bool]:
     return (lambda path, leaf: any(_contains_name(path, n) for n in names)), True
 
 
-def select(tree, targets: Target | None) -> dict[str, Any]:
+def select(tree, targets: Target) -> dict[str, Any]:
     """The ``{path: leaf}`` of ``tree`` that ``targets`` selects, each a floating matrix.
 
     Raises:

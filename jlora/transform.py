@@ -78,20 +78,19 @@ class Use(abc.ABC):
 
 @dataclasses.dataclass
 class Context:
-    """What one evaluation of an adapted function shares: options and the dropout key stream."""
+    """What one evaluation of an adapted function shares: options and a key stream (dropout)."""
 
     strict: bool
     dropout: float
     rng: jax.Array | None
     counter: int = 0
 
-    def dropout_input(self, x):
-        """LoRA dropout on the adapter path's input; off without an rng."""
-        if self.rng is None or self.dropout == 0.0:
-            return x
+    def next_key(self) -> jax.Array | None:
+        """A fresh key of this evaluation's stream (for a kind's dropout); None without an rng."""
+        if self.rng is None:
+            return None
         self.counter += 1
-        keep = jax.random.bernoulli(jax.random.fold_in(self.rng, self.counter), 1.0 - self.dropout, x.shape)
-        return jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
+        return jax.random.fold_in(self.rng, self.counter)
 
     def fold(self, data):
         """A child context whose keys also depend on ``data`` (a scan's iteration index)."""

@@ -198,7 +198,7 @@ def test_axes_that_leave_no_output_axis_are_rejected(shape, stack_axes, in_axes)
 
 def test_targets_that_match_nothing_list_candidates():
     params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
-    with pytest.raises(ValueError, match=r"targets None match no weight; candidate paths: dense/kernel$"):
+    with pytest.raises(ValueError, match=r"targets \('query', 'value', 'q_proj', 'v_proj', 'c_attn'\) match no weight; candidate paths: dense/kernel$"):
         jlora.init(params)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jlora
 from jlora import paths
 
 
@@ -79,7 +80,7 @@ def test_is_floating_matrix(leaf, expected):
 
 
 def test_default_targets_take_query_value_projections_only():
-    chosen = paths.select(model_zoo(), None)
+    chosen = paths.select(model_zoo(), jlora.lora.DEFAULT_TARGETS)
     assert sorted(chosen) == [
         "flax/query/kernel", "flax/value/kernel",
         "gpt2/attn/c_attn/kernel",
@@ -142,7 +143,7 @@ def test_no_match_lists_candidate_paths():
 
 def test_no_match_without_any_matrix_says_none():
     with pytest.raises(ValueError, match="candidate paths: none"):
-        paths.select({"w": zeros(3)}, None)
+        paths.select({"w": zeros(3)}, ["w"])
 
 
 def test_regex_onto_a_vector_names_path_and_shape():
