@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from jlora import data, models, train
+from jlora import adapter, data, loop, models, train
 
 RESULTS = Path(__file__).parent / "results"
 ATTENTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
@@ -60,11 +60,9 @@ TABLES = {
 
 
 def make_adapters(params, row):
-    if row["method"] == "lora":
-        return jlora.init(params, rank=row["rank"], alpha=row["alpha"], targets=row["targets"])
-    if row["method"] == "ia3":
-        return jlora.ia3.init(params)
-    raise ValueError(f"no adapters for method {row['method']!r}")
+    """The row's adapters: its method is an adapter kind, its other keys (but the learning rate) options."""
+    options = {k: v for k, v in row.items() if k not in ("method", "learning_rate")}
+    return adapter.kind(row["method"]).create(params, **options)
 
 
 def memory_mb(compiled) -> float:
@@ -91,9 +89,7 @@ def full_finetune_step(apply_fn, config: train.TrainConfig):
 
 def run_row(name, row, model, params, train_set, valid_set, args) -> dict:
     evaluate = train.make_eval(model.apply)
-    valid = lambda p, a: train.perplexity(
-        evaluate, p, a, (b for _, b in zip(range(args.eval_batches), data.eval_batches(valid_set, args.batch_size)))
-    )
+    valid = lambda p, a: train.perplexity(evaluate, p, a, valid_set, args.batch_size, args.eval_batches)
     result = {"name": name, **row}
     if row["method"] == "base":
         return result | {"valid_perplexity": valid(params, None), "trainable_params": 0, "adapter_bytes": 0}
@@ -102,41 +98,34 @@ def run_row(name, row, model, params, train_set, valid_set, args) -> dict:
         learning_rate=row.get("learning_rate", args.lr), warmup_steps=args.warmup, max_steps=args.steps,
         batch_size=args.batch_size, seed=args.seed,
     )
-    batch0 = data.batch_at(train_set, args.batch_size, args.seed, 0)
+    batch_at = lambda k: data.batch_at(train_set, args.batch_size, args.seed, k)
     if row["method"] == "full":
         step, tx = full_finetune_step(model.apply, config)
-        state = (jax.tree.map(jnp.copy, params), None)
-        state = (state[0], tx.init(state[0]))
-        compiled = step.lower(state, batch0).compile()
-        call = lambda state, batch: step(state, batch)
+        weights = jax.tree.map(jnp.copy, params)
+        state = (weights, tx.init(weights))
+        compiled = step.lower(state, batch_at(0)).compile()
         trainable = sum(x.size for x in jax.tree.leaves(params))
         adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     else:
         adapters = make_adapters(params, row)
         frozen, trainables = jlora.split(params, adapters)
         state = train.init_state(trainables, config)
-        step = train.make_step(model.apply, config)
-        compiled = step.lower(state, frozen, batch0).compile()
-        call = lambda state, batch: step(state, frozen, batch)
+        lora_step = train.make_step(model.apply, config)
+        compiled = lora_step.lower(state, frozen, batch_at(0)).compile()
+        step = lambda state, batch: lora_step(state, frozen, batch)
         counts = jlora.count_params(params, adapters)
         trainable, adapter_bytes = counts.trainable, counts.trainable_bytes
 
-    losses, times = [], []
-    for k in range(args.steps):
-        batch = data.batch_at(train_set, args.batch_size, args.seed, k)
-        start = time.perf_counter()
-        state, metrics = call(state, batch)
-        losses.append(train.check_finite(k + 1, metrics))
-        times.append(time.perf_counter() - start)
+    fitted = loop.fit(step, state, batch_at, max_steps=args.steps, start=0)
+    times = [entry["seconds"] for entry in fitted.history]
     if row["method"] == "full":
-        ppl = valid(state[0], None)
+        ppl = valid(fitted.state[0], None)
     else:
-        p, a = jlora.combine(frozen, state.trainable)
-        ppl = valid(p, a)
+        ppl = valid(*jlora.combine(frozen, fitted.state.trainable))
     return result | {
         "valid_perplexity": ppl, "trainable_params": int(trainable), "adapter_bytes": int(adapter_bytes),
         "median_step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
-        "compiled_memory_mb": memory_mb(compiled), "losses": losses,
+        "compiled_memory_mb": memory_mb(compiled), "losses": [entry["loss"] for entry in fitted.history],
     }
 
 

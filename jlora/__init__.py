@@ -4,12 +4,14 @@
     frozen, trainable = jlora.split(params, adapters)  # what trains, what does not
     logits = jlora.adapt(model.apply)(params, adapters, tokens)
     merged = jlora.merge(params, adapters)             # plain params for export
+    result = jlora.fit(step, state, batch_at, max_steps=100, checkpointer=ckpt)  # the training loop
 """
 
 from jlora.transform import Use, adapt
 from jlora.adapter import Adapter
 from jlora.count import ParamCount, count_params
 from jlora.lora import LoRA, init
+from jlora.loop import fit
 from jlora import dora, ia3, pissa
 from jlora.dora import DoRA
 from jlora.ia3 import IA3
@@ -20,6 +22,6 @@ from jlora.partition import Trainable, combine, split
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "DoRA", "IA3", "LoRA", "ParamCount", "Trainable", "Use", "adapt", "combine", "count_params", "init",
+    "Adapter", "DoRA", "IA3", "LoRA", "ParamCount", "Trainable", "Use", "adapt", "combine", "count_params", "fit", "init",
     "merge", "optimizer", "split", "unmerge", "dora", "ia3", "pissa",
 ]

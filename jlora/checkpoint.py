@@ -1,10 +1,12 @@
 """Adapter-only checkpoints with orbax: adapters, optimizer state, step, rng and metadata.
 
 The base model is never written: a checkpoint holds what trains, so its size follows the adapters.
-Restoring means loading the base, then the adapters (the paper's workflow); the metadata names the
-base (a fingerprint of its weights), so a checkpoint from another base or rank is refused. orbax
-writes each step to a temporary directory and renames it when complete, so a crash or Ctrl-C
-mid-save leaves the previous checkpoint intact.
+Restoring means loading the base, then the adapters (the paper's workflow). A checkpoint describes
+its own adapters (each path's kind, static fields, shapes and dtypes, ``jlora.adapter.describe``)
+and its training settings, so it restores with no template and no options; the metadata also names
+the base (a fingerprint of its weights), so a checkpoint from another base is refused. orbax writes
+each step to a temporary directory and renames it when complete, so a crash or Ctrl-C mid-save
+leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jlora
-from jlora import paths
+from jlora import adapter, paths, train
+from jlora.partition import Trainable, trainable_base_paths
 
 
 class CheckpointError(ValueError):
@@ -68,9 +71,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state, metadata: dict) -> Path:
+    def save(self, state, metadata: dict | None = None) -> Path:
+        """Writes ``state`` as step ``state.step``, with ``metadata`` plus what describes it: the
+        step, jlora's version and, for a :class:`jlora.Trainable`, its structure (:func:`describe_trainable`)."""
         step = int(state.step)
-        metadata = {**metadata, "step": step, "jlora_version": jlora.__version__}
+        metadata = {**(metadata or {}), "step": step, "jlora_version": jlora.__version__}
+        if isinstance(state.trainable, Trainable):
+            metadata["trainable"] = describe_trainable(state.trainable)
         self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata)), force=True
         )
@@ -81,23 +88,26 @@ class Checkpointer:
         step = self._step(step)
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, abstract_state, step: int | None = None, expect: dict | None = None):
+    def restore(self, abstract_state=None, step: int | None = None, expect: dict | None = None, base=None):
         """Returns ``(state, metadata)`` of ``step`` (default: the latest complete one).
 
         Args:
           abstract_state: the state's structure, e.g. ``jax.eval_shape`` of a fresh one; its
-            shardings, if any, place the restored arrays.
-          expect: metadata entries the checkpoint must match (e.g. ``base``, ``adapter``).
+            shardings, if any, place the restored arrays. ``None``: the structure the checkpoint
+            describes (:func:`saved_structure`).
+          expect: metadata entries the checkpoint must match (e.g. ``base``).
+          base: the base params; needed only for a checkpoint of jlora 0.1, which did not describe
+            its adapters (they are rebuilt from its options).
         """
         step = self._step(step)
         metadata = self.metadata(step)
+        where = self.directory / str(step)
         for key, wanted in (expect or {}).items():
             found = metadata.get(key)
             if found != wanted:
-                raise CheckpointError(
-                    f"checkpoint {self.directory / str(step)} was made with {key}={found}, "
-                    f"but this run has {key}={wanted}"
-                )
+                raise CheckpointError(f"checkpoint {where} was made with {key}={found}, but this run has {key}={wanted}")
+        if abstract_state is None:
+            abstract_state = saved_structure(metadata, base, where)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
@@ -108,3 +118,45 @@ class Checkpointer:
         if step is None or step not in self.manager.all_steps():
             raise CheckpointError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in {self.directory}")
         return step
+
+
+def describe_trainable(trainable: Trainable) -> dict:
+    """JSON-ready description of a :class:`jlora.Trainable`: its adapters (``jlora.adapter.describe``)
+    and the shapes and dtypes of the base leaves that train."""
+    base = {p: [list(x.shape), str(x.dtype)] for p, x in paths.leaves(trainable.base)}
+    return {"adapters": adapter.describe(trainable.adapters), "base": base}
+
+
+def saved_structure(metadata: dict, base=None, where="the checkpoint") -> train.TrainState:
+    """The abstract :class:`jlora.train.TrainState` a checkpoint's metadata describes (arrays as
+    ``jax.ShapeDtypeStruct``), to restore it into with no options.
+
+    A checkpoint of jlora 0.1 names its adapter kind and ``init`` options instead; its adapters are
+    rebuilt from them on ``base`` (the base params), which must then be given.
+    """
+    described = metadata.get("trainable") or _rebuilt(metadata, base, where)
+    try:
+        adapters = adapter.abstract(described["adapters"])
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
+    trained_base = paths.nest({p: jax.ShapeDtypeStruct(tuple(shape), dtype) for p, (shape, dtype) in described["base"].items()})
+    config = train.TrainConfig(**metadata.get("train", {}))
+    return jax.eval_shape(lambda t: train.init_state(t, config), Trainable(adapters, trained_base))
+
+
+def _rebuilt(metadata: dict, base, where) -> dict:
+    """:func:`describe_trainable` of a jlora 0.1 checkpoint, from its adapter kind and ``init`` options."""
+    saved = metadata.get("adapter") or {}
+    if "method" not in saved or "options" not in saved:
+        raise CheckpointError(f"{where} describes neither its adapters nor the options that made them; "
+                              "it was not written by jlora's Checkpointer")
+    if base is None:
+        raise CheckpointError(f"{where} was written by jlora {metadata.get('jlora_version', '0.1')} and does not "
+                              "describe its adapters; pass the base params (base=...) to rebuild them from its options")
+    options = dict(saved["options"])
+    if isinstance(options.get("targets"), str) and "," in options["targets"]:  # the 0.1 CLI's "q_proj,v_proj"
+        options["targets"] = options["targets"].split(",")
+    adapters = adapter.kind(saved["method"]).create(base, **options)
+    unfrozen = set(trainable_base_paths(base, adapters, saved.get("bias", "none")))
+    trained_base = paths.nest({p: w for p, w in paths.leaves(base) if p in unfrozen})
+    return describe_trainable(Trainable(adapters, trained_base))

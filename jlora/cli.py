@@ -13,27 +13,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import importlib
 import json
-import math
-import re
 import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jlora
-from jlora import checkpoint, data, train
+from jlora import adapter, checkpoint, data, loop, train
 
 DEFAULT_BASE = "smollm2-135m"
+DEFAULT_METHOD = "lora"
 DEFAULT_PROMPT = "ROMEO:\n"
-# Adapter kinds by name: the module whose `init(params, **options)` makes them.
-METHODS = {"lora": "jlora.lora", "dora": "jlora.dora", "ia3": "jlora.ia3"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The flags that choose adapters (each kind's `init_options` picks its own); on --resume they come
+# from the checkpoint.
+ADAPTER_FLAGS = {"targets": "--targets", "rank": "--rank", "alpha": "--alpha", "use_rslora": "--rslora"}
 
 
 class UsageError(Exception):
@@ -53,41 +50,19 @@ def load_base(name, dtype="float32"):
 
 
 def adapter_options(args) -> dict:
-    """What `jlora.<method>.init` is called with; stored in the checkpoint to rebuild it."""
-    options = {"targets": args.targets}
-    if args.method != "ia3":
-        options |= {"rank": args.rank, "alpha": args.alpha, "use_rslora": args.rslora}
+    """The `create` options of --method's kind that the command line sets (flags left out use the kind's defaults)."""
+    kind = adapter.kind(args.method or DEFAULT_METHOD)
+    options = {k: getattr(args, k) for k in kind.init_options if getattr(args, k, None) is not None}
+    if isinstance(options.get("targets"), str) and "," in options["targets"]:  # "q_proj,v_proj": module names
+        options["targets"] = options["targets"].split(",")
     return options
 
 
 def make_adapters(method: str, params, options: dict):
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    init = importlib.import_module(METHODS[method]).init
-    targets = options.get("targets")
-    if isinstance(targets, str) and "," in targets:  # "q_proj,v_proj" means a list of names
-        targets = targets.split(",")
     try:
-        return init(params, **{**options, "targets": targets})
+        return adapter.kind(method).create(params, **options)
     except ValueError as error:
         raise UsageError(f"{method} does not fit the base model: {error}") from None
-
-
-def structure(adapters) -> str:
-    """A hash of the adapter tree's paths, shapes and static fields (scaling, sides, ...), so a
-    checkpoint restored into adapters rebuilt from its options is known to fit exactly."""
-    shapes = [(p, tuple(x.shape)) for p, x in jlora.paths.leaves(adapters)]
-    return hashlib.sha256(f"{jax.tree.structure(adapters)}{shapes}".encode()).hexdigest()[:16]
-
-
-def options_for(adapters) -> dict:
-    """`init` options that rebuild exactly these LoRA-style adapters (imported ones, say):
-    the adapted paths, and each path's rank and alpha."""
-    found = jlora.adapter.table(adapters)
-    ranks = {re.escape(p): int(a.a.shape[-1]) for p, a in found.items()}
-    alphas = {re.escape(p): float(a.scaling) * int(a.a.shape[-1]) for p, a in found.items()}
-    return {"targets": "|".join(ranks), "rank": 8, "alpha": None, "use_rslora": False,
-            "rank_pattern": ranks, "alpha_pattern": alphas}
 
 
 def run_dir_checkpoints(path) -> Path:
@@ -100,6 +75,14 @@ def run_dir_checkpoints(path) -> Path:
     raise UsageError(f"no checkpoint directory at {path}")
 
 
+def restore(ckpt: checkpoint.Checkpointer, base_name, params):
+    """``(state, metadata)`` of the latest checkpoint, which describes its own adapters."""
+    try:
+        return ckpt.restore(expect={"base": base_identity(base_name, params)}, base=params)
+    except checkpoint.CheckpointError as error:
+        raise UsageError(str(error)) from None
+
+
 def load_run(checkpoint_path, base=None, dtype="float32"):
     """Base model plus the adapters of a run's latest checkpoint: (model, params, tokenizer,
     config, adapters, metadata)."""
@@ -109,40 +92,13 @@ def load_run(checkpoint_path, base=None, dtype="float32"):
     except checkpoint.CheckpointError as error:
         raise UsageError(str(error)) from None
     model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype)
-    adapter = metadata["adapter"]
-    adapters = make_adapters(adapter["method"], params, adapter["options"])
-    if structure(adapters) != adapter.get("structure"):
-        raise UsageError(f"the adapters rebuilt from {checkpoint_path}'s options do not match the saved ones "
-                         f"(method {adapter['method']}, options {adapter['options']})")
-    frozen, trainable = jlora.split(params, adapters, adapter.get("bias", "none"))
-    train_config = train.TrainConfig(**metadata["train"])
-    template = jax.eval_shape(lambda: train.init_state(trainable, train_config))
-    try:
-        state, _ = ckpt.restore(template, expect={"base": base_identity(metadata["base"]["name"], params)})
-    except checkpoint.CheckpointError as error:
-        raise UsageError(str(error)) from None
-    params, adapters = jlora.combine(frozen, state.trainable)
+    state, metadata = restore(ckpt, metadata["base"]["name"], params)
+    params, adapters = jlora.combine(params, state.trainable)
     return model, params, tokenizer, config, adapters, metadata
 
 
 def base_identity(name, params) -> dict:
     return {"name": str(name), "fingerprint": checkpoint.base_fingerprint(params)}
-
-
-def sample(model, params, tokenizer, prompt: str, max_new_tokens: int, temperature=0.0, seed=0) -> str:
-    from jlora.models import generate
-
-    ids = np.array([tokenizer.encode(prompt)], np.int32)
-    max_new_tokens = max(0, min(max_new_tokens, model.max_length - ids.shape[1]))
-    cache = model.init_cache(1, ids.shape[1] + max_new_tokens)
-    out = generate(model.apply, params, ids, cache, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                   temperature=temperature, rng=jax.random.key(seed))
-    return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-
-
-def valid_perplexity(evaluate, params, adapters, dataset, batch_size, max_batches) -> float:
-    batches = data.eval_batches(dataset, batch_size)
-    return train.perplexity(evaluate, params, adapters, (b for _, b in zip(range(max_batches), batches)))
 
 
 def human_bytes(n: int) -> str:
@@ -177,29 +133,15 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def plot_losses(history: list[dict], path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    valid_points = [(h["step"], math.log(h["valid_perplexity"])) for h in history if "valid_perplexity" in h]
-    if train_points:
-        ax.plot(*zip(*train_points), label="train loss", lw=1)
-    if valid_points:
-        ax.plot(*zip(*valid_points), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---- commands ----
+
+
+def resume_conflicts(args, saved: dict) -> list[str]:
+    """Adapter flags given with --resume that differ from what made the checkpoint's adapters."""
+    given = {"method": ("--method", args.method), "bias": ("--bias", args.bias)}
+    given |= {k: (flag, getattr(args, k)) for k, flag in ADAPTER_FLAGS.items()}
+    recorded = {"method": saved.get("method"), "bias": saved.get("bias", "none"), **(saved.get("options") or {})}
+    return [f"{flag} {value}" for k, (flag, value) in given.items() if value is not None and recorded.get(k) != value]
 
 
 def finetune(args) -> int:
@@ -228,9 +170,6 @@ def finetune(args) -> int:
     if len(train_set) < args.batch_size:
         raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
                          f"fewer than one batch of {args.batch_size}")
-    options = adapter_options(args)
-    adapters = make_adapters(args.method, params, options)
-    print(jlora.count_params(params, adapters, args.bias), file=sys.stderr)
     config_train = train.TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
@@ -238,77 +177,85 @@ def finetune(args) -> int:
     )
     metadata = {
         "base": base_identity(args.base, params),
-        "adapter": {"method": args.method, "options": options, "bias": args.bias, "structure": structure(adapters)},
         "train": dataclasses.asdict(config_train),
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
     }
-    frozen, trainable = jlora.split(params, adapters, args.bias)
     mesh = train.mesh()
-    frozen = train.shard_fsdp(frozen, mesh) if args.fsdp else train.replicate(frozen, mesh)
-    state = train.init_state(trainable, config_train)
     if args.resume:
-        try:
-            state, saved = ckpt.restore(jax.eval_shape(lambda: state),
-                                        expect={k: metadata[k] for k in ("base", "adapter")})
-        except checkpoint.CheckpointError as error:
-            raise UsageError(f"--resume: {error}") from None
+        saved = ckpt.metadata()
+        conflicts = resume_conflicts(args, saved.get("adapter") or {})
+        if conflicts:
+            raise UsageError(f"--resume continues the adapters in {ckpt.directory}, made with "
+                             f"{saved.get('adapter')}; drop {', '.join(conflicts)}")
+        state, saved = restore(ckpt, args.base, params)
+        metadata["adapter"] = saved.get("adapter")
         if saved.get("train") != metadata["train"]:
             print(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
                   "the resumed run will not equal an uninterrupted one", file=sys.stderr)
+        params, adapters = jlora.combine(params, state.trainable)
+        frozen, _ = jlora.split(params, adapters, metadata["adapter"].get("bias", "none"))
+    else:
+        method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
+        options = adapter_options(args)
+        adapters = make_adapters(method, params, options)
+        metadata["adapter"] = {"method": method, "options": options, "bias": bias}
+        frozen, trainable = jlora.split(params, adapters, bias)
+        state = train.init_state(trainable, config_train)
+    print(jlora.count_params(params, adapters, metadata["adapter"].get("bias", "none")), file=sys.stderr)
+    frozen = train.shard_fsdp(frozen, mesh) if args.fsdp else train.replicate(frozen, mesh)
     state = train.replicate(state, mesh)
     start = int(state.step)
 
-    history_path = out / "history.jsonl"
-    history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
-    history = [h for h in history if h["step"] <= start]
     evaluate = train.make_eval(model.apply)
-    report = {"base": args.base, "method": args.method, "devices": jax.device_count()}
-    if valid_set is not None and start == 0:
-        report["valid_perplexity_before"] = valid_perplexity(evaluate, params, None, valid_set, args.batch_size, args.eval_batches)
-        history.append({"step": 0, "valid_perplexity": report["valid_perplexity_before"]})
-        print(f"validation perplexity before: {report['valid_perplexity_before']:.3f}", file=sys.stderr)
+    report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count()}
     if args.sample_tokens and start == 0:
-        report["sample_before"] = sample(model, params, tokenizer, args.prompt, args.sample_tokens)
+        report["sample_before"] = sample(model, params, tokenizer, args)
         print(f"sample before: {args.prompt}{report['sample_before']}", file=sys.stderr)
 
-    step_fn = train.make_step(model.apply, config_train)
+    def validation(state):
+        params, adapters = jlora.combine(frozen, state.trainable)
+        return {"valid_perplexity": train.perplexity(evaluate, params, adapters, valid_set, args.batch_size,
+                                                     args.eval_batches)}
+
     progress = Progress(args.max_steps, start, args.batch_size * args.seq_len)
-    train_began, last_saved = time.perf_counter(), start
-    with history_path.open("w") as log:
-        for h in history:
-            log.write(json.dumps(h) + "\n")
-        try:
-            for step in range(start, args.max_steps):
-                batch = train.shard_batch(data.batch_at(train_set, args.batch_size, args.seed, step), mesh)
-                state, metrics = step_fn(state, frozen, batch)
-                loss = train.check_finite(step + 1, metrics)
-                entry = {"step": step + 1, "loss": loss, "learning_rate": float(metrics["learning_rate"])}
-                history.append(entry)
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
-                progress.update(step + 1, loss)
-                if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-                    ckpt.save(state, metadata)
-                    last_saved = step + 1
-        except train.LossNotFinite as error:
-            print(f"\n{error}; last checkpoint: step {last_saved} in {ckpt.directory}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; the last checkpoint is step {last_saved} in {ckpt.directory}; "
-                  "continue with --resume", file=sys.stderr)
-            return 130
+
+    def log(entry):
+        if "loss" in entry:
+            progress.update(entry["step"], entry["loss"])
+        else:
+            when = "before" if entry["step"] == 0 else "after" if entry["step"] == args.max_steps else f"at step {entry['step']}"
+            print(f"validation perplexity {when}: {entry['valid_perplexity']:.3f}", file=sys.stderr)
+
+    step_fn = train.make_step(model.apply, config_train)
+    train_began = time.perf_counter()
+    try:
+        result = loop.fit(
+            lambda state, batch: step_fn(state, frozen, batch), state,
+            lambda k: train.shard_batch(data.batch_at(train_set, args.batch_size, args.seed, k), mesh),
+            max_steps=args.max_steps, checkpointer=ckpt, metadata=metadata, save_every=args.save_every,
+            evaluate=validation if valid_set is not None else None, history_path=out / "history.jsonl", log=log,
+        )
+    except loop.LossNotFinite as error:
+        print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
+        return 1
+    except loop.Interrupted as interrupt:
+        print(f"\ninterrupted after step {interrupt.step}; {saved_note(interrupt.last_saved, ckpt)}", file=sys.stderr)
+        return 130
     train_seconds = time.perf_counter() - train_began
 
-    params, adapters = jlora.combine(jax.device_get(frozen), jax.device_get(state.trainable))
-    if valid_set is not None:
-        report["valid_perplexity_after"] = valid_perplexity(evaluate, params, adapters, valid_set, args.batch_size, args.eval_batches)
-        history.append({"step": args.max_steps, "valid_perplexity": report["valid_perplexity_after"]})
-        print(f"validation perplexity after: {report['valid_perplexity_after']:.3f}", file=sys.stderr)
+    params, adapters = jlora.combine(jax.device_get(frozen), jax.device_get(result.state.trainable))
+    evaluated = [h for h in result.history if "valid_perplexity" in h]
+    if evaluated:
+        report["valid_perplexity_before"] = evaluated[0]["valid_perplexity"] if evaluated[0]["step"] == 0 else None
+        report["valid_perplexity_after"] = evaluated[-1]["valid_perplexity"]
     merged = jlora.merge(params, adapters)
     if args.sample_tokens:
-        report["sample_after"] = sample(model, merged, tokenizer, args.prompt, args.sample_tokens)
+        report["sample_after"] = sample(model, merged, tokenizer, args)
         print(f"sample after: {args.prompt}{report['sample_after']}", file=sys.stderr)
-    plot_losses(history, out / "loss.png")
+    try:
+        loop.plot_history(result.history, out / "loss.png")
+    except ImportError as error:
+        print(f"note: no loss plot: {error}", file=sys.stderr)
     from jlora.models.export import save_hf
 
     save_hf(out / "merged", merged, config)
@@ -328,6 +275,18 @@ def finetune(args) -> int:
     return 0
 
 
+def saved_note(last_saved, ckpt) -> str:
+    if last_saved is None:
+        return f"no checkpoint was written yet in {ckpt.directory}"
+    return f"the last checkpoint is step {last_saved} in {ckpt.directory}; continue with --resume"
+
+
+def sample(model, params, tokenizer, args) -> str:
+    from jlora.models import complete
+
+    return complete(model, params, tokenizer, args.prompt, args.sample_tokens)
+
+
 def generate_cmd(args) -> int:
     if args.checkpoint:
         model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
@@ -337,7 +296,10 @@ def generate_cmd(args) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    print(prompt + sample(model, params, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed))
+    from jlora.models import complete
+
+    print(prompt + complete(model, params, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed))
     return 0
 
 
@@ -350,7 +312,7 @@ def eval_cmd(args) -> int:
         dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
     except ValueError as error:
         raise UsageError(str(error)) from None
-    ppl = valid_perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
+    ppl = train.perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
     print(json.dumps({"perplexity": ppl, "sequences": min(len(dataset), args.batch_size * args.max_batches)}))
     return 0
 
@@ -368,7 +330,7 @@ def export_peft_cmd(args) -> int:
     import jlora.peft
 
     model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype)
-    options = metadata["adapter"]["options"]
+    options = (metadata.get("adapter") or {}).get("options") or {}
     try:
         out = jlora.peft.export_peft(adapters, config, args.out, base_model_name_or_path=metadata["base"]["name"],
                                      use_rslora=bool(options.get("use_rslora")))
@@ -390,18 +352,11 @@ def import_peft_cmd(args) -> int:
         raise UsageError(str(error)) from None
     if ckpt.latest_step() is not None:
         raise UsageError(f"{ckpt.directory} already holds checkpoints; choose an empty directory")
-    kinds = {type(a) for a in jlora.adapter.table(adapters).values()}
-    method = {jlora.LoRA: "lora", jlora.DoRA: "dora"}.get(kinds.pop()) if len(kinds) == 1 else None
-    if method is None:
-        raise UsageError("import-peft makes checkpoints of LoRA or DoRA adapters; "
-                         "use jlora.peft.import_peft directly for others")
-    options = options_for(adapters if method == "lora" else {p: a.lora for p, a in jlora.adapter.table(adapters).items()})
-    if structure(make_adapters(method, params, options)) != structure(adapters):
-        raise UsageError("the imported adapters cannot be rebuilt from init options; use jlora.peft.import_peft directly")
+    kinds = sorted({a.name for a in adapter.table(adapters).values()})
     frozen, trainable = jlora.split(params, adapters)
     state = train.init_state(trainable, train.TrainConfig())
     metadata = {"base": base_identity(base, params),
-                "adapter": {"method": method, "options": options, "bias": "none", "structure": structure(adapters)},
+                "adapter": {"method": "+".join(kinds), "options": {}, "bias": "none"},
                 "train": dataclasses.asdict(train.TrainConfig()), "data": {"imported_from": str(args.peft_dir)}}
     path = ckpt.save(state, metadata)
     print(f"jlora checkpoint written to {path}", file=sys.stderr)
@@ -421,12 +376,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="training .txt or .jsonl files (default: bundled Shakespeare)")
     p.add_argument("--valid", nargs="+", help="validation files (default: the corpus's held-out plays)")
     p.add_argument("--valid-fraction", type=float, help="hold out this share of --data instead of --valid")
-    p.add_argument("--method", choices=sorted(METHODS), default="lora")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--method", choices=sorted(adapter.KINDS), help=f"adapter kind (default {DEFAULT_METHOD})")
+    p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, help="lora_alpha (default: rank, so scaling 1)")
-    p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(rank)")
-    p.add_argument("--targets", help="comma-separated module names or a regex (default: q/v projections)")
-    p.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
+    p.add_argument("--rslora", dest="use_rslora", action="store_true", default=None, help="scaling alpha/sqrt(rank)")
+    p.add_argument("--targets", help="comma-separated module names or a regex (default: the kind's)")
+    p.add_argument("--bias", choices=["none", "all", "lora_only"], help="base biases that train (default none)")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -480,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.set_defaults(run=export_peft_cmd)
 
-    p = sub.add_parser("import-peft", help="turn a PEFT LoRA/DoRA adapter into a jlora checkpoint")
+    p = sub.add_parser("import-peft", help="turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint")
     common(p)
     p.add_argument("peft_dir")
     p.add_argument("out", help="an empty directory for the checkpoint")

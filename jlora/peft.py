@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
+import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -26,6 +27,8 @@ import numpy as np
 
 from jlora import paths
 from jlora.adapter import table
+from jlora.dora import DoRA
+from jlora.ia3 import IA3, INPUT, OUTPUT
 from jlora.lora import LoRA, scaling_for
 from jlora.models import export
 from jlora.partition import Trainable
@@ -62,18 +65,33 @@ class PeftFormatError(ValueError):
     """A PEFT adapter directory is missing, unreadable, or does not fit the base model or jlora's adapters."""
 
 
-def _kind(module: str, name: str):
-    """An adapter class of jlora, or None while this checkout lacks its module."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError:
-        return None
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """How one adapter kind is written to and read from a PEFT adapter directory.
+
+    Attributes:
+      peft_type: the ``peft_type`` of its adapter_config.json.
+      claims: whether an adapter_config dict holds adapters of this kind.
+      tensors: the tensor names (after the module name) a module holds, by the kind of weight
+        (the last component of the param path: ``kernel``, ``embedding``).
+      write: ``write(found, placed, model_config, use_rslora) -> (tensors, config settings)``.
+      read: ``read(config, held tensors, where) -> Adapter`` for one module.
+    """
+
+    peft_type: str
+    claims: Callable[[dict], bool]
+    tensors: dict[str, tuple[str, ...]]
+    write: Callable
+    read: Callable
 
 
-def _kinds() -> dict[str, type]:
-    """jlora's adapter kinds by PEFT's name for them (DoRA is LoRA with ``use_dora``)."""
-    found = {"LORA": LoRA, "DORA": _kind("jlora.dora", "DoRA"), "IA3": _kind("jlora.ia3", "IA3")}
-    return {name: kind for name, kind in found.items() if kind is not None}
+#: The PEFT format of each adapter kind, by the kind's name (``jlora.adapter.KINDS``).
+FORMATS: dict[str, Format] = {}
+
+
+def register(kind_name: str, format: Format) -> None:
+    """Makes adapters of the kind ``kind_name`` export to and import from PEFT as ``format``."""
+    FORMATS[kind_name] = format
 
 
 def modules(model_config) -> dict[str, str]:
@@ -210,16 +228,15 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
     found = table(adapters)
     if not found:
         raise PeftFormatError("the adapter tree is empty: there is nothing to export")
-    writers = {_kinds().get(name): writer for name, writer in WRITERS.items()}
-    kinds = {type(adapter) for adapter in found.values()}
-    if len(kinds) > 1 or next(iter(kinds)) not in writers:
+    kinds = {adapter.name for adapter in found.values()}
+    if len(kinds) > 1 or next(iter(kinds)) not in FORMATS:
         shown = ", ".join(f"{p!r}: {type(a).__name__}" for p, a in list(found.items())[:5])
         raise PeftFormatError(
-            f"a PEFT adapter holds LoRA, DoRA or IA3 adapters, all of one kind (peft_type and use_dora are one "
-            f"setting for every module); these adapters are {shown}"
+            f"a PEFT adapter holds adapters all of one kind with a PEFT format ({', '.join(sorted(FORMATS))}; "
+            f"peft_type and use_dora are one setting for every module); these adapters are {shown}"
         )
     placed = _place(found, model_config)
-    tensors, settings = writers[kinds.pop()](found, placed, model_config, use_rslora)
+    tensors, settings = FORMATS[kinds.pop()].write(found, placed, model_config, use_rslora)
     config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, **settings,
               "inference_mode": True}
     out_dir = Path(out_dir)
@@ -265,9 +282,7 @@ def _has_bias(model_config, path: str) -> bool:
     return path.rsplit("/", 1)[0] + "/bias" in export.hf_names(model_config)
 
 
-def _lora_export(found, placed, model_config, use_rslora):
-    dora = _kinds().get("DORA")
-    use_dora = dora is not None and all(isinstance(adapter, dora) for adapter in found.values())
+def _lora_export(found, placed, model_config, use_rslora, use_dora=False):
     tensors, ranks, alphas = {}, {}, {}
     for full_path, adapter in found.items():
         path, module = placed[full_path]
@@ -311,8 +326,6 @@ def _lora_export(found, placed, model_config, use_rslora):
 
 
 def _ia3_export(found, placed, model_config, use_rslora):
-    from jlora.ia3 import INPUT
-
     tensors, sides = {}, {}
     for full_path, adapter in found.items():
         path, module = placed[full_path]
@@ -347,16 +360,12 @@ def _ia3_export(found, placed, model_config, use_rslora):
     return tensors, settings
 
 
-WRITERS = {"LORA": _lora_export, "DORA": _lora_export, "IA3": _ia3_export}
-
-
 def read_config(peft_dir) -> dict:
     """The adapter_config.json of a PEFT directory, checked to describe an adapter jlora can hold.
 
     Raises:
-      PeftFormatError: the file is missing or not JSON, ``peft_type`` is not one jlora has a kind for
-        (``'LORA'``, ``'IA3'``), ``use_dora`` is set without ``jlora.dora``, or an option in
-        :data:`UNSUPPORTED` is set.
+      PeftFormatError: the file is missing or not JSON, no kind's :class:`Format` claims it (``peft_type``
+        ``'LORA'``, with or without ``use_dora``, or ``'IA3'``), or an option in :data:`UNSUPPORTED` is set.
     """
     path = Path(peft_dir) / CONFIG_FILE
     if not path.is_file():
@@ -367,15 +376,14 @@ def read_config(peft_dir) -> dict:
         raise PeftFormatError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise PeftFormatError(f"{path} holds a JSON {type(config).__name__}, not an adapter config object")
-    peft_type = config.get("peft_type")
-    readable = sorted(set(_kinds()) & set(READERS))
-    if peft_type not in readable:
-        raise PeftFormatError(f"{path} has peft_type={peft_type!r}; jlora imports PEFT adapters of peft_type {readable}")
+    if format_of(config) is None:
+        readable = sorted({f.peft_type for f in FORMATS.values()})
+        raise PeftFormatError(
+            f"{path} has peft_type={config.get('peft_type')!r}; jlora imports PEFT adapters of peft_type {readable}"
+        )
     for option, what in UNSUPPORTED.items():
         if config.get(option):
             raise PeftFormatError(f"{path} sets {option}={config[option]!r}: {what} is not implemented by jlora")
-    if config.get("use_dora") and "DORA" not in _kinds():
-        raise PeftFormatError(f"{path} sets use_dora=true, but this jlora has no DoRA adapter kind (jlora.dora)")
     return config
 
 
@@ -396,22 +404,20 @@ def read_weights(peft_dir) -> dict[str, np.ndarray]:
         raise PeftFormatError(f"{path} is not a readable safetensors file ({error})") from None
 
 
+def format_of(config: dict) -> Format | None:
+    """The :class:`Format` that claims an adapter_config dict, or None."""
+    return next((f for f in FORMATS.values() if f.claims(config)), None)
+
+
 def _split_name(name: str) -> tuple[str, str] | None:
-    """``(module, factor)`` of a tensor name ``base_model.model.<module>.<factor>``, or None."""
+    """``(module, tensor)`` of a tensor name ``base_model.model.<module>.<tensor>``, or None."""
     if not name.startswith(PREFIX):
         return None
-    for factor in (*FACTORS["kernel"], *FACTORS["embedding"], BASE_WEIGHT, MAGNITUDE, IA3_VECTOR):
-        if name.endswith("." + factor):
-            return name[len(PREFIX): -len(factor) - 1], factor
+    known = {BASE_WEIGHT, *(t for f in FORMATS.values() for names in f.tensors.values() for t in names)}
+    for tensor in known:
+        if name.endswith("." + tensor):
+            return name[len(PREFIX): -len(tensor) - 1], tensor
     return None
-
-
-def _wanted(config: dict, path: str) -> tuple[str, ...]:
-    """The tensor names a module at ``path`` holds under this config (besides PEFT's saved base weight)."""
-    leaf = path.rsplit("/", 1)[-1]
-    if config["peft_type"] == "IA3":
-        return (IA3_VECTOR,) if leaf == "kernel" else ()
-    return FACTORS[leaf] + ((MAGNITUDE,) if config.get("use_dora") else ())
 
 
 def import_peft(peft_dir, params, model_config) -> dict:
@@ -441,6 +447,8 @@ def import_peft(peft_dir, params, model_config) -> dict:
       >>> logits = jlora.adapt(model.apply)(variables, adapters, tokens)
     """
     config = read_config(peft_dir)
+    format = format_of(config)
+    wanted = lambda path: format.tensors.get(path.rsplit("/", 1)[-1], ())
     tensors = read_weights(peft_dir)
     source = Path(peft_dir) / WEIGHTS_FILE
     known = {module: path for path, module in modules(model_config).items()}
@@ -451,21 +459,20 @@ def import_peft(peft_dir, params, model_config) -> dict:
     factors, stray = collections.defaultdict(dict), []
     for name, array in tensors.items():
         parsed = _split_name(name)
-        if parsed is None or parsed[0] not in known or parsed[1] not in (BASE_WEIGHT, *_wanted(config, known[parsed[0]])):
+        if parsed is None or parsed[0] not in known or parsed[1] not in (BASE_WEIGHT, *wanted(known[parsed[0]])):
             stray.append(name)
             continue
         factors[parsed[0]][parsed[1]] = array
     if stray:
-        example = next(module for module, path in known.items() if path.endswith("/kernel"))
+        example, example_path = next((module, path) for module, path in known.items() if path.endswith("/kernel"))
         raise PeftFormatError(
             f"{source}: tensor(s) {paths.fmt_paths(stray)} are not {config['peft_type']} tensors of any module of "
-            f"this {type(model_config).__name__} (names look like {PREFIX}{example}.{_wanted(config, 'kernel')[0]}); "
+            f"this {type(model_config).__name__} (names look like {PREFIX}{example}.{wanted(example_path)[0]}); "
             "another base model or adapter kind?"
         )
     if not factors:
         raise PeftFormatError(f"{source} holds no adapter tensors")
 
-    reader = READERS[config["peft_type"]]
     adapters = {}
     for module, held in factors.items():
         path = known[module]
@@ -484,7 +491,7 @@ def import_peft(peft_dir, params, model_config) -> dict:
             if not held:
                 continue
         where = _Where(source, module, root + path, base, weights, model_config)
-        adapters[root + path] = reader(config, held, where)
+        adapters[root + path] = format.read(config, held, where)
     return paths.nest(adapters)
 
 
@@ -528,17 +535,19 @@ def _lora_import(config: dict, held: dict, where: _Where):
                 f"tensor {where.tensor(name)} has shape {tuple(array.shape)}, expected {want} "
                 f"(r={rank} from the config, base weight {where.path} of shape {base_shape})"
             )
-    lora = LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), scaling)
-    if not config.get("use_dora"):
-        return lora
-    if not path.endswith("/kernel"):
+    return LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), scaling)
+
+
+def _dora_import(config: dict, held: dict, where: _Where):
+    lora = _lora_import(config, held, where)
+    if not where.path.endswith("/kernel"):
         raise where.refuse(f"DoRA on {where.module}, an embedding; jlora imports DoRA on Linear/Conv1D weights")
     magnitude = held.get(MAGNITUDE)
     if magnitude is None:
         raise where.refuse(f"{where.tensor(MAGNITUDE)} is missing: a DoRA adapter (use_dora=true) has one per target")
     if tuple(magnitude.shape) != lora.out_shape:
         raise where.refuse(f"{where.tensor(MAGNITUDE)} has shape {tuple(magnitude.shape)}, expected {lora.out_shape}")
-    shell = _kinds()["DORA"](lora.a, lora.b, jnp.asarray(magnitude), None, lora.scaling, lora.stack_axes)
+    shell = DoRA(lora.a, lora.b, jnp.asarray(magnitude), None, lora.scaling, lora.stack_axes)
     # base_norm = ‖W0‖ per column: what jlora.dora.init records, for unmerge
     return dataclasses.replace(shell, base_norm=shell.column_norm(where.base))
 
@@ -552,8 +561,6 @@ def _is_feedforward(config: dict, module: str) -> bool:
 
 
 def _ia3_import(config: dict, held: dict, where: _Where):
-    from jlora.ia3 import INPUT, OUTPUT
-
     vector = held[IA3_VECTOR]
     fan_in, fan_out = tuple(where.base.shape)
     feedforward = _is_feedforward(config, where.module)
@@ -571,7 +578,15 @@ def _ia3_import(config: dict, held: dict, where: _Where):
             f"and the base's {where.path.rsplit('/', 1)[0]}/bias is not zero"
         )
     side = INPUT if feedforward else OUTPUT
-    return _kinds()["IA3"](jnp.asarray(vector.reshape(-1)), (fan_in, fan_out), side)
+    return IA3(jnp.asarray(vector.reshape(-1)), (fan_in, fan_out), side)
 
 
-READERS = {"LORA": _lora_import, "IA3": _ia3_import}
+def _is_lora(config: dict, use_dora: bool) -> bool:
+    return config.get("peft_type") == "LORA" and bool(config.get("use_dora")) == use_dora
+
+
+register("lora", Format("LORA", functools.partial(_is_lora, use_dora=False), FACTORS, _lora_export, _lora_import))
+register("dora", Format("LORA", functools.partial(_is_lora, use_dora=True), {"kernel": (*FACTORS["kernel"], MAGNITUDE), "embedding": FACTORS["embedding"]},
+                        functools.partial(_lora_export, use_dora=True), _dora_import))
+register("ia3", Format("IA3", lambda config: config.get("peft_type") == "IA3", {"kernel": (IA3_VECTOR,)}, _ia3_export,
+                       _ia3_import))

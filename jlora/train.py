@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jlora
+from jlora import data
 
 DATA = "data"
 
@@ -145,10 +146,13 @@ def make_eval(apply_fn: Callable):
     return jax.jit(evaluate)
 
 
-def perplexity(evaluate, params, adapters, batches) -> float:
-    """exp(mean loss) over all masked tokens of ``batches``."""
+def perplexity(evaluate, params, adapters, dataset, batch_size: int, max_batches: int | None = None) -> float:
+    """exp(mean loss) over every masked token of ``dataset`` (of its first ``max_batches`` batches),
+    in order, with ``evaluate`` from :func:`make_eval`; ``adapters`` may be None (the base alone)."""
     total, count = 0.0, 0.0
-    for batch in batches:
+    for index, batch in enumerate(data.eval_batches(dataset, batch_size)):
+        if max_batches is not None and index >= max_batches:
+            break
         loss_sum, n = evaluate(params, adapters, batch)
         total, count = total + float(loss_sum), count + float(n)
     return math.exp(total / max(count, 1.0))
@@ -188,18 +192,3 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     if rows % n:
         raise ValueError(f"batch of {rows} rows cannot be split over {n} devices; use a multiple of {n}")
     return jax.device_put(batch, NamedSharding(mesh, P(DATA)))
-
-
-class LossNotFinite(RuntimeError):
-    """The loss became NaN or infinite; the step it happened at is ``step``."""
-
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"loss is {loss} at step {step}; stopping (the last checkpoint is kept)")
-        self.step, self.loss = step, loss
-
-
-def check_finite(step: int, metrics: dict) -> float:
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-        raise LossNotFinite(step, loss)
-    return loss

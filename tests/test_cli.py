@@ -143,7 +143,7 @@ def test_unwritable_out_and_existing_or_mismatched_checkpoints_lose_nothing(tmp_
     assert run("finetune", "--max-steps", 2, "--out", out, *SMALL) == 2
     assert "already holds checkpoints up to step 1; pass --resume" in capsys.readouterr().err
     assert run("finetune", "--max-steps", 2, "--out", out, "--resume", "--rank", 4, *SMALL) == 2
-    assert "'rank': 8" in capsys.readouterr().err
+    assert "--resume continues the adapters in" in (err := capsys.readouterr().err) and "drop --rank 4" in err
     assert checkpoint.Checkpointer(out / "checkpoints").latest_step() == 1
 
 

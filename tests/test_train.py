@@ -103,12 +103,6 @@ def test_frozen_base_never_changes_and_loss_drops(setup):
     jax.tree.map(np.testing.assert_array_equal, params_after, params)
 
 
-def test_non_finite_loss_names_the_step():
-    with pytest.raises(train.LossNotFinite, match="loss is nan at step 7"):
-        train.check_finite(7, {"loss": jnp.array(jnp.nan)})
-    assert train.check_finite(3, {"loss": jnp.array(2.5)}) == 2.5
-
-
 def test_bad_settings_are_refused(setup):
     with pytest.raises(ValueError, match="batch_size 6 is not divisible by accumulate 4"):
         train.TrainConfig(batch_size=6, accumulate=4)

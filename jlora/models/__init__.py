@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jlora.models import gpt2, llama
 from jlora.models.checkpoint import CheckpointError, read_config, read_gguf
 from jlora.models.fetch import FetchError, fetch_smollm2
-from jlora.models.generate import generate, sample_logits
+from jlora.models.generate import complete, generate, sample_logits
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 from jlora.models.tokenizer import Tokenizer
@@ -94,5 +94,5 @@ def load(name_or_path, *, param_dtype=jnp.float32, dtype=jnp.float32):
                      f"directory.\nKnown names:\n{known}")
 
 
-__all__ = ["load", "load_gguf", "load_hf_dir", "generate", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",
+__all__ = ["load", "load_gguf", "load_hf_dir", "complete", "generate", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",
            "Llama", "LlamaConfig", "CheckpointError", "FetchError", "fetch_smollm2", "KNOWN"]

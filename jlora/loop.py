@@ -1,0 +1,185 @@
+"""The training loop: steps, a metrics history, periodic evaluation, checkpoints, and stopping cleanly.
+
+``fit`` drives any step function ``step(state, batch) -> (state, metrics)`` (``jlora.train.make_step``
+closed over the frozen base, or a full fine-tuning step) from the state's step to ``max_steps``:
+
+    result = jlora.fit(lambda s, b: step(s, frozen, b), state, batch_at, max_steps=100,
+                       checkpointer=ckpt, save_every=50, evaluate=validation, eval_every=25)
+
+Every step and every evaluation becomes one history entry (a dict with ``step``), appended to
+``history_path`` as a JSON line as soon as it exists. A NaN loss or Ctrl-C stops the loop with an
+exception that names the last checkpoint, which is left intact for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+class LossNotFinite(RuntimeError):
+    """The loss became NaN or infinite at ``step``; ``last_saved`` is the last checkpoint's step (or None)."""
+
+    def __init__(self, step: int, loss: float, last_saved: int | None = None):
+        super().__init__(f"loss is {loss} at step {step}; stopping (the last checkpoint is kept)")
+        self.step, self.loss, self.last_saved = step, loss, last_saved
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`; ``last_saved`` is the last checkpoint's step (or None), ``step`` the
+    steps completed."""
+
+    def __init__(self, step: int, last_saved: int | None):
+        super().__init__(step, last_saved)
+        self.step, self.last_saved = step, last_saved
+
+
+class FitResult(NamedTuple):
+    state: Any
+    history: list[dict]
+    last_saved: int | None
+
+
+def check_finite(step: int, metrics: dict) -> float:
+    """The loss of ``metrics`` as a float; :class:`LossNotFinite` when it is NaN or infinite."""
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise LossNotFinite(step, loss)
+    return loss
+
+
+def read_history(path, until: int | None = None) -> list[dict]:
+    """The entries of a history.jsonl (those with ``step <= until``, when given); [] if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if until is None or e["step"] <= until]
+
+
+def fit(
+    step: Callable,
+    state,
+    batches: Callable[[int], Any],
+    *,
+    max_steps: int,
+    start: int | None = None,
+    checkpointer=None,
+    metadata: dict | None = None,
+    save_every: int | None = None,
+    evaluate: Callable[[Any], dict] | None = None,
+    eval_every: int | None = None,
+    history_path=None,
+    log: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Runs ``step`` from ``start`` to ``max_steps``, checkpointing, evaluating and logging.
+
+    Args:
+      step: ``step(state, batch) -> (state, metrics)``; ``metrics`` holds at least ``loss``.
+      state: the state to start from; a fresh one, or one restored for a resume.
+      batches: ``batches(k)`` is the batch of step ``k`` (0-based), so a resumed run sees the same
+        batches as an uninterrupted one (``jlora.data.batch_at``).
+      max_steps: the step to stop at.
+      start: the step ``state`` is at; default ``int(state.step)``.
+      checkpointer: a ``jlora.checkpoint.Checkpointer``; saves every ``save_every`` steps (if given)
+        and after the last step, with ``metadata``.
+      evaluate: ``evaluate(state) -> {name: value}``, run before the first step of a fresh run,
+        every ``eval_every`` steps (if given) and after the last step.
+      history_path: a JSON-lines file: entries after ``start`` (from an interrupted run) are dropped,
+        then every new entry is appended and flushed.
+      log: called with each new history entry (progress display).
+
+    Returns:
+      :class:`FitResult`: the final state, the whole history (earlier entries of a resumed run
+      included) and the step of the last checkpoint.
+
+    Raises:
+      LossNotFinite: a step's loss is NaN or infinite (no checkpoint of that step is written).
+      Interrupted: Ctrl-C; a save in progress is finished or discarded by orbax as a whole.
+
+    Example:
+      >>> step = lambda n, batch: (n + 1, {"loss": 1.0 / (n + 1)})
+      >>> result = fit(step, 0, lambda k: None, max_steps=3, start=0)
+      >>> result.state, [entry["loss"] for entry in result.history]
+      (3, [1.0, 0.5, 0.3333333333333333])
+    """
+    start = int(state.step) if start is None else start
+    last_saved = checkpointer.latest_step() if checkpointer is not None else None
+    history = read_history(history_path, until=start) if history_path is not None else []
+    log_file = None
+    if history_path is not None:
+        log_file = Path(history_path).open("w")
+        log_file.writelines(json.dumps(entry) + "\n" for entry in history)
+        log_file.flush()
+
+    def record(entry: dict):
+        history.append(entry)
+        if log_file is not None:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+        if log is not None:
+            log(entry)
+
+    def run_eval(at: int):
+        record({"step": at, **{k: float(v) for k, v in evaluate(state).items()}})
+
+    done = start
+    try:
+        if evaluate is not None and start == 0:
+            run_eval(0)
+        began = time.perf_counter()
+        for k in range(start, max_steps):
+            state, metrics = step(state, batches(k))
+            loss = check_finite(k + 1, metrics)
+            now = time.perf_counter()
+            done = k + 1
+            record({"step": done, **{name: float(v) for name, v in metrics.items()}, "loss": loss,
+                    "seconds": now - began})
+            began = now
+            if checkpointer is not None and (done == max_steps or (save_every and done % save_every == 0)):
+                checkpointer.save(state, metadata)
+                last_saved = done
+            if evaluate is not None and (done == max_steps or (eval_every and done % eval_every == 0)):
+                run_eval(done)
+    except LossNotFinite as error:
+        error.last_saved = last_saved
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(done, last_saved) from None
+    finally:
+        if log_file is not None:
+            log_file.close()
+    return FitResult(state, history, last_saved)
+
+
+def plot_history(history: list[dict], path) -> None:
+    """Draws the training loss and the evaluated validation loss (log perplexity) of ``history`` to ``path``.
+
+    Raises:
+      ImportError: matplotlib is not installed (``pip install 'jlora[plot]'``).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'jlora[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    valid_points = [(h["step"], math.log(h["valid_perplexity"])) for h in history if "valid_perplexity" in h]
+    if train_points:
+        ax.plot(*zip(*train_points), label="train loss", lw=1)
+    if valid_points:
+        ax.plot(*zip(*valid_points), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
