@@ -1,8 +1,10 @@
 """Adapter-only orbax checkpoints: exact resume, crash safety, refusal of the wrong base or rank."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -122,3 +124,52 @@ def test_sigkill_mid_save_keeps_the_last_complete_checkpoint(tmp_path):
     state, meta = ckpt.restore(jax.eval_shape(lambda: template))
     assert meta["run"] == "first"
     np.testing.assert_array_equal(state.trainable["a"], np.ones((256, 256)))
+
+
+@pytest.mark.parametrize("kind, bias", [("lora", "lora_only"), ("dora", "none"), ("ia3", "all")])
+def test_a_checkpoint_restores_with_no_template_or_options(setup, tmp_path, kind, bias):
+    model, params, dataset = setup
+    config = train.TrainConfig(max_steps=2, warmup_steps=1, batch_size=4, lora_plus_ratio=4.0)
+    adapters = jlora.adapter.kind(kind).create(params, targets=["c_attn", "c_fc"])
+    frozen, trainable = jlora.split(params, adapters, bias)
+    state = train.make_step(model.apply, config)(train.init_state(trainable, config), frozen,
+                                                 data.batch_at(dataset, 4, 0, 0))[0]
+    checkpoint.Checkpointer(tmp_path).save(state, {"train": dataclasses.asdict(config)})
+    restored, meta = checkpoint.Checkpointer(tmp_path).restore()
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(state))
+    assert {a["kind"] for a in meta["trainable"]["adapters"].values()} == {kind}
+    assert sorted(meta["trainable"]["base"]) == sorted(p for p, _ in jlora.paths.leaves(trainable.base))
+
+
+LEGACY = Path(__file__).parent / "data" / "checkpoint-0.1"
+
+
+def test_a_checkpoint_of_jlora_0_1_restores_from_its_options(tmp_path):
+    # Written by jlora 0.1's code (tests/data/README.md): its metadata names the kind and init options only.
+    model = GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    params = model.init(jax.random.key(0), jnp.asarray(np.arange(32).reshape(2, 16) % 64, jnp.int32))
+    ckpt = checkpoint.Checkpointer(LEGACY)
+    with pytest.raises(checkpoint.CheckpointError, match=r"written by jlora 0.1.0 and does not describe its adapters; pass the base params"):
+        ckpt.restore()
+    state, meta = ckpt.restore(base=params, expect={"base": {"name": "tiny-gpt2", "fingerprint": checkpoint.base_fingerprint(params)}})
+    assert int(state.step) == 2 and meta["adapter"]["options"]["targets"] == "c_attn,c_fc"
+    saved = np.load(LEGACY.parent / "checkpoint-0.1-trainable.npz")
+    restored = {p.replace("/", "|"): np.asarray(x) for p, x in jlora.paths.leaves(state.trainable)}
+    assert sorted(restored) == sorted(saved.files) and len(saved.files) == 4 * 2 + 4  # a, b per weight; 4 biases
+    for name in saved.files:
+        np.testing.assert_array_equal(restored[name], saved[name])
+    lora = jlora.adapter.table(state.trainable.adapters)["params/h_0/attn/c_attn/kernel"]
+    assert isinstance(lora, jlora.LoRA) and lora.scaling == 2.0 and lora.rank == 2
+
+
+def test_a_checkpoint_of_an_unknown_kind_is_refused_naming_path_and_kind(setup, tmp_path):
+    model, params, dataset = setup
+    frozen, trainable = jlora.split(params, jlora.init(params, rank=2, targets=["c_attn"]))
+    state = train.init_state(trainable, CONFIG)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(state)
+    metadata = ckpt.metadata()
+    metadata["trainable"]["adapters"]["params/h_0/attn/c_attn/kernel"]["kind"] = "vera"
+    with pytest.raises(checkpoint.CheckpointError, match=r"1: adapter at 'params/h_0/attn/c_attn/kernel': unknown adapter kind 'vera'"):
+        checkpoint.saved_structure(metadata, where=tmp_path / "1")
