@@ -66,7 +66,25 @@ class Checkpointer:
     def __init__(self, directory, *, max_to_keep: int = 3):
         self.directory = writable_dir(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Each step holds each array once: all arrays in one atomic OCDBT transaction (one b-tree
+        # version), one chunk per array. orbax's StandardSave caps the bytes in flight, which commits
+        # every array as its own OCDBT version, each rewriting the whole b-tree node (so a slow host
+        # kept dozens of dead copies in ocdbt.process_0/d), and its replica-parallel chunks of
+        # <= 1 KiB were inlined in that node and copied again into the merged one in d/.
+        arrays = ocp.type_handlers.create_type_handler_registry(
+            (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
+            (np.ndarray, ocp.type_handlers.NumpyHandler()),
+            (np.number, ocp.type_handlers.ScalarHandler()),
+            (int, ocp.type_handlers.ScalarHandler()),
+            (float, ocp.type_handlers.ScalarHandler()),
+        )
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add("state", ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(
+            handler_impl=ocp.BasePyTreeCheckpointHandler(type_handler_registry=arrays)))
+        registry.add("state", ocp.args.StandardRestore)
+        registry.add("meta", ocp.args.JsonSave)
+        registry.add("meta", ocp.args.JsonRestore)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -79,7 +97,7 @@ class Checkpointer:
         if isinstance(state.trainable, Trainable):
             metadata["trainable"] = describe_trainable(state.trainable)
         self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata)), force=True
+            step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(metadata)), force=True
         )
         self.manager.wait_until_finished()
         return self.directory / str(step)

@@ -81,3 +81,16 @@ def test_ctrl_c_says_how_far_it_got_and_what_is_saved(before, stop_at, last_save
 
 def test_fit_is_the_public_loop():
     assert jlora.fit is loop.fit
+
+
+def test_plotting_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"plotting needs matplotlib: pip install 'jlora\[plot\]'"):
+        loop.plot_history([{"step": 1, "loss": 1.0}], tmp_path / "loss.png")
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_the_plot_draws_training_and_evaluated_points(tmp_path):
+    loop.plot_history([{"step": 0, "valid_perplexity": 9.0}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
+                       {"step": 2, "valid_perplexity": 5.0}], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
