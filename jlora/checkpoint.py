@@ -28,6 +28,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, or does not fit the base model or settings it is restored into."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint step's files cannot be read (truncated, deleted, corrupted)."""
+
+
 def base_fingerprint(params) -> str:
     """A short hash of the base's paths, shapes, dtypes and first values of every weight."""
     digest = hashlib.sha256()
@@ -100,11 +104,16 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(metadata)), force=True
         )
         self.manager.wait_until_finished()
+        if step not in self.manager.all_steps():
+            raise CheckpointError(f"saving step {step} in {self.directory} did not complete")
         return self.directory / str(step)
 
     def metadata(self, step: int | None = None) -> dict:
         step = self._step(step)
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as error:  # orbax and tensorstore raise many types for missing or broken files
+            raise DamagedCheckpoint(f"cannot read the metadata of {self.directory / str(step)}: {_reason(error)}") from None
 
     def restore(self, abstract_state=None, step: int | None = None, expect: dict | None = None, base=None):
         """Returns ``(state, metadata)`` of ``step`` (default: the latest complete one).
@@ -116,6 +125,11 @@ class Checkpointer:
           expect: metadata entries the checkpoint must match (e.g. ``base``).
           base: the base params; needed only for a checkpoint of jlora 0.1, which did not describe
             its adapters (they are rebuilt from its options).
+
+        Raises:
+          CheckpointError: no such step, ``expect`` differs, or the template's adapters differ from
+            the saved ones (each differing path named with both shapes).
+          DamagedCheckpoint: the step's files cannot be read.
         """
         step = self._step(step)
         metadata = self.metadata(step)
@@ -126,10 +140,39 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {where} was made with {key}={found}, but this run has {key}={wanted}")
         if abstract_state is None:
             abstract_state = saved_structure(metadata, base, where)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
+        elif "trainable" in metadata and isinstance(getattr(abstract_state, "trainable", None), Trainable):
+            _refuse_other_adapters(describe_trainable(abstract_state.trainable)["adapters"],
+                                   metadata["trainable"]["adapters"], where)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as error:
+            raise DamagedCheckpoint(f"cannot restore {where}: {_reason(error)}") from None
         return restored["state"], metadata
+
+    def restore_intact(self, abstract_state=None, expect: dict | None = None, base=None):
+        """:meth:`restore` of the newest step that restores: a damaged newer step is moved aside to
+        ``<step>.damaged`` (its files are kept) and reported.
+
+        Returns:
+          ``(state, metadata, damaged)``, ``damaged`` a list of ``"<path>: <reason>"`` for the steps skipped.
+
+        Raises:
+          CheckpointError: no step restores (every one's reason is listed), or one does not fit
+            (``expect``, other adapters): that is no damage, so no older step is tried.
+        """
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, metadata = self.restore(abstract_state, step, expect, base)
+            except DamagedCheckpoint as error:
+                aside = self.directory / f"{step}.damaged"
+                (self.directory / str(step)).rename(aside)
+                damaged.append(f"{error} (moved to {aside})")
+                continue
+            self.manager.reload()
+            return state, metadata, damaged
+        self.manager.reload()
+        raise CheckpointError(f"no checkpoint in {self.directory} restores" + "".join(f"\n  {d}" for d in damaged))
 
     def _step(self, step):
         step = self.latest_step() if step is None else step
@@ -178,3 +221,26 @@ def _rebuilt(metadata: dict, base, where) -> dict:
     unfrozen = set(trainable_base_paths(base, adapters, saved.get("bias", "none")))
     trained_base = paths.nest({p: w for p, w in paths.leaves(base) if p in unfrozen})
     return describe_trainable(Trainable(adapters, trained_base))
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an orbax/tensorstore error, which can run to pages."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _refuse_other_adapters(template: dict, saved: dict, where) -> None:
+    differing = [p for p in sorted(set(template) | set(saved)) if template.get(p) != saved.get(p)]
+    if differing:
+        shown = "; ".join(f"{p}: saved {_brief(saved.get(p))}, template {_brief(template.get(p))}" for p in differing[:3])
+        raise CheckpointError(
+            f"{where} holds other adapters than the template at {len(differing)} path(s): {shown}"
+            + ("; ..." if len(differing) > 3 else "")
+        )
+
+
+def _brief(entry: dict | None) -> str:
+    if entry is None:
+        return "none"
+    arrays = ", ".join(f"{f} {tuple(shape)}" for f, (shape, _) in entry["arrays"].items())
+    return f"{entry['kind']} ({arrays})"

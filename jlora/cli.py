@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,12 +42,28 @@ class UsageError(Exception):
 
 
 def load_base(name, dtype="float32"):
+    """``(model, params, tokenizer, config)`` of a base; one without tokenizer files is refused."""
     from jlora import models
 
-    try:
-        return models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from None
+    loaded = models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
+    if loaded[2] is None:
+        raise UsageError(f"base {name} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
+                         "jlora's commands encode text with it")
+    return loaded
+
+
+def prepare_out(out, overwrite: bool, base=None) -> Path:
+    """``out`` for an export: refused when it is a file, the base's own directory, or (without
+    ``--overwrite``) a directory that already holds files."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; give a directory to write into")
+    if base is not None and Path(str(base)).expanduser().is_dir() and out.resolve() == Path(str(base)).expanduser().resolve():
+        raise UsageError(f"{out} is the base model's own directory; writing there would replace the base")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} already holds {', '.join(sorted(p.name for p in out.iterdir())[:5])}; "
+                         "pass --overwrite to replace it, or choose a new directory")
+    return out
 
 
 def adapter_options(args) -> dict:
@@ -162,6 +179,8 @@ def finetune(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
                          f"times the {jax.device_count()} devices the batch is split over")
     model, params, tokenizer, config = load_base(args.base, args.dtype)
+    if args.seq_len > model.max_length:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
     try:
         train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid,
                                                 args.valid_fraction, args.seed)
@@ -182,12 +201,17 @@ def finetune(args) -> int:
     }
     mesh = train.mesh()
     if args.resume:
-        saved = ckpt.metadata()
+        try:
+            state, saved, damaged = ckpt.restore_intact(expect={"base": base_identity(args.base, params)}, base=params)
+        except checkpoint.CheckpointError as error:
+            raise UsageError(f"--resume: {error}") from None
+        for report in damaged:
+            print(f"warning: skipped a damaged checkpoint: {report}", file=sys.stderr)
         conflicts = resume_conflicts(args, saved.get("adapter") or {})
         if conflicts:
             raise UsageError(f"--resume continues the adapters in {ckpt.directory}, made with "
                              f"{saved.get('adapter')}; drop {', '.join(conflicts)}")
-        state, saved = restore(ckpt, args.base, params)
+        print(f"resuming from step {int(state.step)} in {ckpt.directory}", file=sys.stderr)
         metadata["adapter"] = saved.get("adapter")
         if saved.get("train") != metadata["train"]:
             print(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
@@ -236,6 +260,9 @@ def finetune(args) -> int:
             evaluate=validation if valid_set is not None else None, history_path=out / "history.jsonl", log=log,
         )
     except loop.LossNotFinite as error:
+        print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
+        return 1
+    except loop.SaveFailed as error:
         print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
         return 1
     except loop.Interrupted as interrupt:
@@ -320,8 +347,9 @@ def eval_cmd(args) -> int:
 def merge_cmd(args) -> int:
     from jlora.models.export import save_hf
 
-    model, params, _, config, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
-    save_hf(args.out, jlora.merge(params, adapters), config)
+    model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype)
+    out = prepare_out(args.out, args.overwrite, args.base or metadata["base"]["name"])
+    save_hf(out, jlora.merge(params, adapters), config)
     print(f"merged weights written to {args.out}", file=sys.stderr)
     return 0
 
@@ -331,8 +359,9 @@ def export_peft_cmd(args) -> int:
 
     model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype)
     options = (metadata.get("adapter") or {}).get("options") or {}
+    out = prepare_out(args.out, args.overwrite, args.base or metadata["base"]["name"])
     try:
-        out = jlora.peft.export_peft(adapters, config, args.out, base_model_name_or_path=metadata["base"]["name"],
+        out = jlora.peft.export_peft(adapters, config, out, base_model_name_or_path=metadata["base"]["name"],
                                      use_rslora=bool(options.get("use_rslora")))
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -363,93 +392,116 @@ def import_peft_cmd(args) -> int:
     return 0
 
 
+def number(kind, low, high=None, *, above=False):
+    """An argparse type: ``kind`` (int or float) ``>= low`` (``> low`` if ``above``) and ``< high``."""
+    bound = f"{'>' if above else '>='} {low}" + ("" if high is None else f" and < {high}")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound}")
+        return value
+
+    return parse
+
+
+COUNT, SIZE, NONNEGATIVE = number(int, 1), number(int, 1), number(int, 0)
+POSITIVE, SHARE = number(float, 0, above=True), number(float, 0, 1)
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0])
+    top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = top.add_subparsers(dest="command", required=True)
 
-    def common(p, base_default=None):
-        p.add_argument("--base", default=base_default, help=f"model name or path (default {DEFAULT_BASE})")
+    def command(name, help, base_help):
+        p = sub.add_parser(name, help=help, allow_abbrev=False)
+        p.add_argument("--base", default=DEFAULT_BASE if name == "finetune" else None, help=base_help)
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        return p
 
-    p = sub.add_parser("finetune", help="fine-tune adapters on text or prompt/completion JSONL")
-    common(p, DEFAULT_BASE)
+    from_checkpoint = f"model name or path (default: the checkpoint's base, else {DEFAULT_BASE})"
+    p = command("finetune", "fine-tune adapters on text or prompt/completion JSONL", f"model name or path (default {DEFAULT_BASE})")
     p.add_argument("--data", nargs="+", help="training .txt or .jsonl files (default: bundled Shakespeare)")
     p.add_argument("--valid", nargs="+", help="validation files (default: the corpus's held-out plays)")
-    p.add_argument("--valid-fraction", type=float, help="hold out this share of --data instead of --valid")
+    p.add_argument("--valid-fraction", type=number(float, 0, 1, above=True), help="hold out this share of --data instead of --valid")
     p.add_argument("--method", choices=sorted(adapter.KINDS), help=f"adapter kind (default {DEFAULT_METHOD})")
-    p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
-    p.add_argument("--alpha", type=float, help="lora_alpha (default: rank, so scaling 1)")
+    p.add_argument("--rank", type=COUNT, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=POSITIVE, help="lora_alpha (default: rank, so scaling 1)")
     p.add_argument("--rslora", dest="use_rslora", action="store_true", default=None, help="scaling alpha/sqrt(rank)")
     p.add_argument("--targets", help="comma-separated module names or a regex (default: the kind's)")
     p.add_argument("--bias", choices=["none", "all", "lora_only"], help="base biases that train (default none)")
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--max-steps", type=COUNT, default=100)
+    p.add_argument("--batch-size", type=SIZE, default=4)
+    p.add_argument("--seq-len", type=number(int, 2), default=128)
+    p.add_argument("--accumulate", type=COUNT, default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3)
+    p.add_argument("--warmup", type=NONNEGATIVE, default=10)
     p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B's learning rate over A's")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="global norm clip (0: none)")
+    p.add_argument("--dropout", type=SHARE, default=0.0, help="LoRA dropout")
+    p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: B's learning rate over A's")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen base over devices")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches before and after")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0)
+    p.add_argument("--eval-batches", type=COUNT, default=8, help="validation batches before and after")
+    p.add_argument("--save-every", type=COUNT, default=50)
+    p.add_argument("--keep", type=COUNT, default=3, help="checkpoints to keep (at least 1)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the before/after samples")
-    p.add_argument("--sample-tokens", type=int, default=40)
+    p.add_argument("--sample-tokens", type=NONNEGATIVE, default=40)
     p.add_argument("--out", default="runs/jlora")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
     p.set_defaults(run=finetune)
 
-    p = sub.add_parser("generate", help="continue a prompt with the base or base + adapters")
-    common(p)
+    p = command("generate", "continue a prompt with the base or base + adapters", from_checkpoint)
     p.add_argument("--checkpoint", help="a run directory or its checkpoints/")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=NONNEGATIVE, default=60)
+    p.add_argument("--temperature", type=number(float, 0), default=0.0)
+    p.add_argument("--seed", type=NONNEGATIVE, default=0)
     p.set_defaults(run=generate_cmd)
 
-    p = sub.add_parser("eval", help="perplexity of the base or base + adapters on a file")
-    common(p)
+    p = command("eval", "perplexity of the base or base + adapters on a file", from_checkpoint)
     p.add_argument("--checkpoint")
     p.add_argument("--data", nargs="+", help="text or JSONL files (default: the corpus's validation plays)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=16)
+    p.add_argument("--seq-len", type=number(int, 2), default=128)
+    p.add_argument("--batch-size", type=SIZE, default=8)
+    p.add_argument("--max-batches", type=COUNT, default=16)
     p.set_defaults(run=eval_cmd)
 
-    p = sub.add_parser("merge", help="write base + adapters as one Hugging Face safetensors model")
-    common(p)
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.set_defaults(run=merge_cmd)
+    for name, help, run in (("merge", "write base + adapters as one Hugging Face safetensors model", merge_cmd),
+                            ("export-peft", "write a checkpoint's adapters in PEFT's format", export_peft_cmd)):
+        p = command(name, help, from_checkpoint)
+        p.add_argument("checkpoint")
+        p.add_argument("out", help="a new or empty directory")
+        p.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
+        p.set_defaults(run=run)
 
-    p = sub.add_parser("export-peft", help="write a checkpoint's adapters in PEFT's format")
-    common(p)
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.set_defaults(run=export_peft_cmd)
-
-    p = sub.add_parser("import-peft", help="turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint")
-    common(p)
+    p = command("import-peft", "turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint", f"model name or path (default {DEFAULT_BASE})")
     p.add_argument("peft_dir")
     p.add_argument("out", help="an empty directory for the checkpoint")
     p.set_defaults(run=import_peft_cmd)
     return top
 
 
+# Errors that mean bad input or a refused setting, not a bug: one line, exit status 2.
+EXPECTED = (UsageError, ValueError, NotImplementedError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as error:
+    except EXPECTED as error:
         print(f"jlora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\njlora {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

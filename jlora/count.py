@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 
 from jlora import paths
-from jlora.adapter import is_adapter
+from jlora.adapter import fitted_table, is_adapter
 from jlora.partition import trainable_base_paths
 
 
@@ -37,6 +37,7 @@ def count_params(params, adapters, bias: str = "none") -> ParamCount:
       >>> print(jlora.count_params(params, adapters))
       trainable params: 294,912 (1,179,648 bytes) || all params: ...
     """
+    fitted_table(params, adapters)  # adapters of another model are refused, naming the path
     unfrozen = set(trainable_base_paths(params, adapters, bias))
     base_n, base_b = _size(params)
     ad_n, ad_b = _size(adapters)

@@ -157,7 +157,9 @@ def init(
       >>> adapters['k_proj']['kernel'].scale.shape, adapters['down_proj']['kernel'].side
       ((8,), 'input')
     """
-    chosen = paths.select(params, DEFAULT_TARGETS if targets is None else targets)
+    chosen = paths.select(params, DEFAULT_TARGETS if targets is None else targets, every_name=targets is not None)
+    for name, option in (("in_axes", in_axes), ("stack_axes", stack_axes)):
+        paths.check_patterns(name, option, chosen)
     is_feedforward = _matcher(DEFAULT_FEEDFORWARD if feedforward is None else feedforward)
     is_fused = _matcher(DEFAULT_FUSED_QKV if fused_qkv is None else fused_qkv)
     if feedforward is not None:

@@ -38,6 +38,15 @@ class Interrupted(KeyboardInterrupt):
         self.step, self.last_saved = step, last_saved
 
 
+class SaveFailed(RuntimeError):
+    """Writing the checkpoint of ``step`` failed (a full disk, say); ``last_saved`` is the last good one."""
+
+    def __init__(self, step: int, last_saved: int | None, error: Exception):
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        super().__init__(f"saving the checkpoint of step {step} failed: {reason}")
+        self.step, self.last_saved, self.error = step, last_saved, error
+
+
 class FitResult(NamedTuple):
     state: Any
     history: list[dict]
@@ -99,6 +108,7 @@ def fit(
 
     Raises:
       LossNotFinite: a step's loss is NaN or infinite (no checkpoint of that step is written).
+      SaveFailed: a checkpoint could not be written; the earlier ones are intact.
       Interrupted: Ctrl-C; a save in progress is finished or discarded by orbax as a whole.
 
     Example:
@@ -141,7 +151,10 @@ def fit(
                     "seconds": now - began})
             began = now
             if checkpointer is not None and (done == max_steps or (save_every and done % save_every == 0)):
-                checkpointer.save(state, metadata)
+                try:
+                    checkpointer.save(state, metadata)
+                except Exception as error:  # orbax wraps OSError (ENOSPC, EACCES) in its own types
+                    raise SaveFailed(done, last_saved, error) from error
                 last_saved = done
             if evaluate is not None and (done == max_steps or (eval_every and done % eval_every == 0)):
                 run_eval(done)

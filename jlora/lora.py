@@ -146,7 +146,10 @@ def init(
     if init not in ("gaussian", "kaiming"):
         raise ValueError(f"init must be 'gaussian' or 'kaiming', got {init!r}")
     key = jax.random.key(0) if key is None else key
-    chosen = paths.select(params, DEFAULT_TARGETS if targets is None else targets)
+    chosen = paths.select(params, DEFAULT_TARGETS if targets is None else targets, every_name=targets is not None)
+    for name, option in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern), ("in_axes", in_axes),
+                         ("stack_axes", stack_axes)):
+        paths.check_patterns(name, option, chosen)
     keys = jax.random.split(key, len(chosen))
     adapters = {}
     for k, (path, w) in zip(keys, chosen.items()):
@@ -166,6 +169,9 @@ def init(
                 f"integer in 1..{min(fan_in, fan_out)}"
             )
         a_alpha = paths.per_path(alpha_pattern, path, r if alpha is None else alpha)
+        if isinstance(a_alpha, bool) or not isinstance(a_alpha, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(a_alpha) or a_alpha <= 0:
+            raise ValueError(f"alpha {a_alpha!r} for {path!r} must be a finite number > 0 (scaling = alpha / r)")
         if init == "gaussian":
             a = jax.random.normal(k, s + i + (r,), jnp.float32) / r
         else:

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import jax
+import numpy as np
+
 from jlora import paths
 from jlora.adapter import fitted_table
 
 
+def refuse_non_finite(path: str, adapter, method: str = "merge") -> None:
+    """Raises ValueError when an adapter holds NaN or infinite values (PEFT's ``safe_merge``): merged,
+    they would silently corrupt the weight. Skipped under tracing, where values are not known."""
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(adapter)[0]:
+        if isinstance(leaf, jax.core.Tracer):
+            continue
+        values = np.asarray(leaf)
+        bad = int(values.size - np.isfinite(values).sum())
+        if bad:
+            raise ValueError(
+                f"cannot {method} the adapter at {path!r}: its {paths.key_name(keypath[0])} holds {bad} non-finite "
+                f"value(s) of {values.size} (NaN or inf, e.g. from a diverged run); the weight would be corrupted"
+            )
+
+
 def _apply(params, adapters, method: str):
     found = fitted_table(params, adapters)
+    for path, adapter in found.items():
+        refuse_non_finite(path, adapter, method)
 
     def one(path, w):
         if path not in found:
@@ -34,7 +54,8 @@ def merge(params, adapters):
       The merged parameter pytree.
 
     Raises:
-      ValueError: an adapter's path is missing from ``params`` or its weight has another shape.
+      ValueError: an adapter's path is missing from ``params`` or its weight has another shape, or an
+        adapter holds NaN or infinite values (as PEFT's ``safe_merge``).
 
     Example:
       >>> merged = jlora.merge(params, adapters)

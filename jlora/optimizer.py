@@ -50,7 +50,17 @@ def optimizer(tx: optax.GradientTransformation, *, lora_plus_ratio: float | None
       >>> tx = jlora.optimizer(optax.adamw(1e-3))
       >>> opt_state = tx.init(trainable)
     """
+    if lora_plus_ratio is not None and not (isinstance(lora_plus_ratio, (int, float)) and 0 < lora_plus_ratio < float("inf")):
+        raise ValueError(f"lora_plus_ratio must be a finite number > 0 (B's learning rate over A's), got {lora_plus_ratio!r}")
     b_tx = tx if lora_plus_ratio is None else optax.chain(tx, optax.scale(lora_plus_ratio))
-    return optax.multi_transform(
-        {ADAPTER: tx, ADAPTER_B: b_tx, BASE: tx, FROZEN: optax.set_to_zero()}, labels
-    )
+    masked = optax.multi_transform({ADAPTER: tx, ADAPTER_B: b_tx, BASE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+    def init(tree):
+        if all(label == FROZEN for label in jax.tree.leaves(labels(tree))):
+            raise ValueError(
+                "jlora.optimizer got a tree with no trainable leaves (no adapters, no unfrozen base leaves), so every "
+                "update would be zero; pass the trainable tree of jlora.split, an adapter tree, or (params, adapters)"
+            )
+        return masked.init(tree)
+
+    return masked._replace(init=init)

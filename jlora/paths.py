@@ -5,6 +5,7 @@ Every other module walks trees and matches targets through the functions here.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -68,8 +69,24 @@ def is_floating_matrix(leaf) -> bool:
     return hasattr(leaf, "shape") and len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
-def _contains_name(path: str, name: str) -> bool:
+def _dotted(path: str) -> str:
+    """``params/layers_1/self_attn/k_proj/kernel`` as PEFT's module names read: ``params.layers.1.self_attn.k_proj.kernel``."""
+    return ".".join(re.sub(r"^(.+)_(\d+)$", r"\1.\2", part) for part in path.split("/"))
+
+
+def names_module(path: str, name: str) -> bool:
+    """Whether ``name`` names a module on ``path``: a component or a run of them, in jlora's spelling
+    (``attn/c_proj``, ``layers_1/self_attn``) or PEFT's dotted one (``attn.c_proj``, ``layers.1.self_attn``)."""
+    if "." in name and "/" not in name:
+        return f".{name}." in f".{_dotted(path)}."
     return f"/{name}/" in f"/{path}/"
+
+
+def _regex(pattern: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {error}") from None
 
 
 def matcher(targets: Target) -> tuple[Callable[[str, Any], bool], bool]:
@@ -80,30 +97,57 @@ def matcher(targets: Target) -> tuple[Callable[[str, Any], bool], bool]:
     rather than rejected).
 
     - a ``str``: a regex, ``re.fullmatch``-ed against the whole path.
-    - a sequence of ``str``: module names; a name matches a path component or a run of them
-      (``'attn/c_proj'``).
+    - a sequence of ``str``: module names (:func:`names_module`); a name matches a path component
+      or a run of them, ``'attn/c_proj'`` or PEFT's ``'attn.c_proj'``.
     - a callable ``(path, leaf) -> bool``.
+
+    Raises:
+      ValueError: an invalid regex. TypeError: anything else than the three forms.
     """
     if isinstance(targets, str):
-        pattern = re.compile(targets)
+        pattern = _regex(targets, "targets")
         return (lambda path, leaf: pattern.fullmatch(path) is not None), False
     if callable(targets):
         return targets, False
-    names = tuple(targets)
+    names = tuple(targets) if isinstance(targets, (list, tuple, set, frozenset)) else ()
     if not names or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"targets must be a regex str, a list of names or a predicate, got {targets!r}")
-    return (lambda path, leaf: any(_contains_name(path, n) for n in names)), True
+        raise TypeError(
+            f"targets must be a regex str, a non-empty list of module names or a predicate (path, leaf) -> bool, "
+            f"got {targets!r}"
+        )
+    return (lambda path, leaf: any(names_module(path, n) for n in names)), True
 
 
-def select(tree, targets: Target) -> dict[str, Any]:
+def _describe(leaf) -> str:
+    return f"shape {getattr(leaf, 'shape', None)}, dtype {getattr(leaf, 'dtype', type(leaf).__name__)}"
+
+
+def close_names(name: str, paths_: Iterable[str], most: int = 3) -> list[str]:
+    """Module names on ``paths_`` that look like ``name`` (a typo, another model's spelling)."""
+    modules = set()
+    for path in paths_:
+        parts = path.split("/")[:-1]
+        modules |= {"/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, min(i + 3, len(parts)) + 1)}
+    return difflib.get_close_matches(name.replace(".", "/"), sorted(modules), n=most, cutoff=0.6)
+
+
+def select(tree, targets: Target, *, every_name: bool = True) -> dict[str, Any]:
     """The ``{path: leaf}`` of ``tree`` that ``targets`` selects, each a floating matrix.
 
+    Args:
+      tree: a parameter pytree.
+      targets: as :func:`matcher` takes them.
+      every_name: with a list of names, each must select a weight (a typo is an error, not a name
+        that quietly adapts nothing); ``False`` for defaults that cover several model families.
+
     Raises:
-      ValueError: nothing matches (a few candidate paths are listed), or an explicitly matched leaf
-        is not a floating-point array of two or more dimensions.
+      ValueError: nothing matches, or (``every_name``) one name matches no weight: close module
+        names or candidate paths are listed, and leaves a name matched that are not floating
+        matrices (integer or 1-D weights) are named with their shape and dtype; or an explicitly
+        matched leaf (regex, predicate) is not a floating-point array of two or more dimensions.
     """
     match, by_name = matcher(targets)
-    chosen = {}
+    chosen, refused = {}, {}
     for path, leaf in leaves(tree):
         if not match(path, leaf):
             continue
@@ -111,32 +155,61 @@ def select(tree, targets: Target) -> dict[str, Any]:
             continue
         if not is_floating_matrix(leaf):
             if by_name:
+                refused[path] = leaf
                 continue
-            shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", type(leaf).__name__)
             raise ValueError(
-                f"target {path!r} is not a floating-point matrix (shape {shape}, dtype {dtype}); "
+                f"target {path!r} is not a floating-point matrix ({_describe(leaf)}); "
                 "LoRA adapts weights of two or more dimensions"
             )
         chosen[path] = leaf
-    if not chosen:
-        candidates = [p for p, leaf in leaves(tree) if is_floating_matrix(leaf)]
-        shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-        raise ValueError(f"targets {targets!r} match no weight; candidate paths: {shown or 'none'}")
-    return chosen
+    names = list(targets) if by_name else []
+    unmatched = [n for n in names if not any(names_module(p, n) for p in chosen)] if every_name else []
+    if chosen and not unmatched:
+        return chosen
+    candidates = [p for p, leaf in leaves(tree) if is_floating_matrix(leaf)]
+    details = []
+    for name in unmatched or names:
+        not_matrices = [f"{p} ({_describe(w)})" for p, w in refused.items() if names_module(p, name)]
+        close = close_names(name, candidates)
+        if not_matrices:
+            details.append(f"{name!r} names only weights that are not floating-point matrices: {fmt_paths(not_matrices, 3)}")
+        elif close:
+            details.append(f"{name!r}: did you mean {', '.join(map(repr, close))}?")
+    head = f"targets {targets!r} match no weight" if not chosen else f"targets {', '.join(map(repr, unmatched))} match no weight"
+    shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+    raise ValueError(head + "".join(f"; {d}" for d in details) + f"; candidate paths: {shown or 'none'}")
 
 
 def per_path(value, path: str, default):
-    """Resolves an option given as one value or as ``{regex: value}`` overrides for this path.
+    """Resolves an option given as one value or as ``{regex or module name: value}`` overrides.
 
     A mapping's keys are tried in order (PEFT's ``rank_pattern`` style): a key matches when it
-    ``re.fullmatch``-es the path or names a module in it; the first hit wins, else ``default``.
+    ``re.fullmatch``-es the path or names a module on it (:func:`names_module`); the first hit
+    wins, else ``default``.
     """
     if isinstance(value, Mapping):
         for pattern, item in value.items():
-            if re.fullmatch(pattern, path) or _contains_name(path, pattern):
+            if _key_matches(pattern, path):
                 return item
         return default
     return default if value is None else value
+
+
+def _key_matches(pattern: str, path: str) -> bool:
+    return _regex(pattern, "pattern key").fullmatch(path) is not None or names_module(path, pattern)
+
+
+def check_patterns(name: str, patterns, chosen: Iterable[str]) -> None:
+    """Raises ValueError when a key of ``patterns`` (``rank_pattern``, ...) selects none of ``chosen``."""
+    if not isinstance(patterns, Mapping):
+        return
+    chosen = list(chosen)
+    unused = [key for key in patterns if not any(_key_matches(key, p) for p in chosen)]
+    if unused:
+        raise ValueError(
+            f"{name} keys {unused} match none of the targeted weights ({fmt_paths(chosen)}); a key is a regex "
+            "fullmatch-ed against the path or a module name on it"
+        )
 
 
 def fmt_paths(paths: Iterable[str], most: int = 5) -> str:

@@ -45,10 +45,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        for name, low in (("max_steps", 1), ("batch_size", 1), ("accumulate", 1), ("warmup_steps", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low, high in (("learning_rate", 0.0, math.inf), ("weight_decay", 0.0, math.inf),
+                                ("grad_clip", 0.0, math.inf), ("dropout", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low <= value < high or (name == "learning_rate" and value == 0):
+                shown = "> 0" if name == "learning_rate" else f"in [{low}, {high})"
+                raise ValueError(f"{name} must be a finite number {shown}, got {value!r}")
         if self.batch_size % self.accumulate:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulate {self.accumulate}")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
 
 
 class TrainState(NamedTuple):

@@ -190,3 +190,67 @@ def test_a_saved_step_holds_each_array_once(tmp_path):
     assert 0.8 * data_bytes <= stored <= 1.05 * data_bytes + 16_384, (stored, data_bytes)  # zstd takes ~5%
     restored, _ = checkpoint.Checkpointer(tmp_path).restore(jax.eval_shape(lambda: state))
     jax.tree.map(np.testing.assert_array_equal, restored.trainable, arrays)
+
+
+def test_restoring_into_adapters_of_another_rank_names_the_paths_and_shapes(setup, tmp_path):
+    model, params, dataset = setup
+    frozen, state = fresh(params, rank=4)
+    checkpoint.Checkpointer(tmp_path).save(state)
+    _, other = fresh(params, rank=2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds other adapters than the template at 2 path\(s\): "
+                       r"params/h_0/attn/c_attn/kernel: saved lora \(a \(32, 4\), b \(4, 96\)\), template lora \(a \(32, 2\), b \(2, 96\)\)"):
+        checkpoint.Checkpointer(tmp_path).restore(jax.eval_shape(lambda: other))
+
+
+def saved_steps(params, directory, steps):
+    frozen, state = fresh(params)
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=5)
+    for step in steps:
+        ckpt.save(state._replace(step=jnp.array(step)))
+    return state
+
+
+@pytest.mark.parametrize("damage", ["truncate the array files", "delete the metadata"])
+def test_a_damaged_newest_step_is_reported_and_the_newest_intact_one_restored(setup, tmp_path, damage):
+    model, params, dataset = setup
+    state = saved_steps(params, tmp_path, [2, 4])
+    if damage == "truncate the array files":
+        for victim in (p for p in (tmp_path / "4" / "state").rglob("*") if p.is_file() and p.parent.name == "d"):
+            victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        (tmp_path / "4" / "meta" / "metadata").unlink()
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=rf"cannot (restore|read the metadata of) {tmp_path / '4'}"):
+        ckpt.restore()
+    restored, meta, damaged = ckpt.restore_intact()
+    assert int(restored.step) == 2 and meta["step"] == 2
+    assert len(damaged) == 1 and str(tmp_path / "4") in damaged[0] and damaged[0].endswith(f"(moved to {tmp_path / '4.damaged'})")
+    assert (tmp_path / "4.damaged").is_dir() and ckpt.latest_step() == 2
+    jax.tree.map(np.testing.assert_array_equal, restored.trainable, jax.device_get(state.trainable))
+
+
+def test_when_no_step_restores_every_reason_is_listed(setup, tmp_path):
+    model, params, dataset = setup
+    saved_steps(params, tmp_path, [1])
+    (tmp_path / "1" / "meta" / "metadata").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=rf"no checkpoint in {tmp_path} restores\n  cannot read the metadata of {tmp_path / '1'}"):
+        checkpoint.Checkpointer(tmp_path).restore_intact()
+
+
+def test_a_failed_save_stops_fit_naming_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    model, params, dataset = setup
+    frozen, state = fresh(params)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    step = train.make_step(model.apply, CONFIG)
+    real_save = ckpt.save
+
+    def disk_full_at_step_4(state, metadata=None):
+        if int(state.step) == 4:
+            raise OSError(28, "No space left on device")
+        return real_save(state, metadata)
+
+    monkeypatch.setattr(ckpt, "save", disk_full_at_step_4)
+    with pytest.raises(jlora.loop.SaveFailed, match="saving the checkpoint of step 4 failed: No space left on device") as failed:
+        jlora.fit(lambda s, b: step(s, frozen, b), state, lambda k: data.batch_at(dataset, 4, 0, k), max_steps=6,
+                  checkpointer=ckpt, save_every=2)
+    assert failed.value.last_saved == 2 and checkpoint.Checkpointer(tmp_path).latest_step() == 2

@@ -92,3 +92,10 @@ def test_stacked_layers_count_every_layer():
     params = {"query": {"kernel": jnp.zeros((LAYERS, 64, 32))}}
     adapters = jlora.init(params, rank=4, stack_axes=1)
     assert jlora.count_params(params, adapters).trainable == LAYERS * 4 * (64 + 32)
+
+
+def test_adapters_of_another_model_are_refused():
+    params = {"q_proj": {"kernel": jnp.ones((8, 8))}}
+    other = jlora.init({"q_proj": {"kernel": jnp.ones((8, 16))}}, rank=2)
+    with pytest.raises(ValueError, match=r"adapter at 'q_proj/kernel' is for a weight of shape \(8, 16\), but the params have shape \(8, 8\)"):
+        jlora.count_params(params, other)

@@ -307,3 +307,22 @@ def test_plain_function_output_is_unchanged_at_init():
 def _paths(adapters):
     return sorted(table(adapters))
 
+
+
+@pytest.mark.parametrize("alpha", [0, -8.0, float("nan"), float("inf"), True])
+def test_alpha_must_be_a_finite_positive_number(alpha):
+    params = {"q_proj": {"kernel": jnp.ones((8, 8))}}
+    with pytest.raises(ValueError, match=rf"alpha {alpha!r} for 'q_proj/kernel' must be a finite number > 0"):
+        jlora.init(params, alpha=alpha)
+    with pytest.raises(ValueError, match=r"must be a finite number > 0"):
+        jlora.pissa.init(params, rank=2, alpha=alpha)
+    with pytest.raises(ValueError, match=r"must be a finite number > 0"):
+        jlora.init(params, alpha_pattern={"q_proj": alpha})
+
+
+def test_rank_and_alpha_patterns_must_name_a_target():
+    params = {"q_proj": {"kernel": jnp.ones((8, 8))}, "v_proj": {"kernel": jnp.ones((8, 8))}}
+    with pytest.raises(ValueError, match=r"rank_pattern keys \['o_proj'\] match none of the targeted weights \(q_proj/kernel, v_proj/kernel\)"):
+        jlora.init(params, rank_pattern={"o_proj": 2})
+    with pytest.raises(ValueError, match=r"alpha_pattern keys \['k_proj'\]"):
+        jlora.init(params, alpha_pattern={"q_proj": 2.0, "k_proj": 4.0})

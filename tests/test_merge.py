@@ -214,3 +214,16 @@ def test_adapter_tree_with_a_stray_array_is_a_type_error():
     with pytest.raises(TypeError, match=r"adapter tree holds \w+ at 'query/bias', not an Adapter"):
         jlora.merge(params, adapters)
     assert sorted(table({"query": {"kernel": adapters["query"]["kernel"]}})) == ["query/kernel"]
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_adapters_are_refused_by_merge_and_unmerge(bad):
+    params = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+    adapters = jlora.init(params, rank=2)
+    lora = adapters["q_proj"]["kernel"]
+    broken = {"q_proj": {"kernel": dataclasses.replace(lora, b=lora.b.at[1, 3].set(bad))}}
+    for method in ("merge", "unmerge"):
+        with pytest.raises(ValueError, match=rf"cannot {method} the adapter at 'q_proj/kernel': its b holds 1 non-finite value\(s\) of 12"):
+            getattr(jlora, method)(params, broken)
+    # Under jit the values are not known; the check does not break tracing.
+    assert jax.jit(jlora.merge)(params, adapters)["q_proj"]["kernel"].shape == (4, 6)

@@ -172,3 +172,15 @@ def test_lora_plus_leaves_the_base_leaves_at_the_plain_rate():
     plus, _ = plus_tx.update(grads, plus_tx.init(trainable), trainable)
     for module in ("query", "value", "mlp"):
         np.testing.assert_array_equal(plus.base[module]["bias"], grads.base[module]["bias"] * -0.1)
+
+
+def test_an_optimizer_over_nothing_trainable_is_refused():
+    params = {"dense": {"kernel": jnp.ones((4, 4))}}
+    tx = jlora.optimizer(optax.adam(1e-3))
+    with pytest.raises(ValueError, match=r"jlora.optimizer got a tree with no trainable leaves .* every update would be zero"):
+        tx.init(params)
+    frozen, trainable = jlora.split(params, {})
+    with pytest.raises(ValueError, match="no trainable leaves"):
+        tx.init(trainable)
+    with pytest.raises(ValueError, match=r"lora_plus_ratio must be a finite number > 0 .* got -2"):
+        jlora.optimizer(optax.adam(1e-3), lora_plus_ratio=-2)

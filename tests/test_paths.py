@@ -164,7 +164,7 @@ def test_predicate_onto_a_python_scalar_is_rejected():
 
 @pytest.mark.parametrize("targets", [[], [1, 2], ("query", 3)])
 def test_bad_target_spec_is_a_type_error(targets):
-    with pytest.raises(TypeError, match="targets must be a regex str, a list of names or a predicate"):
+    with pytest.raises(TypeError, match="targets must be a regex str, a non-empty list of module names or a predicate"):
         paths.matcher(targets)
 
 
@@ -182,3 +182,50 @@ def test_per_path_takes_the_first_matching_pattern_else_default():
 def test_fmt_paths_shortens_long_lists():
     assert paths.fmt_paths(["a", "b"]) == "a, b"
     assert paths.fmt_paths([str(i) for i in range(7)]) == "0, 1, 2, 3, 4, ... (7 in all)"
+
+
+# ---- bad targets are errors that say what would be right ----
+
+LLAMA_LIKE = {"params": {f"layers_{i}": {"self_attn": {n: {"kernel": zeros(4, 4)} for n in ("q_proj", "k_proj")},
+                                         "mlp": {"down_proj": {"kernel": zeros(4, 4)}}} for i in range(2)}}
+
+
+def test_peft_dotted_module_names_select_what_peft_would():
+    assert list(paths.select(LLAMA_LIKE, ["layers.1.self_attn.k_proj"])) == ["params/layers_1/self_attn/k_proj/kernel"]
+    assert sorted(paths.select(LLAMA_LIKE, ["self_attn.q_proj", "mlp.down_proj"])) == [
+        "params/layers_0/mlp/down_proj/kernel", "params/layers_0/self_attn/q_proj/kernel",
+        "params/layers_1/mlp/down_proj/kernel", "params/layers_1/self_attn/q_proj/kernel"]
+    gpt2 = {"params": {"h_0": {"attn": {"c_proj": {"kernel": zeros(4, 4)}}, "mlp": {"c_proj": {"kernel": zeros(4, 4)}}}}}
+    assert list(paths.select(gpt2, ["attn.c_proj"])) == ["params/h_0/attn/c_proj/kernel"]
+
+
+def test_every_named_target_must_match_and_a_typo_gets_close_names():
+    with pytest.raises(ValueError, match=r"targets 'q_prj' match no weight; 'q_prj': did you mean 'q_proj', 'k_proj'\?; candidate paths: params/layers_0"):
+        paths.select(LLAMA_LIKE, ["k_proj", "q_prj"])
+    assert list(paths.select(LLAMA_LIKE, ["k_proj", "nothing"], every_name=False)) == [
+        "params/layers_0/self_attn/k_proj/kernel", "params/layers_1/self_attn/k_proj/kernel"]
+
+
+def test_bad_target_specs_raise_value_or_type_errors_that_name_them():
+    with pytest.raises(ValueError, match=r"targets 'q_proj\(' is not a valid regular expression: missing \)"):
+        paths.select(LLAMA_LIKE, "q_proj(")
+    with pytest.raises(TypeError, match=r"targets must be a regex str, a non-empty list of module names or a predicate .* got 5"):
+        paths.select(LLAMA_LIKE, 5)
+    with pytest.raises(TypeError, match=r"got \[\]"):
+        paths.select(LLAMA_LIKE, [])
+
+
+def test_naming_integer_weights_says_why_they_cannot_be_adapted():
+    tree = {"embed": {"kernel": zeros(4, 4, dtype=jnp.int8)}, "head": {"kernel": zeros(4, 4)}}
+    with pytest.raises(ValueError, match=r"'embed' names only weights that are not floating-point matrices: "
+                                         r"embed/kernel \(shape \(4, 4\), dtype int8\); candidate paths: head/kernel"):
+        paths.select(tree, ["embed"])
+
+
+def test_pattern_keys_that_match_no_target_are_refused():
+    chosen = ["params/layers_0/self_attn/q_proj/kernel"]
+    paths.check_patterns("rank_pattern", {"q_proj": 4, r".*layers_0.*": 2}, chosen)
+    with pytest.raises(ValueError, match=r"rank_pattern keys \['v_proj'\] match none of the targeted weights"):
+        paths.check_patterns("rank_pattern", {"q_proj": 4, "v_proj": 2}, chosen)
+    with pytest.raises(ValueError, match=r"pattern key '\[' is not a valid regular expression"):
+        paths.check_patterns("rank_pattern", {"[": 4}, chosen)

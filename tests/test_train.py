@@ -103,6 +103,22 @@ def test_frozen_base_never_changes_and_loss_drops(setup):
     jax.tree.map(np.testing.assert_array_equal, params_after, params)
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(accumulate=0), "accumulate must be an integer >= 1, got 0"),
+    (dict(max_steps=-1), "max_steps must be an integer >= 1, got -1"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
+    (dict(seed=1.5), "seed must be an integer >= 0, got 1.5"),
+    (dict(learning_rate=0.0), r"learning_rate must be a finite number > 0, got 0.0"),
+    (dict(learning_rate=float("nan")), r"learning_rate must be a finite number > 0, got nan"),
+    (dict(dropout=1.0), r"dropout must be a finite number in \[0.0, 1.0\), got 1.0"),
+    (dict(grad_clip=-1.0), r"grad_clip must be a finite number in \[0.0, inf\), got -1.0"),
+])
+def test_train_config_refuses_each_bad_value_by_name(setting, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**setting)
+
+
 def test_bad_settings_are_refused(setup):
     with pytest.raises(ValueError, match="batch_size 6 is not divisible by accumulate 4"):
         train.TrainConfig(batch_size=6, accumulate=4)

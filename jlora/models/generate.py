@@ -106,6 +106,9 @@ def complete(model, variables, tokenizer, prompt: str, max_new_tokens: int, *, t
              seed=0) -> str:
     """The text a model adds to one prompt: encode, :func:`generate` within the model's context, decode.
 
+    Raises:
+      ValueError: the prompt encodes to no token, or fills the model's whole context.
+
     Args:
       model: a bundled model (its `apply`, `init_cache` and `max_length`).
       variables: its variables (for adapters, `jlora.merge` them in first: no cost per token).
@@ -119,7 +122,12 @@ def complete(model, variables, tokenizer, prompt: str, max_new_tokens: int, *, t
       >>> complete(model, variables, tokenizer, "The capital of France is", 2)
       ' Paris.'
     """
-    ids = np.array([tokenizer.encode(prompt)], np.int32)
+    ids = np.array([tokenizer.encode(prompt)], np.int32).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: generation continues at least one token")
+    if ids.shape[1] >= model.max_length:
+        raise ValueError(f"the prompt is {ids.shape[1]} tokens, but the model's context holds {model.max_length}: "
+                         "no room for a new token")
     max_new_tokens = max(0, min(max_new_tokens, model.max_length - ids.shape[1]))
     cache = model.init_cache(1, ids.shape[1] + max_new_tokens)
     out = generate(model.apply, variables, ids, cache, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
