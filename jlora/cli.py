@@ -92,24 +92,13 @@ def run_dir_checkpoints(path) -> Path:
     raise UsageError(f"no checkpoint directory at {path}")
 
 
-def restore(ckpt: checkpoint.Checkpointer, base_name, params):
-    """``(state, metadata)`` of the latest checkpoint, which describes its own adapters."""
-    try:
-        return ckpt.restore(expect={"base": base_identity(base_name, params)}, base=params)
-    except checkpoint.CheckpointError as error:
-        raise UsageError(str(error)) from None
-
-
 def load_run(checkpoint_path, base=None, dtype="float32"):
     """Base model plus the adapters of a run's latest checkpoint: (model, params, tokenizer,
     config, adapters, metadata)."""
-    try:
-        ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
-        metadata = ckpt.metadata()
-    except checkpoint.CheckpointError as error:
-        raise UsageError(str(error)) from None
+    ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
+    metadata = ckpt.metadata()
     model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype)
-    state, metadata = restore(ckpt, metadata["base"]["name"], params)
+    state, metadata = ckpt.restore(expect={"base": base_identity(metadata["base"]["name"], params)}, base=params)
     params, adapters = jlora.combine(params, state.trainable)
     return model, params, tokenizer, config, adapters, metadata
 
@@ -163,11 +152,8 @@ def resume_conflicts(args, saved: dict) -> list[str]:
 
 def finetune(args) -> int:
     start_time = time.perf_counter()
-    try:
-        out = checkpoint.writable_dir(args.out)
-        ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=args.keep)
-    except checkpoint.CheckpointError as error:
-        raise UsageError(str(error)) from None
+    out = checkpoint.writable_dir(args.out)
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=args.keep)
     latest = ckpt.latest_step()
     if args.resume and latest is None:
         raise UsageError(f"--resume: no checkpoint in {ckpt.directory}")
@@ -181,11 +167,7 @@ def finetune(args) -> int:
     model, params, tokenizer, config = load_base(args.base, args.dtype)
     if args.seq_len > model.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
-    try:
-        train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid,
-                                                args.valid_fraction, args.seed)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
     if len(train_set) < args.batch_size:
         raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
                          f"fewer than one batch of {args.batch_size}")
@@ -335,10 +317,7 @@ def eval_cmd(args) -> int:
         model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
     else:
         (model, params, tokenizer, _), adapters = load_base(args.base or DEFAULT_BASE, args.dtype), None
-    try:
-        dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
     ppl = train.perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
     print(json.dumps({"perplexity": ppl, "sequences": min(len(dataset), args.batch_size * args.max_batches)}))
     return 0
@@ -360,11 +339,8 @@ def export_peft_cmd(args) -> int:
     model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype)
     options = (metadata.get("adapter") or {}).get("options") or {}
     out = prepare_out(args.out, args.overwrite, args.base or metadata["base"]["name"])
-    try:
-        out = jlora.peft.export_peft(adapters, config, out, base_model_name_or_path=metadata["base"]["name"],
-                                     use_rslora=bool(options.get("use_rslora")))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    out = jlora.peft.export_peft(adapters, config, out, base_model_name_or_path=metadata["base"]["name"],
+                                 use_rslora=bool(options.get("use_rslora")))
     print(f"PEFT adapter written to {out}", file=sys.stderr)
     return 0
 
@@ -374,11 +350,8 @@ def import_peft_cmd(args) -> int:
 
     base = args.base or DEFAULT_BASE
     model, params, _, config = load_base(base, args.dtype)
-    try:
-        adapters = jlora.peft.import_peft(args.peft_dir, params, config)
-        ckpt = checkpoint.Checkpointer(args.out)
-    except (ValueError, checkpoint.CheckpointError) as error:
-        raise UsageError(str(error)) from None
+    adapters = jlora.peft.import_peft(args.peft_dir, params, config)
+    ckpt = checkpoint.Checkpointer(args.out)
     if ckpt.latest_step() is not None:
         raise UsageError(f"{ckpt.directory} already holds checkpoints; choose an empty directory")
     kinds = sorted({a.name for a in adapter.table(adapters).values()})

@@ -26,7 +26,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora import axes, paths
 from jlora.adapter import Adapter, as_f32, refuse_near_zero

@@ -170,3 +170,110 @@ def test_other_adapter_kinds_train_and_reload(tmp_path, capsys, method):
     kinds = {type(a).__name__ for a in jlora.adapter.table(adapters).values()}
     assert kinds == {"IA3" if method == "ia3" else "DoRA"}
     assert run("generate", "--checkpoint", out, "--max-new-tokens", 2) == 0
+
+
+# ---- bad input: one line, exit status 2, no traceback, nothing lost ----
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", 0], "argument --max-steps: 0 is out of range: it must be >= 1"),
+    (["--max-steps", -1], "argument --max-steps: -1 is out of range: it must be >= 1"),
+    (["--batch-size", 0], "argument --batch-size: 0 is out of range"),
+    (["--accumulate", 0], "argument --accumulate: 0 is out of range"),
+    (["--seed", -1], "argument --seed: -1 is out of range: it must be >= 0"),
+    (["--dropout", 1.5], "argument --dropout: 1.5 is out of range: it must be >= 0 and < 1"),
+    (["--save-every", 0], "argument --save-every: 0 is out of range"),
+    (["--keep", 0], "argument --keep: 0 is out of range: it must be >= 1"),
+    (["--lr", "fast"], "argument --lr: 'fast' is not a number"),
+    (["--max-step", 5], "unrecognized arguments: --max-step 5"),
+])
+def test_bad_flags_are_one_line_errors_with_status_2(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exited:
+        run("finetune", "--out", tmp_path / "run", *flags)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--targets", "q_proj("], "error: targets 'q_proj(' is not a valid regular expression"),
+    (["finetune", "--targets", "q_proj,v_prj"], "targets 'v_prj' match no weight; 'v_prj': did you mean 'v_proj'"),
+    (["finetune", "--seq-len", 100000], "--seq-len 100000 is longer than the base's context of 8192 tokens"),
+    (["finetune", "--alpha", 8, "--rank", 600], "rank 600 for 'params/layers_0/self_attn/q_proj/kernel'"),
+    (["generate", "--prompt", ""], "error: the prompt is empty"),
+])
+def test_refusals_from_the_library_are_one_line_errors(tmp_path, capsys, argv, message):
+    extra = ["--out", tmp_path / "run", *SMALL] if argv[0] == "finetune" else ["--max-new-tokens", 2]
+    assert run(*argv, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_unsupported_base_is_a_one_line_error(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=32, hidden_act="gelu")
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "gelu")
+    assert run("finetune", "--base", tmp_path / "gelu", "--out", tmp_path / "run", *SMALL) == 2
+    assert "Llama config has hidden_act='gelu'; only 'silu' is implemented." in capsys.readouterr().err
+    config.hidden_act = "silu"
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "no-tokenizer")
+    assert run("generate", "--base", tmp_path / "no-tokenizer") == 2
+    assert "has no tokenizer (tokenizer.json, or vocab.json + merges.txt)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-steps") / "run"
+    assert run("finetune", "--max-steps", 2, "--save-every", 1, "--out", out, *SMALL) == 0
+    return out
+
+
+def test_merge_and_export_peft_never_replace_files_without_overwrite(two_step_run, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    for command in ("merge", "export-peft"):
+        assert run(command, two_step_run, taken) == 2
+        assert f"{taken} already holds notes.txt; pass --overwrite" in capsys.readouterr().err
+        assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    assert run("export-peft", two_step_run, tmp_path / "file") == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
+    assert run("export-peft", two_step_run, taken, "--overwrite") == 0
+    assert (taken / "adapter_config.json").is_file() and (taken / "notes.txt").read_text() == "mine"
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(two_step_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    (out / "checkpoints" / "2" / "meta" / "metadata").unlink()
+    assert run("finetune", "--max-steps", 3, "--save-every", 1, "--out", out, "--resume", *SMALL) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipped a damaged checkpoint: cannot read the metadata of {out / 'checkpoints' / '2'}" in err
+    assert "resuming from step 1" in err
+    assert (out / "checkpoints" / "2.damaged").is_dir()
+    assert checkpoint.Checkpointer(out / "checkpoints").latest_step() == 3
+
+
+def test_ctrl_c_before_the_first_step_finishes_says_nothing_is_saved(tmp_path, monkeypatch, capsys):
+    def interrupted_while_compiling(*a, **kw):
+        def step(state, frozen, batch):
+            raise KeyboardInterrupt
+
+        return step
+
+    monkeypatch.setattr(train, "make_step", interrupted_while_compiling)
+    assert run("finetune", "--max-steps", 2, "--out", tmp_path / "run", *SMALL) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after step 0; no checkpoint was written yet" in err and "Traceback" not in err
+    assert checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").latest_step() is None
+
+
+def test_the_base_directory_itself_is_never_an_export_target(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    with pytest.raises(cli.UsageError, match="is the base model's own directory; writing there would replace the base"):
+        cli.prepare_out(tmp_path / "base", overwrite=True, base=tmp_path / "base")
