@@ -62,9 +62,16 @@ class Checkpointer:
     """Saves and restores :class:`jlora.train.TrainState` under ``directory/<step>``.
 
     Example:
-      >>> ckpt = Checkpointer(out / "checkpoints")
-      >>> ckpt.save(state, metadata)
-      >>> state, metadata = ckpt.restore(jax.eval_shape(lambda: state), expect=metadata)
+      >>> import tempfile
+      >>> params = {'attn': {'query': {'kernel': jnp.ones((16, 32))}}}
+      >>> frozen, trainable = jlora.split(params, jlora.init(params, rank=4))
+      >>> state = train.init_state(trainable, train.TrainConfig())
+      >>> ckpt = Checkpointer(Path(tempfile.mkdtemp()) / "checkpoints")
+      >>> ckpt.save(state, {"base": base_fingerprint(params)}).name
+      '0'
+      >>> restored, metadata = ckpt.restore(expect={"base": base_fingerprint(params)})  # no template needed
+      >>> metadata["step"], restored.trainable.adapters['attn']['query']['kernel'].a.shape
+      (0, (16, 4))
     """
 
     def __init__(self, directory, *, max_to_keep: int = 3):

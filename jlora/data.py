@@ -105,7 +105,11 @@ def pack_text(paths: Paths, tokenizer: Any, seq_len: int) -> Dataset:
       A :class:`Dataset` with ``(total_tokens - 1) // seq_len`` rows and ``loss_mask`` all ones.
 
     Example:
-      >>> data = pack_text("notes.txt", tokenizer, seq_len=3)  # "abcdefg"; bytes, eos_id=256
+      >>> import tempfile, types
+      >>> path = Path(tempfile.mkdtemp()) / "notes.txt"
+      >>> _ = path.write_text("abcdefg")
+      >>> tokenizer = types.SimpleNamespace(encode=lambda text: list(text.encode()), bos_id=None, eos_id=256)
+      >>> data = pack_text(path, tokenizer, seq_len=3)  # 7 bytes + eos: 8 tokens, 2 rows, the tail dropped
       >>> data.tokens.tolist(), data.targets.tolist()
       ([[97, 98, 99], [100, 101, 102]], [[98, 99, 100], [101, 102, 103]])
     """
@@ -142,8 +146,11 @@ def load_jsonl(paths: Paths, tokenizer: Any, seq_len: int) -> Dataset:
       A :class:`Dataset` with one row per example, in file order.
 
     Example:
-      >>> # pairs.jsonl: {"prompt": "ab", "completion": "cd"}; bytes, eos_id=256
-      >>> data = load_jsonl("pairs.jsonl", tokenizer, seq_len=6)
+      >>> import tempfile, types
+      >>> path = Path(tempfile.mkdtemp()) / "pairs.jsonl"
+      >>> _ = path.write_text(json.dumps({"prompt": "ab", "completion": "cd"}))
+      >>> tokenizer = types.SimpleNamespace(encode=lambda text: list(text.encode()), bos_id=None, eos_id=256)
+      >>> data = load_jsonl(path, tokenizer, seq_len=6)
       >>> data.tokens[0].tolist(), data.targets[0].tolist(), data.loss_mask[0].tolist()
       ([97, 98, 99, 100, 256, 256], [98, 99, 100, 256, 256, 256], [0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
     """
@@ -199,9 +206,13 @@ def split(dataset: Dataset, valid_fraction: float, seed: int = 0) -> tuple[Datas
       ``(train, valid)``, disjoint, each keeping the original row order.
 
     Example:
-      >>> train, valid = split(data, valid_fraction=0.1, seed=0)   # 100 rows
+      >>> rows = np.arange(100, dtype=np.int32)[:, None]  # 100 rows of one token each
+      >>> data = Dataset(rows, rows + 1, np.ones(rows.shape, np.float32))
+      >>> train, valid = split(data, valid_fraction=0.1, seed=0)
       >>> len(train), len(valid)
       (90, 10)
+      >>> sorted(train.tokens[:, 0].tolist() + valid.tokens[:, 0].tolist()) == list(range(100))
+      True
     """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
@@ -292,9 +303,13 @@ def batches(
       An iterator of batch dicts (see :func:`batch_at`); stop it with ``itertools.islice``.
 
     Example:
-      >>> it = batches(train, batch_size=8, seed=0, start_step=100)
+      >>> rows = np.arange(40, dtype=np.int32).reshape(10, 4)  # 10 rows of seq_len 4
+      >>> dataset = Dataset(rows, rows + 1, np.ones(rows.shape, np.float32))
+      >>> it = batches(dataset, batch_size=2, seed=0, start_step=100)
       >>> next(it)["tokens"].shape
-      (8, 256)
+      (2, 4)
+      >>> np.array_equal(next(it)["tokens"], batch_at(dataset, batch_size=2, seed=0, step=101)["tokens"])
+      True
     """
     steps_per_epoch = _steps_per_epoch(dataset, batch_size)
     if start_step < 0:

@@ -58,8 +58,13 @@ def merge(params, adapters):
         adapter holds NaN or infinite values (as PEFT's ``safe_merge``).
 
     Example:
+      >>> params = {'attn': {'query': {'kernel': jnp.zeros((16, 32)), 'bias': jnp.zeros(32)}}}
+      >>> adapters = jax.tree.map(jnp.ones_like, jlora.init(params, rank=4))  # as if trained: A = B = 1
       >>> merged = jlora.merge(params, adapters)
-      >>> logits = model.apply(merged, tokens)
+      >>> jax.tree.map(jnp.shape, merged)
+      {'attn': {'query': {'bias': (32,), 'kernel': (16, 32)}}}
+      >>> float(merged['attn']['query']['kernel'][0, 0])  # 0 + scaling · (A·B)[0, 0] = 1 · 4
+      4.0
     """
     return _apply(params, adapters, "merge")
 

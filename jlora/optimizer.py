@@ -47,8 +47,16 @@ def optimizer(tx: optax.GradientTransformation, *, lora_plus_ratio: float | None
         paper suggests 16). ``None``: same rate.
 
     Example:
-      >>> tx = jlora.optimizer(optax.adamw(1e-3))
-      >>> opt_state = tx.init(trainable)
+      >>> params = {'attn': {'query': {'kernel': jnp.ones((16, 32))}}}
+      >>> tree = (params, jlora.init(params, rank=4))
+      >>> tx = jlora.optimizer(optax.sgd(0.5))
+      >>> opt_state = tx.init(tree)
+      >>> updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, tree), opt_state)
+      >>> frozen_update, adapter_update = updates
+      >>> float(abs(frozen_update['attn']['query']['kernel']).max())  # frozen: exactly zero
+      0.0
+      >>> float(adapter_update['attn']['query']['kernel'].b[0, 0])  # adapters: -0.5 · gradient
+      -0.5
     """
     if lora_plus_ratio is not None and not (isinstance(lora_plus_ratio, (int, float)) and 0 < lora_plus_ratio < float("inf")):
         raise ValueError(f"lora_plus_ratio must be a finite number > 0 (B's learning rate over A's), got {lora_plus_ratio!r}")

@@ -46,8 +46,15 @@ def split(params, adapters, bias: str = "none"):
     ``trainable`` only, and :func:`combine` the two inside the loss.
 
     Example:
+      >>> params = {'attn': {'query': {'kernel': jnp.ones((16, 32)), 'bias': jnp.zeros(32)}},
+      ...           'mlp': {'kernel': jnp.ones((32, 16)), 'bias': jnp.zeros(16)}}
+      >>> adapters = jlora.init(params, rank=4)  # on attn/query/kernel
       >>> frozen, trainable = jlora.split(params, adapters, bias="lora_only")
-      >>> params, adapters = jlora.combine(frozen, trainable)
+      >>> frozen['attn']['query']['bias'] is None, jax.tree.map(jnp.shape, trainable.base)
+      (True, {'attn': {'query': {'bias': (32,)}}})
+      >>> restored, _ = jlora.combine(frozen, trainable)
+      >>> jax.tree.all(jax.tree.map(jnp.array_equal, restored, params))
+      True
     """
     unfrozen = set(trainable_base_paths(params, adapters, bias))
     frozen = paths.map_with_path(lambda p, w: None if p in unfrozen else w, params)

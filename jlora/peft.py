@@ -98,8 +98,13 @@ def modules(model_config) -> dict[str, str]:
     """``{param_path: hf_module}`` of every weight PEFT's LoRA can adapt in this model.
 
     Example:
-      >>> modules(GPT2Config(n_layer=1))['h_0/attn/c_attn/kernel']
+      >>> from jlora.models.gpt2 import GPT2Config
+      >>> adaptable = modules(GPT2Config(n_layer=1))
+      >>> adaptable['h_0/attn/c_attn/kernel']
       'transformer.h.0.attn.c_attn'
+      >>> sorted(adaptable)
+      ['h_0/attn/c_attn/kernel', 'h_0/attn/c_proj/kernel', 'h_0/mlp/c_fc/kernel', 'h_0/mlp/c_proj/kernel',
+       'wpe/embedding', 'wte/embedding']
     """
     return {
         path: name.removesuffix(".weight")
@@ -212,8 +217,18 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
         output-scaled (IA)³ vector is on a module with a bias (PEFT would scale the bias too).
 
     Example:
-      >>> export_peft(adapters, config, 'out/peft', base_model_name_or_path='gpt2')
-      >>> model = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('gpt2'), 'out/peft')
+      >>> import tempfile, peft, transformers
+      >>> from jlora.models.gpt2 import GPT2, GPT2Config
+      >>> sizes = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+      >>> config = GPT2Config(**sizes)
+      >>> variables = GPT2(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+      >>> adapters = jlora.init(variables, rank=4)  # on every c_attn
+      >>> out = export_peft(adapters, config, tempfile.mkdtemp())
+      >>> sorted(p.name for p in out.iterdir())
+      ['adapter_config.json', 'adapter_model.safetensors']
+      >>> model = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel(transformers.GPT2Config(**sizes)), out)
+      >>> model.peft_config['default'].r, sorted(model.peft_config['default'].target_modules)
+      (4, ['c_attn'])
     """
     from safetensors.numpy import save_file
 
@@ -442,9 +457,19 @@ def import_peft(peft_dir, params, model_config) -> dict:
         base; an output-scaled IA3 vector is on a module whose bias is not zero.
 
     Example:
-      >>> model, variables, _, config = jlora.models.load('path/to/base')
-      >>> adapters = import_peft('path/to/peft-adapter', variables, config)
-      >>> logits = jlora.adapt(model.apply)(variables, adapters, tokens)
+      >>> import tempfile, peft, transformers
+      >>> base_dir, peft_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
+      >>> base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32,
+      ...                                                               n_layer=2, n_head=2))
+      >>> base.save_pretrained(base_dir)
+      >>> lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['c_attn'], fan_in_fan_out=True)  # GPT-2's Conv1D
+      >>> peft.get_peft_model(base, lora).save_pretrained(peft_dir)  # as PEFT saves a trained adapter
+      >>> model, variables, _, config = jlora.models.load(base_dir)
+      >>> adapters = import_peft(peft_dir, variables, config)
+      >>> jax.tree.map(jnp.shape, adapters['params']['h_0'])
+      {'attn': {'c_attn': {'kernel': LoRA(a=(32, 4), b=(4, 96), scaling=2.0, stack_axes=0)}}}
+      >>> jlora.adapt(model.apply)(variables, adapters, jnp.array([[1, 2, 3]])).shape
+      (1, 3, 64)
     """
     config = read_config(peft_dir)
     format = format_of(config)

@@ -320,7 +320,16 @@ def adapt(fn: Callable, *, dropout: float = 0.0, strict: bool = False) -> Callab
       The adapted function.
 
     Example:
+      >>> from jlora.models.gpt2 import GPT2, GPT2Config
+      >>> model = GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+      >>> tokens = jnp.array([[1, 2, 3, 4]])
+      >>> params = model.init(jax.random.key(0), tokens)
+      >>> adapters = jax.tree.map(lambda x: x + 0.1, jlora.init(params, rank=4))  # B ≠ 0, as after training
       >>> logits = jlora.adapt(model.apply)(params, adapters, tokens)
+      >>> logits.shape
+      (1, 4, 64)
+      >>> bool(jnp.allclose(logits, model.apply(jlora.merge(params, adapters), tokens), atol=1e-5))
+      True
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")

@@ -78,7 +78,10 @@ def load(name_or_path, *, param_dtype=jnp.float32, dtype=jnp.float32):
 
     Example:
       >>> model, variables, tokenizer, config = load("smollm2-135m")
-      >>> logits = model.apply(variables, jnp.array([tokenizer.encode("Hello")]))
+      >>> type(model).__name__, config.num_hidden_layers, tokenizer.encode("Hello, world")
+      ('Llama', 30, [19556, 28, 905])
+      >>> model.apply(variables, jnp.array([tokenizer.encode("Hello, world")])).shape
+      (1, 3, 49152)
     """
     kw = dict(param_dtype=param_dtype, dtype=dtype)
     path = Path(str(name_or_path)).expanduser()

@@ -146,9 +146,19 @@ def save_hf(directory, variables, config):
       The directory, as a Path.
 
     Example:
-      >>> model, variables, tokenizer, config = jlora.models.load("path/to/hf-dir")
-      >>> save_hf("merged", jlora.merge(variables, adapters), config)
-      >>> transformers.AutoModelForCausalLM.from_pretrained("merged")
+      >>> import tempfile, torch, transformers
+      >>> config = gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+      >>> model, tokens = gpt2.GPT2(config), jnp.array([[1, 2, 3]])
+      >>> variables = model.init(jax.random.key(0), tokens)
+      >>> adapters = jax.tree.map(lambda x: x + 0.1, jlora.init(variables, rank=4))  # as if trained
+      >>> merged = jlora.merge(variables, adapters)
+      >>> directory = save_hf(tempfile.mkdtemp(), merged, config)
+      >>> sorted(p.name for p in directory.iterdir())
+      ['config.json', 'model.safetensors']
+      >>> theirs = transformers.AutoModelForCausalLM.from_pretrained(directory)
+      >>> logits = theirs(torch.tensor(tokens.tolist())).logits.detach().numpy()
+      >>> np.allclose(logits, model.apply(merged, tokens), atol=1e-4)
+      True
     """
     from safetensors.numpy import save_file
 

@@ -70,11 +70,14 @@ def generate(apply_fn, variables, prompt, cache, *, max_new_tokens, eos_id=None,
       np.int32 [B, P + n]: the prompt followed by the n <= max_new_tokens generated tokens.
 
     Example:
-      >>> model, variables, tokenizer, _ = jlora.models.load("smollm2-135m")
-      >>> prompt = jnp.array([tokenizer.encode("The capital of France is")])
-      >>> cache = model.init_cache(1, prompt.shape[1] + 8)
-      >>> ids = generate(model.apply, variables, prompt, cache, max_new_tokens=8, eos_id=tokenizer.eos_id)
-      >>> tokenizer.decode(ids[0])
+      >>> from jlora.models.gpt2 import GPT2, GPT2Config
+      >>> model = GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+      >>> prompt = jnp.array([[1, 2, 3], [4, 5, 6]])
+      >>> variables = model.init(jax.random.key(0), prompt)
+      >>> cache = model.init_cache(2, prompt.shape[1] + 5)
+      >>> ids = generate(model.apply, variables, prompt, cache, max_new_tokens=5, temperature=0.8, top_k=10)
+      >>> ids.shape, ids[:, :3].tolist()
+      ((2, 8), [[1, 2, 3], [4, 5, 6]])
     """
     prompt = np.asarray(prompt, np.int32)
     room = int(cache["index"]) + prompt.shape[1] + max_new_tokens
