@@ -42,7 +42,8 @@ class SaveFailed(RuntimeError):
     """Writing the checkpoint of ``step`` failed (a full disk, say); ``last_saved`` is the last good one."""
 
     def __init__(self, step: int, last_saved: int | None, error: Exception):
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        reason = getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
         super().__init__(f"saving the checkpoint of step {step} failed: {reason}")
         self.step, self.last_saved, self.error = step, last_saved, error
 

@@ -109,9 +109,6 @@ def complete(model, variables, tokenizer, prompt: str, max_new_tokens: int, *, t
              seed=0) -> str:
     """The text a model adds to one prompt: encode, :func:`generate` within the model's context, decode.
 
-    Raises:
-      ValueError: the prompt encodes to no token, or fills the model's whole context.
-
     Args:
       model: a bundled model (its `apply`, `init_cache` and `max_length`).
       variables: its variables (for adapters, `jlora.merge` them in first: no cost per token).
@@ -119,6 +116,9 @@ def complete(model, variables, tokenizer, prompt: str, max_new_tokens: int, *, t
       prompt: text; the result does not repeat it.
       max_new_tokens: the most tokens to add (fewer when the context is full).
       temperature, top_k, top_p, seed: sampling, as in `generate`; temperature 0 is greedy.
+
+    Raises:
+      ValueError: the prompt encodes to no token, or fills the model's whole context.
 
     Example:
       >>> model, variables, tokenizer, _ = jlora.models.load("smollm2-135m")
