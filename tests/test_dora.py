@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,24 +11,12 @@ import optax
 import pytest
 
 import jlora
+from helpers import assert_adapt_equals_merge, assert_trees_close, trained
 from jlora import checkpoint, dora, train
-from jlora.adapter import is_adapter, table
-from test_transform import assert_trees_close
-from tiny import (GPT2_LINEAR, LLAMA_LINEAR, TOKENS, assert_adapt_equals_merge, hf_model, jax_model, peft_module,
-                  to_torch, torch_logits)
+from jlora.adapter import table
+from tiny import GPT2_LINEAR, LLAMA_LINEAR, TOKENS, hf_model, jax_model, peft_module, to_torch, torch_logits
 
 LINEAR = {"gpt2": GPT2_LINEAR, "llama": LLAMA_LINEAR}
-
-
-def trained(adapters, seed=0, std=0.3):
-    """A, B and m as after some training (m within ~20% of its start); base_norm as it was."""
-    rng = np.random.default_rng(seed)
-    normal = lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-
-    def move(d):
-        return dataclasses.replace(d, a=d.a + std * normal(d.a), b=std * normal(d.b), m=d.m * (1 + 0.2 * normal(d.m)))
-
-    return jax.tree.map(move, adapters, is_leaf=is_adapter)
 
 
 def column_norm(w, axis=0):
@@ -207,7 +196,7 @@ def test_train_steps_and_checkpoint_round_trip(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path)
     ckpt.save(state, {"adapter": "dora"})
     restored, _ = ckpt.restore(jax.eval_shape(lambda: state), expect={"adapter": "dora"})
-    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    chex.assert_trees_all_equal(restored, state)
 
 
 # ---- the same numbers as PEFT ----

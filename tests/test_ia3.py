@@ -1,5 +1,6 @@
 """(IA)³: vectors that rescale k, v and the FFN's inner activation; adapt equals merge; PEFT's logits."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,17 +9,13 @@ import optax
 import pytest
 
 import jlora
+from helpers import assert_adapt_equals_merge, assert_trees_close, trained
 from jlora import checkpoint, ia3, train
 from jlora.adapter import table
-from test_transform import assert_trees_close
-from tiny import TOKENS, assert_adapt_equals_merge, hf_model, jax_model, peft_module, to_torch, torch_logits
+from tiny import TOKENS, hf_model, jax_model, peft_module, to_torch, torch_logits
 
-
-def perturbed(adapters, seed=0, std=0.5):
-    """Vectors away from one, so every entry changes the output."""
-    leaves, treedef = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+# IA3's vectors start at one; N(1, 0.5) entries each change the output visibly.
+STD = 0.5
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -83,7 +80,7 @@ def test_flax_example_names_key_value_and_the_mlp_blocks_second_dense():
         "params/MultiHeadDotProductAttention_0/value/kernel": ("output", (16,)),
         "params/MlpBlock_0/Dense_1/kernel": ("input", (24,)),
     }
-    assert_adapt_equals_merge(model.apply, params, perturbed(adapters), x)
+    assert_adapt_equals_merge(model.apply, params, trained(adapters, std=STD), x)
 
 
 # ---- the defining formula, written out ----
@@ -94,7 +91,7 @@ def test_adapt_and_merge_follow_the_ia3_formula():
     w = {"k_proj": rng.normal(size=(6, 4)), "v_proj": rng.normal(size=(6, 4)),
          "down_proj": rng.normal(size=(10, 6)), "c_attn": rng.normal(size=(6, 12))}
     params = {name: {"kernel": jnp.asarray(v, jnp.float32)} for name, v in w.items()}
-    adapters = perturbed(ia3.init(params))
+    adapters = trained(ia3.init(params), std=STD)
     l = {name: np.asarray(table(adapters)[f"{name}/kernel"].scale, np.float64) for name in w}
     assert l["c_attn"].shape == (8,)
     l_qkv = np.concatenate([np.ones(4), l["c_attn"]])
@@ -123,7 +120,7 @@ def test_at_init_the_model_is_unchanged(tiny):
 
 def test_adapt_equals_model_of_merged_params(tiny):
     model, params, tokens = tiny
-    assert_adapt_equals_merge(model.apply, params, perturbed(ia3.init(params)), tokens)
+    assert_adapt_equals_merge(model.apply, params, trained(ia3.init(params), std=STD), tokens)
 
 
 def test_stacked_layers_under_scan():
@@ -141,7 +138,7 @@ def test_stacked_layers_under_scan():
 
     model, x = Stack(), jax.random.normal(jax.random.key(2), (4, 8))
     params = jax.jit(model.init)(jax.random.key(0), x)
-    adapters = perturbed(ia3.init(params, stack_axes=1))
+    adapters = trained(ia3.init(params, stack_axes=1), std=STD)
     found = table(adapters)
     assert found["params/layers/key/kernel"].scale.shape == (3, 16)
     assert found["params/layers/down_proj/kernel"].scale.shape == (3, 32)
@@ -153,7 +150,7 @@ def test_stacked_layers_under_scan():
 
 def test_unmerge_inverts_merge(tiny):
     _, params, _ = tiny
-    adapters = perturbed(ia3.init(params))
+    adapters = trained(ia3.init(params), std=STD)
     assert_trees_close(jlora.unmerge(jlora.merge(params, adapters), adapters), params, tol=1e-6)
 
 
@@ -200,12 +197,12 @@ def test_train_steps_and_checkpoint_round_trip(tmp_path):
     batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones(tokens.shape)}
     step = train.make_step(model.apply, config)
     state, _ = step(step(state, frozen, batch)[0], frozen, batch)
-    trained = table(state.trainable.adapters)["params/h_0/attn/c_attn/kernel"]
-    assert trained.offset == 32 and not np.allclose(trained.scale, 1.0)
+    c_attn = table(state.trainable.adapters)["params/h_0/attn/c_attn/kernel"]
+    assert c_attn.offset == 32 and not np.allclose(c_attn.scale, 1.0)
     ckpt = checkpoint.Checkpointer(tmp_path)
     ckpt.save(state, {"adapter": "ia3"})
     restored, meta = ckpt.restore(jax.eval_shape(lambda: state), expect={"adapter": "ia3"})
-    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    chex.assert_trees_all_equal(restored, state)
     assert table(restored.trainable.adapters)["params/h_1/mlp/c_proj/kernel"].side == "input"
 
 
@@ -249,7 +246,7 @@ def set_peft_vectors(peft_model, adapters):
 def test_llama_logits_equal_peft(tmp_path):
     peft = pytest.importorskip("peft")
     fresh, model, variables = hf_model("llama", tmp_path)
-    adapters = perturbed(ia3.init(variables))
+    adapters = trained(ia3.init(variables), std=STD)
     theirs = peft.get_peft_model(fresh(), peft.IA3Config(
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])).eval()
     set_peft_vectors(theirs, adapters)
@@ -263,7 +260,7 @@ def test_llama_logits_equal_peft(tmp_path):
 def test_gpt2_logits_equal_peft_which_also_scales_the_c_attn_bias(tmp_path):
     peft = pytest.importorskip("peft")
     fresh, model, variables = hf_model("gpt2", tmp_path)
-    adapters = perturbed(ia3.init(variables))
+    adapters = trained(ia3.init(variables), std=STD)
     theirs = peft.get_peft_model(fresh(), peft.IA3Config(
         target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)).eval()
     set_peft_vectors(theirs, adapters)  # the q third of c_attn's vector is one

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jlora
+from helpers import normal
 from jlora.adapter import table
 from jlora.lora import LoRA
 
@@ -19,10 +20,6 @@ def lora_at(adapters, path):
         node = node[part]
     assert isinstance(node, LoRA)
     return node
-
-
-def normal(key, *shape, dtype=jnp.float32):
-    return jax.random.normal(jax.random.key(key), shape, dtype)
 
 
 # --- shapes -------------------------------------------------------------------------------------

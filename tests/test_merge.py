@@ -1,7 +1,7 @@
-import dataclasses
 import math
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jlora
+from helpers import trained
 from jlora.adapter import table
-from jlora.lora import LoRA
 
 # Each layout: (stack_axes, in_axes, number of output axes) and the einsum that is A·B for it,
 # written out independently of jlora's reshape-and-matmul.
@@ -24,16 +24,6 @@ LAYOUTS = {
 }
 
 BF16_HALF_ULP = 2.0**-8  # bfloat16 keeps 8 significant bits: rounding moves a value by at most this fraction
-
-
-def with_random_b(adapters, rng):
-    """B drawn at random so that merging changes the weights (B = 0 at init)."""
-
-    def fill(lora):
-        b = rng.standard_normal(lora.b.shape).astype(np.float32)
-        return dataclasses.replace(lora, b=jnp.asarray(b, lora.b.dtype))
-
-    return jax.tree.map(fill, adapters, is_leaf=lambda x: isinstance(x, LoRA))
 
 
 def expected_merge(w, lora, spec, scaling):
@@ -76,7 +66,7 @@ def build(case):
         params, rank=case["rank"], alpha=case["alpha"], use_rslora=case["rslora"], init=case["init"],
         targets=["query"], in_axes=n_in, stack_axes=stack, key=jax.random.key(case["seed"]),
     )
-    adapters = with_random_b(adapters, rng)
+    adapters = trained(adapters, rng, std=1.0, fields=["b"])  # A as the case's init drew it
     lora = adapters["params"]["block"]["query"]["kernel"]
     alpha = case["rank"] if case["alpha"] is None else case["alpha"]
     scaling = alpha / (math.sqrt(case["rank"]) if case["rslora"] else case["rank"])
@@ -94,9 +84,7 @@ def test_merge_is_w0_plus_scaling_a_b_and_unmerge_gives_back_the_params(layout, 
     merged = jlora.merge(params, adapters)
     restored = jlora.unmerge(merged, adapters)
     for tree in (merged, restored):
-        assert jax.tree.structure(tree) == jax.tree.structure(params)
-        for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
-            assert (got.shape, got.dtype) == (want.shape, want.dtype)
+        chex.assert_trees_all_equal_shapes_and_dtypes(tree, params)
         # The untouched leaf comes through bit for bit.
         np.testing.assert_array_equal(tree["params"]["other"], params["params"]["other"])
 
@@ -128,11 +116,9 @@ def mixed_params():
 
 def test_merge_keeps_structure_shapes_dtypes_and_untouched_leaves():
     params = mixed_params()
-    adapters = with_random_b(jlora.init(params, rank=2), np.random.default_rng(0))
+    adapters = trained(jlora.init(params, rank=2), std=1.0, fields=["b"])
     merged = jlora.merge(params, adapters)
-    assert jax.tree.structure(merged) == jax.tree.structure(params)
-    for (path, got), (_, want) in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree_util.tree_leaves_with_path(params)):
-        assert (got.shape, got.dtype) == (want.shape, want.dtype), path
+    chex.assert_trees_all_equal_shapes_and_dtypes(merged, params)
     for untouched in (("params", "query", "bias"), ("params", "ids"), ("batch_stats", "mean")):
         got, want = merged, params
         for key in untouched:
@@ -149,7 +135,7 @@ def test_patterns_and_rslora_set_each_weights_scaling_in_the_merge():
             params, rank=4, alpha=8, targets=["query", "value", "key"], use_rslora=use_rslora,
             rank_pattern={"value": 2}, alpha_pattern={"key": 3.0},
         )
-        adapters = with_random_b(adapters, rng)
+        adapters = trained(adapters, rng, std=1.0, fields=["b"])
         merged = jlora.merge(params, adapters)
         norm = math.sqrt if use_rslora else (lambda r: r)
         scalings = {"query": 8 / norm(4), "value": 8 / norm(2), "key": 3.0 / norm(4)}
@@ -163,8 +149,8 @@ def test_patterns_and_rslora_set_each_weights_scaling_in_the_merge():
 def test_unmerge_lets_another_adapter_be_merged_into_the_shared_base():
     rng = np.random.default_rng(2)
     params = {"query": {"kernel": jnp.asarray(rng.standard_normal((6, 6)), jnp.float32)}}
-    first = with_random_b(jlora.init(params, rank=2, key=jax.random.key(1)), rng)
-    second = with_random_b(jlora.init(params, rank=3, key=jax.random.key(2)), rng)
+    first = trained(jlora.init(params, rank=2, key=jax.random.key(1)), rng, std=1.0, fields=["b"])
+    second = trained(jlora.init(params, rank=3, key=jax.random.key(2)), rng, std=1.0, fields=["b"])
     swapped = jlora.merge(jlora.unmerge(jlora.merge(params, first), first), second)
     np.testing.assert_allclose(swapped["query"]["kernel"], jlora.merge(params, second)["query"]["kernel"], atol=1e-6)
 
@@ -172,7 +158,7 @@ def test_unmerge_lets_another_adapter_be_merged_into_the_shared_base():
 def test_merge_under_jit_matches_eager():
     rng = np.random.default_rng(3)
     params = {"query": {"kernel": jnp.asarray(rng.standard_normal((5, 7)), jnp.float32)}}
-    adapters = with_random_b(jlora.init(params, rank=2), rng)
+    adapters = trained(jlora.init(params, rank=2), rng, std=1.0, fields=["b"])
     np.testing.assert_allclose(
         jax.jit(jlora.merge)(params, adapters)["query"]["kernel"], jlora.merge(params, adapters)["query"]["kernel"],
         rtol=1e-6, atol=1e-6,

@@ -1,5 +1,4 @@
-import dataclasses
-
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +6,7 @@ import optax
 import pytest
 
 import jlora
-from jlora.lora import LoRA
+from helpers import trained
 from jlora.optimizer import labels
 
 STEPS = 4
@@ -94,8 +93,7 @@ def test_adamw_on_params_and_adapters_moves_only_the_adapters():
         tree = optax.apply_updates(tree, updates)
 
     new_params, new_adapters = tree
-    for got, want in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(got, want)
+    chex.assert_trees_all_equal(new_params, params)
     for name in ("query", "value"):
         for field in ("a", "b"):
             assert not np.array_equal(getattr(new_adapters[name]["kernel"], field), getattr(adapters[name]["kernel"], field))
@@ -139,18 +137,10 @@ def test_bias_none_gives_base_no_state():
     assert masked_or_empty(base_adam.mu) and masked_or_empty(base_adam.nu)
 
 
-def random_b(adapters, seed):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda lora: dataclasses.replace(lora, b=jnp.asarray(rng.standard_normal(lora.b.shape), jnp.float32)),
-        adapters, is_leaf=lambda x: isinstance(x, LoRA),
-    )
-
-
 @pytest.mark.parametrize("ratio", [16.0, 2.5])
 def test_lora_plus_scales_b_updates_by_the_ratio(ratio):
     params, adapters, x, y = setup()
-    adapters = random_b(adapters, 1)  # so that A's gradient is not zero either
+    adapters = trained(adapters, seed=1, std=1.0, fields=["b"])  # so that A's gradient is not zero either
     grads = jax.grad(loss, argnums=1)(params, adapters, x, y)
     plain_tx = jlora.optimizer(optax.sgd(0.1))
     plus_tx = jlora.optimizer(optax.sgd(0.1), lora_plus_ratio=ratio)

@@ -1,4 +1,4 @@
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,9 +70,7 @@ def test_combine_inverts_split(bias):
     frozen, trainable = jlora.split(params, adapters, bias=bias)
     back, back_adapters = jlora.combine(frozen, trainable)
     assert back_adapters is adapters
-    assert jax.tree.structure(back) == jax.tree.structure(params)
-    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(got, want)
+    chex.assert_trees_all_equal(back, params)
 
 
 def test_combine_puts_updated_base_leaves_in_place():
@@ -97,9 +95,7 @@ def test_split_and_combine_work_on_nnx_state():
     frozen, trainable = jlora.split(state, adapters, bias="lora_only")
     assert [p for p, _ in leaves(trainable.base)] == ["query/bias"]
     back, _ = jlora.combine(frozen, trainable)
-    assert jax.tree.structure(back) == jax.tree.structure(state)
-    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
-        np.testing.assert_array_equal(got, want)
+    chex.assert_trees_all_equal(back, state)
 
 
 def test_combine_rejects_base_leaves_without_a_place():

@@ -14,11 +14,13 @@ from safetensors.numpy import load_file, save_file
 
 import jlora
 import jlora.models
-from jlora import paths
+from helpers import trained
+from jlora import dora, ia3, paths
 from jlora import peft as jpeft
 from jlora.adapter import table
 from jlora.lora import scaling_for
 from jlora.models import gpt2, llama
+from tiny import randomized_torch
 
 TOKENS = [[5, 17, 2, 60, 33, 1, 9, 44, 12, 3], [0, 61, 7, 7, 20, 39, 41, 2, 8, 50]]
 GPT2 = gpt2.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
@@ -34,17 +36,6 @@ def abstract_params(config):
     """The base's variables as shapes only: enough for init, export and import of adapters."""
     model = jlora.models.export.family(config).model(config)
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-
-
-def random_adapters(params, seed, **init):
-    """jlora.init's adapters with A and B both random and non-zero, so a misplaced or transposed factor shows."""
-    found = table(jlora.init(params, **init))
-    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(found)))
-    return paths.nest({
-        path: dataclasses.replace(lora, a=0.3 * jax.random.normal(next(keys), lora.a.shape),
-                                  b=0.3 * jax.random.normal(next(keys), lora.b.shape))
-        for path, lora in found.items()
-    })
 
 
 def assert_same_adapters(ours, theirs):
@@ -65,7 +56,7 @@ def assert_same_adapters(ours, theirs):
 @pytest.mark.parametrize("config, init", [(GPT2, GPT2_ADAPTERS), (LLAMA, LLAMA_ADAPTERS)], ids=["gpt2", "llama"])
 def test_jlora_peft_jlora_round_trip_is_bitwise(tmp_path, config, init, use_rslora):
     params = abstract_params(config)
-    adapters = random_adapters(params, seed=0, **init)
+    adapters = trained(jlora.init(params, **init))
     jpeft.export_peft(adapters, config, tmp_path / "once", use_rslora=use_rslora)
     back = jpeft.import_peft(tmp_path / "once", params, config)
     assert_same_adapters(back, adapters)
@@ -76,7 +67,7 @@ def test_jlora_peft_jlora_round_trip_is_bitwise(tmp_path, config, init, use_rslo
 
 
 def test_written_config_names_modules_as_peft_matches_them(tmp_path):
-    adapters = random_adapters(abstract_params(LLAMA), seed=0, **LLAMA_ADAPTERS)
+    adapters = trained(jlora.init(abstract_params(LLAMA), **LLAMA_ADAPTERS))
     jpeft.export_peft(adapters, LLAMA, tmp_path, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
     config = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
     # alpha 6 at r=4 (scaling 1.5) is the common case; rank_pattern keeps jlora's alpha, so r=2 and r=3 keep 6 too.
@@ -96,7 +87,7 @@ def test_written_config_names_modules_as_peft_matches_them(tmp_path):
 
 def test_some_layers_only_are_targeted_by_full_module_name(tmp_path):
     params = abstract_params(GPT2)
-    adapters = random_adapters(params, seed=0, rank=2, targets=r"params/h_1/(attn|mlp)/c_proj/kernel")
+    adapters = trained(jlora.init(params, rank=2, targets=r"params/h_1/(attn|mlp)/c_proj/kernel"))
     jpeft.export_peft(adapters, GPT2, tmp_path)
     config = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
     assert config["target_modules"] == ["transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"]
@@ -128,7 +119,7 @@ def exported(tmp_path_factory):
     """A GPT-2 adapter directory to damage, with the base it was made for."""
     directory = tmp_path_factory.mktemp("peft")
     params = abstract_params(GPT2)
-    jpeft.export_peft(random_adapters(params, seed=0, rank=4, targets=["c_attn"]), GPT2, directory)
+    jpeft.export_peft(trained(jlora.init(params, rank=4, targets=["c_attn"])), GPT2, directory)
     return directory, params
 
 
@@ -210,7 +201,7 @@ def test_saved_embedding_must_be_the_bases(tmp_path):
     """PEFT saves a targeted embedding's full weight; one that differs from the base is trained on another."""
     params = abstract_params(LLAMA)
     params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
-    jpeft.export_peft(random_adapters(params, seed=0, rank=2, targets=["embed_tokens"]), LLAMA, tmp_path / "emb")
+    jpeft.export_peft(trained(jlora.init(params, rank=2, targets=["embed_tokens"])), LLAMA, tmp_path / "emb")
     name = "base_model.model.model.embed_tokens.base_layer.weight"
     copy_with(tmp_path / "emb", tmp_path / "same", tensors=lambda t: {**t, name: np.ones((64, 32), np.float32)})
     assert list(table(jpeft.import_peft(tmp_path / "same", params, LLAMA))) == ["params/embed_tokens/embedding"]
@@ -221,39 +212,26 @@ def test_saved_embedding_must_be_the_bases(tmp_path):
 
 def test_export_refuses_what_peft_would_compute_differently(tmp_path):
     params = abstract_params(GPT2)
-    tied = random_adapters(params, seed=0, rank=2, targets=["wte"])
+    tied = trained(jlora.init(params, rank=2, targets=["wte"]))
     with pytest.raises(jpeft.PeftFormatError, match=r"'params/wte/embedding' changes an embedding that is also the output head"):
         jpeft.export_peft(tied, GPT2, tmp_path)
     wider = dataclasses.replace(GPT2, n_embd=48)
-    other = random_adapters(abstract_params(wider), seed=0, rank=2, targets=["c_attn"])
+    other = trained(jlora.init(abstract_params(wider), rank=2, targets=["c_attn"]))
     with pytest.raises(jpeft.PeftFormatError, match=(
             r"'params/h_0/attn/c_attn/kernel' is for a weight of shape \(48, 144\), but this GPT2Config has shape "
             r"\(32, 96\) there")):
         jpeft.export_peft(other, GPT2, tmp_path)
-    frozen, trainable = jlora.split(params, random_adapters(params, seed=0, rank=2, targets=["c_attn"]), bias="lora_only")
+    frozen, trainable = jlora.split(params, trained(jlora.init(params, rank=2, targets=["c_attn"])), bias="lora_only")
     with pytest.raises(jpeft.PeftFormatError, match=r"also trains base leaves params/h_0/attn/c_attn/bias"):
         jpeft.export_peft(trainable, GPT2, tmp_path)
     assert not (tmp_path / jpeft.WEIGHTS_FILE).exists()
-
-
-def dora_adapters(params, seed, **init):
-    """jlora.dora's adapters with A, B and the magnitude m all random."""
-    dora = pytest.importorskip("jlora.dora")
-    found = table(dora.init(params, **init))
-    keys = iter(jax.random.split(jax.random.key(seed), 3 * len(found)))
-    return paths.nest({
-        path: dataclasses.replace(d, a=0.3 * jax.random.normal(next(keys), d.a.shape),
-                                  b=0.3 * jax.random.normal(next(keys), d.b.shape),
-                                  m=d.m * (1 + 0.3 * jax.random.normal(next(keys), d.m.shape)))
-        for path, d in found.items()
-    })
 
 
 @pytest.mark.parametrize("config, targets", [(GPT2, ["c_attn", "c_fc", "c_proj"]), (LLAMA, ["q_proj", "v_proj", "lm_head"])],
                          ids=["gpt2", "llama"])
 def test_dora_round_trip_is_bitwise(tmp_path, config, targets):
     params = jax.tree.map(lambda s: jnp.full(s.shape, 0.1, s.dtype) + jnp.arange(s.shape[-1]) / 100, abstract_params(config))
-    adapters = dora_adapters(params, seed=0, rank=4, alpha=8.0, targets=targets, rank_pattern={targets[0]: 2})
+    adapters = trained(dora.init(params, rank=4, alpha=8.0, targets=targets, rank_pattern={targets[0]: 2}))
     jpeft.export_peft(adapters, config, tmp_path)
     written = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
     assert written["use_dora"] is True and written["rank_pattern"] == {targets[0]: 2}
@@ -268,30 +246,20 @@ def test_dora_round_trip_is_bitwise(tmp_path, config, targets):
 
 
 def test_dora_without_magnitude_or_mixed_with_lora_is_refused(exported, tmp_path):
-    pytest.importorskip("jlora.dora")
     source, params = exported
     params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
     copy_with(source, tmp_path / "dora", config=lambda c: {**c, "use_dora": True})
     with pytest.raises(jpeft.PeftFormatError, match=r"transformer\.h\.0\.attn\.c_attn\.lora_magnitude_vector is missing"):
         jpeft.import_peft(tmp_path / "dora", params, GPT2)
-    mixed = paths.nest({**table(random_adapters(params, seed=0, rank=2, targets=["c_attn"])),
-                        **table(dora_adapters(params, seed=0, rank=2, targets=["c_fc"]))})
+    mixed = paths.nest({**table(trained(jlora.init(params, rank=2, targets=["c_attn"]))),
+                        **table(trained(dora.init(params, rank=2, targets=["c_fc"])))})
     with pytest.raises(jpeft.PeftFormatError, match=r"all of one kind .* 'params/h_0/attn/c_attn/kernel': LoRA, .*DoRA"):
         jpeft.export_peft(mixed, GPT2, tmp_path / "mixed")
 
 
-def ia3_adapters(params, seed, **init):
-    """jlora.ia3's vectors, random around one."""
-    ia3 = pytest.importorskip("jlora.ia3")
-    found = table(ia3.init(params, **init))
-    keys = iter(jax.random.split(jax.random.key(seed), len(found)))
-    return paths.nest({path: dataclasses.replace(v, scale=1 + 0.5 * jax.random.normal(next(keys), v.scale.shape))
-                       for path, v in found.items()})
-
-
 def test_ia3_round_trip_is_bitwise(tmp_path):
     params = abstract_params(LLAMA)
-    adapters = ia3_adapters(params, seed=0)  # k_proj, v_proj scale outputs; down_proj its inputs
+    adapters = trained(ia3.init(params), std=0.5)  # k_proj, v_proj scale outputs; down_proj its inputs
     jpeft.export_peft(adapters, LLAMA, tmp_path)
     written = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
     assert (written["peft_type"], written["target_modules"], written["feedforward_modules"]) == (
@@ -311,9 +279,9 @@ def test_ia3_where_peft_would_also_scale_a_bias_is_refused(tmp_path):
     params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), abstract_params(GPT2))
     with pytest.raises(jpeft.PeftFormatError, match=(
             r"'params/h_0/attn/c_attn/kernel' scales the outputs of transformer\.h\.0\.attn\.c_attn, which has a bias")):
-        jpeft.export_peft(ia3_adapters(params, seed=0), GPT2, tmp_path)
+        jpeft.export_peft(trained(ia3.init(params), std=0.5), GPT2, tmp_path)
     # feedforward modules scale inputs, which PEFT and jlora agree on
-    jpeft.export_peft(ia3_adapters(params, seed=0, targets=["mlp/c_proj"]), GPT2, tmp_path)
+    jpeft.export_peft(trained(ia3.init(params, targets=["mlp/c_proj"]), std=0.5), GPT2, tmp_path)
     written = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
     assert (written["target_modules"], written["feedforward_modules"]) == (
         ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"], ["c_proj"])
@@ -336,7 +304,7 @@ interop = pytest.mark.interop
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
     """A small random transformers model saved with save_pretrained and loaded back by jlora, by name."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
     made = {}
@@ -349,12 +317,8 @@ def hf_base(tmp_path_factory):
                 fields = {k: v for k, v in dataclasses.asdict(LLAMA).items() if k != "rope_theta"}
                 theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
                     **fields, rope_parameters={"rope_type": "default", "rope_theta": LLAMA.rope_theta}))
-            torch.manual_seed(0)
-            with torch.no_grad():
-                for param_name, param in theirs.named_parameters():
-                    param.normal_(1.0 if "norm" in param_name or "ln_" in param_name else 0.0, 0.2)
             directory = tmp_path_factory.mktemp(name)
-            theirs.save_pretrained(directory, safe_serialization=True)
+            randomized_torch(theirs).save_pretrained(directory, safe_serialization=True)
             model, variables, _, config = jlora.models.load(str(directory))
             assert config == (GPT2 if name == "gpt2" else LLAMA)
             made[name] = directory, model, variables
@@ -395,7 +359,7 @@ def load_in_peft(base_dir, peft_dir):
 ], ids=["gpt2", "llama", "llama-rslora"])
 def test_exported_adapter_gives_jloras_logits_in_peft(hf_base, tmp_path, name, init, use_rslora):
     base_dir, model, variables = hf_base(name)
-    adapters = random_adapters(variables, seed=1, **init)
+    adapters = trained(jlora.init(variables, **init), seed=1)
     ours = jlora_logits(model, variables, adapters)
     assert np.abs(ours - np.asarray(model.apply(variables, jnp.array(TOKENS)))).max() > 0.1
     jpeft.export_peft(adapters, GPT2 if name == "gpt2" else LLAMA, tmp_path, use_rslora=use_rslora)
@@ -447,7 +411,6 @@ def test_peft_trained_adapter_gives_peft_logits_in_jlora(hf_base, tmp_path, name
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_dora_equals_peft_both_ways(hf_base, tmp_path, name):
     """A PEFT DoRA adapter imports with PEFT's logits, and exported again it loads in PEFT as the same adapter."""
-    pytest.importorskip("jlora.dora")
     import peft
     import torch
     import transformers
@@ -487,15 +450,14 @@ def test_dora_equals_peft_both_ways(hf_base, tmp_path, name):
 @interop
 def test_ia3_equals_peft_both_ways(hf_base, tmp_path):
     """A PEFT IA3 adapter on Llama imports with PEFT's logits, and exported again loads in PEFT the same."""
-    pytest.importorskip("jlora.ia3")
     import peft
     import torch
     import transformers
 
     base_dir, model, variables = hf_base("llama")
-    ia3 = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                         task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), ia3)
+    config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                            task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), config)
     torch.manual_seed(3)
     with torch.no_grad():
         for param_name, param in theirs.named_parameters():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import jlora
+from helpers import assert_trees_close
 from jlora import pissa
 from jlora.adapter import table
-from test_transform import assert_trees_close
 from tiny import GPT2_LINEAR, LLAMA_LINEAR, TOKENS, hf_model, jax_model, peft_module, torch_logits
 
 LINEAR = {"gpt2": GPT2_LINEAR, "llama": LLAMA_LINEAR}

@@ -1,5 +1,6 @@
 """The jitted train step: loss masking, optimizer schedule, accumulation, 1 vs 8 devices."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +101,7 @@ def test_frozen_base_never_changes_and_loss_drops(setup):
     assert losses[-1] < losses[0] - 0.2
     assert int(state.step) == 20
     params_after, _ = jlora.combine(frozen, state.trainable)
-    jax.tree.map(np.testing.assert_array_equal, params_after, params)
+    chex.assert_trees_all_equal(params_after, params)
 
 
 @pytest.mark.parametrize("setting, message", [

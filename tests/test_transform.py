@@ -1,7 +1,10 @@
-"""jlora.adapt computes fn∘merge in factored form: same values and gradients, fewer FLOPs."""
+"""``jlora.adapt(fn)(params, adapters, *args) == fn(jlora.merge(params, adapters), *args)``, in values and
+in gradients with respect to both params and adapters, for whatever way ``fn`` uses a weight; computed in
+factored form, with fewer FLOPs than the merged weights."""
 
-import warnings
+import re
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,45 +14,124 @@ import pytest
 from flax import nnx
 
 import jlora
+from helpers import TOL, assert_adapt_equals_merge, assert_trees_close, normal, trained
+from jlora.adapter import table
 
-TOL = 1e-5
-
-
-def randomize(adapters, scale=0.3, seed=0):
-    """Non-zero A and B so the adapters change the output."""
-    leaves, treedef = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+# --- plain functions of a nested dict ------------------------------------------------------------
 
 
-def assert_trees_close(a, b, tol=TOL):
-    """Each leaf of ``a`` within ``tol`` of ``b``, relative to the leaf's largest magnitude (at least 1):
-    float32 sums of many terms round at that scale whichever order they are added in."""
-
-    def check(path, x, y):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape, (jax.tree_util.keystr(path), x.shape, y.shape)
-        error = np.max(np.abs(x - y), initial=0.0) / max(1.0, np.max(np.abs(y), initial=0.0))
-        assert error <= tol, f"{jax.tree_util.keystr(path)}: scaled error {error:.2e} > {tol:.0e}"
-
-    jax.tree_util.tree_map_with_path(check, a, b)
+def plain_params():
+    return {
+        "emb": {"embedding": normal(1, 11, 8)},
+        "layer": {"query": {"kernel": normal(2, 8, 8), "bias": normal(3, 8)}, "value": {"kernel": normal(4, 8, 8)}},
+    }
 
 
-def assert_adapt_equals_merge(fn, params, adapters, *args, grads=True):
-    """Values and gradients (w.r.t. params and adapters) of adapt(fn) and fn∘merge agree."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every use here must have a factored rule
-        adapted = jlora.adapt(fn, strict=True)
-        assert_trees_close(adapted(params, adapters, *args), fn(jlora.merge(params, adapters), *args))
-        if not grads:
-            return
+def test_plain_matmuls():
+    params = plain_params()
 
-        def scalar(tree):
-            return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(tree))
+    def fn(params, x):
+        layer = params["layer"]
+        q = x @ layer["query"]["kernel"] + layer["query"]["bias"]
+        v = jnp.einsum("bd,de->be", x, layer["value"]["kernel"])
+        return jnp.tanh(q) * v
 
-        g_factored = jax.grad(lambda p, a: scalar(adapted(p, a, *args)), argnums=(0, 1))(params, adapters)
-        g_merged = jax.grad(lambda p, a: scalar(fn(jlora.merge(p, a), *args)), argnums=(0, 1))(params, adapters)
-        assert_trees_close(g_factored, g_merged)
+    adapters = trained(jlora.init(params, rank=3))
+    assert_adapt_equals_merge(fn, params, adapters, normal(5, 4, 8))
+
+
+def test_plain_jnp_mlp():
+    params = {"w1": normal(0, 8, 32), "w2": normal(1, 32, 4)}
+    mlp = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+    adapters = trained(jlora.init(params, rank=2, targets=r"w\d"))
+    assert_adapt_equals_merge(mlp, params, adapters, normal(2, 5, 8))
+
+
+def test_weight_used_transposed_reshaped_and_twice():
+    params = plain_params()
+
+    def fn(params, x):
+        w = params["layer"]["query"]["kernel"]
+        h = jnp.tanh(x @ w)
+        back = h @ w.T  # a tied use, contracting W's output axis
+        heads = (x @ w.reshape(8, 2, 4).reshape(8, 8)).astype(jnp.float32)
+        return back + heads
+
+    adapters = trained(jlora.init(params, rank=2, targets=["query"]))
+    assert_adapt_equals_merge(fn, params, adapters, normal(6, 3, 8))
+
+
+def test_weight_used_elementwise():
+    # Not a linear use: whatever adapt does with it, the result must be that of the merged weight.
+    params = plain_params()
+
+    def fn(params, x):
+        w = params["layer"]["value"]["kernel"]
+        return x @ w + jnp.sum(w**2) + jnp.max(jnp.abs(w), axis=0)
+
+    adapters = trained(jlora.init(params, rank=2, targets=["value"]))
+    assert_adapt_equals_merge(fn, params, adapters, normal(7, 2, 8), strict=False)
+
+
+def test_dict_outputs_and_keyword_arguments():
+    params = plain_params()
+
+    def fn(params, x, *, scale):
+        h = x @ params["layer"]["query"]["kernel"]
+        return {"h": h * scale, "norm": jnp.linalg.norm(h, axis=-1)}
+
+    adapters = trained(jlora.init(params, rank=2))
+    x = normal(8, 3, 8)
+    got = jlora.adapt(fn)(params, adapters, x, scale=2.0)
+    chex.assert_trees_all_close(got, fn(jlora.merge(params, adapters), x, scale=2.0), rtol=TOL, atol=TOL, strict=True)
+
+
+# --- control flow and transformations ------------------------------------------------------------
+
+
+def test_under_jit_and_with_control_flow():
+    params = plain_params()
+
+    def fn(params, x):
+        w = params["layer"]["query"]["kernel"]
+
+        def step(h, _):
+            return jnp.tanh(h @ w), None
+
+        h, _ = jax.lax.scan(step, x, None, length=3)
+        return jax.lax.cond(h.sum() > 0, lambda h: h @ w, lambda h: -(h @ w), h)
+
+    adapters = trained(jlora.init(params, rank=2, targets=["query"]))
+    x = normal(9, 2, 8)
+    assert_adapt_equals_merge(fn, params, adapters, x)
+    np.testing.assert_allclose(
+        jax.jit(jlora.adapt(fn))(params, adapters, x), fn(jlora.merge(params, adapters), x), rtol=TOL, atol=TOL
+    )
+
+
+def test_nested_jit_checkpoint_cond_custom_vjp_and_fori():
+    @jax.custom_vjp
+    def double(x):
+        return 2 * x
+
+    double.defvjp(lambda x: (2 * x, None), lambda _, g: (2 * g,))
+
+    @jax.jit
+    def layer(w, x):
+        return jnp.tanh(x @ w)
+
+    def fn(p, x):
+        h = jax.checkpoint(layer)(p["w"], x)
+        h = double(h @ p["u"].T)  # the transposed use: x·Uᵀ
+        h = jax.lax.cond(h.sum() > 0, lambda h: h @ p["w"], lambda h: -(h @ p["w"]), h)
+        return jax.lax.fori_loop(0, 2, lambda i, h: jnp.sin(h @ p["w"]), h)
+
+    params = {"w": normal(0, 6, 6) / 3, "u": normal(1, 6, 6) / 3}
+    adapters = trained(jlora.init(params, rank=2, targets=["w", "u"]))
+    assert_adapt_equals_merge(fn, params, adapters, normal(2, 3, 6))
+
+
+# --- Flax linen ----------------------------------------------------------------------------------
 
 
 class GPTBlock(nn.Module):
@@ -102,15 +184,25 @@ ALL_LINEAR = ["c_attn", "c_proj", "c_fc", "mlp_proj"]
 
 def test_gpt_all_linear_layers(gpt):
     model, params, tokens = gpt
-    adapters = randomize(jlora.init(params, rank=4, targets=ALL_LINEAR))
-    assert len(jlora.adapter.table(adapters)) == 8
+    adapters = trained(jlora.init(params, rank=4, targets=ALL_LINEAR))
+    assert len(table(adapters)) == 8
     assert_adapt_equals_merge(model.apply, params, adapters, tokens)
 
 
 def test_tied_embedding_lookup_and_head(gpt):
+    """One table used by a lookup and, transposed, as the output head: in plain jnp and in a linen GPT."""
+    params = plain_params()
+
+    def fn(params, ids):
+        embedding = params["emb"]["embedding"]
+        return jnp.take(embedding, ids, axis=0) @ embedding.T
+
+    adapters = trained(jlora.init(params, rank=4, targets=["emb"]))
+    assert_adapt_equals_merge(fn, params, adapters, jnp.array([[0, 3, 10], [7, 7, 1]]))
+
     model, params, tokens = gpt
-    adapters = randomize(jlora.init(params, rank=3, targets=["wte"]))
-    assert list(jlora.adapter.table(adapters)) == ["params/wte/embedding"]
+    adapters = trained(jlora.init(params, rank=3, targets=["wte"]))
+    assert list(table(adapters)) == ["params/wte/embedding"]
     assert_adapt_equals_merge(model.apply, params, adapters, tokens)
 
 
@@ -120,107 +212,9 @@ def test_at_init_output_is_unchanged(gpt):
     np.testing.assert_array_equal(jlora.adapt(model.apply)(params, adapters, tokens), model.apply(params, tokens))
 
 
-def test_dense_general_attention_3d_kernels():
-    class Attention(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            q = nn.DenseGeneral((4, 8), name="query")(x)
-            v = nn.DenseGeneral((4, 8), name="value")(x)
-            att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, q))
-            return nn.DenseGeneral(32, axis=(-2, -1), name="out")(jnp.einsum("bhqk,bkhd->bqhd", att, v))
-
-    model, x = Attention(), jax.random.normal(jax.random.key(2), (2, 5, 32))
-    params = model.init(jax.random.key(0), x)
-    adapters = randomize(jlora.init(params, rank=4, targets=["query", "value", "out"], in_axes={"out": 2}))
-    table = jlora.adapter.table(adapters)
-    assert table["params/query/kernel"].b.shape == (4, 4, 8)
-    assert table["params/out/kernel"].a.shape == (4, 8, 4)
-    assert_adapt_equals_merge(model.apply, params, adapters, x)
-
-
-def test_scan_over_stacked_layers():
-    class Layer(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return jnp.tanh(nn.Dense(16, name="query")(x)) + nn.Dense(16, name="value")(x), None
-
-    class Stack(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            scanned = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-            return scanned(name="layers")(x, None)[0]
-
-    model, x = Stack(), jax.random.normal(jax.random.key(2), (4, 16))
-    params = model.init(jax.random.key(0), x)
-    adapters = randomize(jlora.init(params, rank=2, stack_axes=1))
-    lora = jlora.adapter.table(adapters)["params/layers/query/kernel"]
-    assert (lora.a.shape, lora.b.shape) == ((3, 16, 2), (3, 2, 16))
-    assert_adapt_equals_merge(model.apply, params, adapters, x)
-
-
-def test_conv_kernels():
-    class ConvNet(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.relu(nn.Conv(6, (3, 3), name="conv1")(x))
-            return nn.Conv(4, (3, 3), strides=2, padding="VALID", name="conv2")(x)
-
-    model, x = ConvNet(), jax.random.normal(jax.random.key(2), (2, 9, 9, 3))
-    params = model.init(jax.random.key(0), x)
-    adapters = randomize(jlora.init(params, rank=2, targets=["conv1", "conv2"], in_axes=3))
-    assert jlora.adapter.table(adapters)["params/conv1/kernel"].a.shape == (3, 3, 3, 2)
-    assert_adapt_equals_merge(model.apply, params, adapters, x)
-
-
-def test_nnx_model():
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.query = nnx.Linear(8, 16, rngs=rngs)
-            self.value = nnx.Linear(16, 8, rngs=rngs)
-
-        def __call__(self, x):
-            return self.value(nnx.relu(self.query(x)))
-
-    graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
-    x = jax.random.normal(jax.random.key(2), (3, 8))
-    adapters = randomize(jlora.init(state, rank=2))
-    assert sorted(jlora.adapter.table(adapters)) == ["query/kernel", "value/kernel"]
-    assert_adapt_equals_merge(lambda s, x: nnx.merge(graphdef, s)(x), state, adapters, x)
-
-
-def test_plain_jnp_mlp():
-    params = {"w1": jax.random.normal(jax.random.key(0), (8, 32)), "w2": jax.random.normal(jax.random.key(1), (32, 4))}
-    x = jax.random.normal(jax.random.key(2), (5, 8))
-    mlp = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
-    adapters = randomize(jlora.init(params, rank=2, targets=r"w\d"))
-    assert_adapt_equals_merge(mlp, params, adapters, x)
-
-
-def test_nested_jit_checkpoint_cond_custom_vjp_and_fori():
-    @jax.custom_vjp
-    def double(x):
-        return 2 * x
-
-    double.defvjp(lambda x: (2 * x, None), lambda _, g: (2 * g,))
-
-    @jax.jit
-    def layer(w, x):
-        return jnp.tanh(x @ w)
-
-    def fn(p, x):
-        h = jax.checkpoint(layer)(p["w"], x)
-        h = double(h @ p["u"].T)  # the transposed use: x·Uᵀ
-        h = jax.lax.cond(h.sum() > 0, lambda h: h @ p["w"], lambda h: -(h @ p["w"]), h)
-        return jax.lax.fori_loop(0, 2, lambda i, h: jnp.sin(h @ p["w"]), h)
-
-    params = {"w": jax.random.normal(jax.random.key(0), (6, 6)) / 3, "u": jax.random.normal(jax.random.key(1), (6, 6)) / 3}
-    adapters = randomize(jlora.init(params, rank=2, targets=["w", "u"]))
-    assert_adapt_equals_merge(fn, params, adapters, jax.random.normal(jax.random.key(2), (3, 6)))
-
-
 def test_under_jit_grad_vmap_checkpoint(gpt):
     model, params, tokens = gpt
-    adapters = randomize(jlora.init(params, rank=4, targets=ALL_LINEAR))
+    adapters = trained(jlora.init(params, rank=4, targets=ALL_LINEAR))
     adapted = jlora.adapt(model.apply, strict=True)
     expected = model.apply(jlora.merge(params, adapters), tokens)
     assert_trees_close(jax.jit(adapted)(params, adapters, tokens), expected)
@@ -234,22 +228,130 @@ def test_under_jit_grad_vmap_checkpoint(gpt):
     )
 
 
+class Block(nn.Module):
+    heads: int = 2
+    head_dim: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        q = nn.DenseGeneral((self.heads, self.head_dim), name="query")(x)  # kernel (d, h, hd)
+        k = nn.DenseGeneral((self.heads, self.head_dim), name="key")(x)
+        v = nn.DenseGeneral((self.heads, self.head_dim), name="value")(x)
+        att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.head_dim), axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+        x = x + nn.DenseGeneral(d, axis=(-2, -1), name="out")(out)  # kernel (h, hd, d)
+        return x + nn.Dense(d, name="mlp")(nn.gelu(nn.Dense(2 * d, name="fc")(nn.LayerNorm()(x))))
+
+
+class LinenModel(nn.Module):
+    vocab: int = 13
+    d: int = 8
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(self.vocab, self.d, name="embed")
+        x = embed(ids)
+        x = Block(name="block_0")(x)
+        return embed.attend(x)
+
+
+def test_dense_general_3d_kernels_embedding_and_tied_head():
+    model = LinenModel()
+    ids = jnp.array([[1, 5, 12, 0], [3, 3, 8, 2]])
+    variables = model.init(jax.random.key(0), ids)
+    adapters = trained(
+        jlora.init(variables, rank=3, targets=["query", "value", "out", "embed", "fc"], in_axes={"out": 2})
+    )
+    found = table(adapters)
+    chex.assert_shape(found["params/block_0/query/kernel"].b, (3, 2, 4))  # (rank, heads, head_dim)
+    chex.assert_shape(found["params/block_0/out/kernel"].a, (2, 4, 3))  # (heads, head_dim, rank)
+    chex.assert_shape(found["params/embed/embedding"].a, (13, 3))
+    assert_adapt_equals_merge(model.apply, variables, adapters, ids)
+
+
+class ScannedLayers(nn.Module):
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        class Layer(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                return x + nn.Dense(x.shape[-1], name="value")(jnp.tanh(nn.Dense(x.shape[-1], name="query")(x))), None
+
+        scanned = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
+        x, _ = scanned(name="layers")(x, None)
+        return x
+
+
+def test_scan_over_stacked_layers():
+    model = ScannedLayers()
+    x = normal(10, 2, 6)
+    variables = model.init(jax.random.key(1), x)
+    chex.assert_shape(variables["params"]["layers"]["query"]["kernel"], (3, 6, 6))
+    adapters = trained(jlora.init(variables, rank=2, stack_axes=1))
+    lora = table(adapters)["params/layers/query/kernel"]
+    chex.assert_shape(lora.a, (3, 6, 2))
+    chex.assert_shape(lora.b, (3, 2, 6))
+    assert_adapt_equals_merge(model.apply, variables, adapters, x)
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), name="conv")(x))
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, name="strided")(x))
+        return nn.Conv(4, (3, 3), strides=2, padding="VALID", name="head")(x)
+
+
+def test_conv_kernels_with_three_input_axes():
+    model = ConvNet()
+    x = normal(11, 2, 9, 9, 3)
+    variables = model.init(jax.random.key(2), x)
+    adapters = trained(jlora.init(variables, rank=2, targets=["conv", "strided", "head"], in_axes=3))
+    found = table(adapters)
+    chex.assert_shape(found["params/conv/kernel"].a, (3, 3, 3, 2))
+    chex.assert_shape(found["params/head/kernel"].b, (2, 4))
+    assert_adapt_equals_merge(model.apply, variables, adapters, x)
+
+
+# --- Flax NNX ------------------------------------------------------------------------------------
+
+
+class NnxModel(nnx.Module):
+    def __init__(self, rngs):
+        self.query = nnx.Linear(6, 6, rngs=rngs)
+        self.value = nnx.Linear(6, 6, rngs=rngs)
+        self.head = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jax.nn.relu(self.query(x)) * self.value(x))
+
+
+def test_nnx_state():
+    graphdef, state = nnx.split(NnxModel(nnx.Rngs(0)))
+    adapters = trained(jlora.init(state, rank=2))
+    assert sorted(table(adapters)) == ["query/kernel", "value/kernel"]
+
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    assert_adapt_equals_merge(run, state, adapters, normal(12, 3, 6))
+
+
+# --- fallbacks, dropout, and adapters that do not fit --------------------------------------------
+
+
 def test_unrecognised_use_falls_back_with_warning_or_raises_when_strict():
     params = {"w": jnp.ones((4, 4))}
-    adapters = randomize(jlora.init(params, rank=2, targets=["w"]))
+    adapters = trained(jlora.init(params, rank=2, targets=["w"]))
     fn = lambda p, x: x @ jnp.exp(p["w"])  # exp of a weight has no factored form
     with pytest.warns(UserWarning, match=r"'?w'? used by `exp`"):
         out = jlora.adapt(fn)(params, adapters, jnp.ones((2, 4)))
     np.testing.assert_allclose(out, fn(jlora.merge(params, adapters), jnp.ones((2, 4))), rtol=1e-6)
     with pytest.raises(ValueError, match=r"w used by `exp`.*strict=True"):
         jlora.adapt(fn, strict=True)(params, adapters, jnp.ones((2, 4)))
-
-
-def test_mismatched_adapters_are_refused(gpt):
-    model, params, tokens = gpt
-    other = jlora.init(GPT(d=8).init(jax.random.key(0), tokens), rank=2, targets=["c_attn"])
-    with pytest.raises(ValueError, match=r"params/h_0/c_attn/kernel.*shape \(8, 24\).*\(16, 48\)"):
-        jlora.adapt(model.apply)(params, other, tokens)
 
 
 def test_lora_dropout_only_with_rng():
@@ -265,6 +367,33 @@ def test_lora_dropout_only_with_rng():
     assert survivors == int(survivors) and 16 <= survivors <= 48
     np.testing.assert_array_equal(dropped, jnp.full((1, 64), dropped[0, 0]))
     assert not np.array_equal(dropped, adapted(params, adapters, x, lora_rng=jax.random.key(1)))
+
+
+def test_adapters_that_do_not_fit_are_refused_with_the_path(gpt):
+    params = plain_params()
+    adapters = jlora.init(params, rank=2)
+
+    def fn(params, x):
+        return x @ params["layer"]["query"]["kernel"]
+
+    x = normal(13, 2, 8)
+    other = {"layer": {"query": params["layer"]["query"]}}
+    with pytest.raises(ValueError, match=r"adapters for layer/value/kernel have no weight at that path in the params"):
+        jlora.adapt(fn)(other, adapters, x)
+    wrong = {**params, "layer": {**params["layer"], "value": {"kernel": normal(14, 8, 4)}}}
+    with pytest.raises(
+        ValueError, match=re.escape("adapter at 'layer/value/kernel' is for a weight of shape (8, 8), but the params have shape (8, 4) there")
+    ):
+        jlora.adapt(fn)(wrong, adapters, x)
+
+    # Adapters of a narrower model: the path and both shapes are named.
+    model, params, tokens = gpt
+    narrower = jlora.init(GPT(d=8).init(jax.random.key(0), tokens), rank=2, targets=["c_attn"])
+    with pytest.raises(ValueError, match=r"params/h_0/c_attn/kernel.*shape \(8, 24\).*\(16, 48\)"):
+        jlora.adapt(model.apply)(params, narrower, tokens)
+
+
+# --- cost ----------------------------------------------------------------------------------------
 
 
 def _train_step(model, params, adapters, tokens, factored):

@@ -9,16 +9,11 @@ import optax
 import pytest
 
 import jlora
+from helpers import trained
 from jlora.adapter import table
 from tiny import GPT2_LINEAR, LLAMA_LINEAR, TOKENS, hf_model, peft_module, to_torch, torch_logits
 
 LINEAR = {"gpt2": GPT2_LINEAR, "llama": LLAMA_LINEAR}
-
-
-def with_random_factors(adapters, seed=0, std=0.3):
-    leaves, treedef = jax.tree.flatten(adapters)
-    rng = np.random.default_rng(seed)
-    return jax.tree.unflatten(treedef, [jnp.asarray(std * rng.standard_normal(x.shape), x.dtype) for x in leaves])
 
 
 # ---- rsLoRA (Kalajdzievski, 2023) ----
@@ -29,7 +24,7 @@ def test_rslora_scales_the_update_by_alpha_over_sqrt_r(rank):
     rng = np.random.default_rng(rank)
     w, x = rng.normal(size=(16, 24)), rng.normal(size=(3, 16))
     params = {"query": {"kernel": jnp.asarray(w, jnp.float32)}}
-    rs = with_random_factors(jlora.init(params, rank=rank, alpha=8, use_rslora=True))
+    rs = trained(jlora.init(params, rank=rank, alpha=8, use_rslora=True))
     plain = jlora.init(params, rank=rank, alpha=8)
     lora = rs["query"]["kernel"]
     assert lora.scaling == 8 / math.sqrt(rank) and plain["query"]["kernel"].scaling == 8 / rank
@@ -54,7 +49,7 @@ def lora_plus_setup(seed=0):
     rng = np.random.default_rng(seed)
     params = {"query": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)},
               "value": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}}
-    adapters = with_random_factors(jlora.init(params, rank=2), seed)
+    adapters = trained(jlora.init(params, rank=2), seed)
     x, y = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32), jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
     fn = lambda p, x: jnp.tanh(x @ p["query"]["kernel"]) * (x @ p["value"]["kernel"])
     loss = lambda a, x: jnp.mean((jlora.adapt(fn, strict=True)(params, a, x) - y) ** 2)
@@ -92,7 +87,7 @@ def test_lora_plus_gives_b_ratio_times_the_learning_rate_of_a(make):
 def test_rslora_logits_equal_peft(tmp_path, kind):
     peft = pytest.importorskip("peft")
     fresh, model, variables = hf_model(kind, tmp_path)
-    adapters = with_random_factors(jlora.init(variables, rank=4, alpha=8, targets=LINEAR[kind], use_rslora=True))
+    adapters = trained(jlora.init(variables, rank=4, alpha=8, targets=LINEAR[kind], use_rslora=True))
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR[kind], use_rslora=True,
                              fan_in_fan_out=kind == "gpt2")
     theirs = peft.get_peft_model(fresh(), config).eval()

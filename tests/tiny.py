@@ -1,4 +1,4 @@
-"""Tiny GPT-2 and Llama for the adapter-kind tests, in jlora and (interop) in transformers + PEFT."""
+"""Tiny random GPT-2 and Llama for the tests, in jlora and (interop) in transformers + PEFT."""
 
 import functools
 import re
@@ -9,8 +9,7 @@ import numpy as np
 
 import jlora
 import jlora.models
-from test_transform import assert_trees_close
-from jlora import paths
+from helpers import randomized
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 
@@ -23,37 +22,17 @@ GPT2_LINEAR = ["c_attn", "c_proj", "c_fc"]  # c_proj: both attn/c_proj and mlp/c
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def randomized(tree, seed=0, std=0.2):
-    """Every leaf N(0, std), norm scales N(1, std): at Flax's 0.02 init an adapter barely moves the logits."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        mean = 1.0 if path.endswith(("/scale", "norm/weight")) else 0.0
-        return jnp.asarray(mean + std * rng.standard_normal(x.shape), x.dtype)
-
-    return paths.map_with_path(draw, tree)
+def random_variables(model, seed=0, std=0.2, norms=1.0):
+    """:func:`helpers.randomized` variables of a ``jlora.models`` model (its init traced, never run)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return randomized(shapes, seed, std, norms)
 
 
 @functools.cache
 def jax_model(kind):
     """``(model, variables, tokens)`` of a tiny random ``'gpt2'`` or ``'llama'`` (made once per process)."""
     model = GPT2(GPT2Config(**GPT2_SIZES)) if kind == "gpt2" else Llama(LlamaConfig(**LLAMA_SIZES))
-    tokens = jnp.array(TOKENS)
-    return model, randomized(jax.eval_shape(model.init, jax.random.key(0), tokens)), tokens
-
-
-def assert_adapt_equals_merge(fn, params, adapters, *args):
-    """Values and gradients of ``jlora.adapt(fn, strict=True)`` and fn∘merge agree (as in
-    test_transform, compiled: on two CPU cores jit is much faster than op-by-op dispatch)."""
-    adapted = jlora.adapt(fn, strict=True)
-    merged = lambda p, a, *args: fn(jlora.merge(p, a), *args)
-    assert_trees_close(jax.jit(adapted)(params, adapters, *args), jax.jit(merged)(params, adapters, *args))
-
-    def gradient(f):
-        scalar = lambda p, a: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(f(p, a, *args)))
-        return jax.jit(jax.grad(scalar, argnums=(0, 1)))(params, adapters)
-
-    assert_trees_close(gradient(adapted), gradient(merged))
+    return model, random_variables(model), jnp.array(TOKENS)
 
 
 # ---- interop: the same weights in transformers, adapters set by hand in PEFT ----
@@ -62,7 +41,6 @@ def assert_adapt_equals_merge(fn, params, adapters, *args):
 def hf_model(kind, directory, seed=0):
     """A random transformers model saved to ``directory`` and loaded by jlora:
     ``(fresh, model, variables)``, where ``fresh()`` builds another torch copy of the same weights."""
-    import torch
     import transformers
 
     if kind == "gpt2":
@@ -73,16 +51,23 @@ def hf_model(kind, directory, seed=0):
         cls = transformers.LlamaForCausalLM
 
     def fresh():
-        torch.manual_seed(seed)
-        theirs = cls(config)
-        with torch.no_grad():
-            for name, param in theirs.named_parameters():
-                param.normal_(1.0 if "norm" in name or "ln_" in name else 0.0, 0.2)
-        return theirs.eval()
+        return randomized_torch(cls(config), seed)
 
     fresh().save_pretrained(directory)
     model, variables, _, _ = jlora.models.load(str(directory))
     return fresh, model, variables
+
+
+def randomized_torch(model, seed=0, std=0.2):
+    """:func:`helpers.randomized` for a torch model, in place: every parameter N(0, std), norms N(1, std);
+    returns ``model.eval()``."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name or "ln_" in name else 0.0, std)
+    return model.eval()
 
 
 def peft_module(peft_model, path):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +12,9 @@ from safetensors.numpy import load_file
 
 import jlora
 import jlora.models
-from jlora import paths
-from jlora.adapter import table
+from helpers import trained
 from jlora.models import export, gpt2, llama
+from tiny import random_variables, randomized_torch
 
 TOKENS = [[5, 17, 2, 60, 33, 1, 9, 44, 12, 3], [0, 61, 7, 7, 20, 39, 41, 2, 8, 50]]
 GPT2 = gpt2.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
@@ -34,33 +35,20 @@ TARGETS = {
 }
 
 
-def random_variables(config, seed, param_dtype=jnp.float32):
-    """Every param random, norms around 1, so a misplaced or mis-transposed tensor shows in the logits."""
-    model = export.family(config).model(config, param_dtype=param_dtype)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(shapes))))
-    return model, paths.map_with_path(
-        lambda path, s: ((1.0 if path.endswith(("scale", "norm/weight", "layernorm/weight")) else 0.0)
-                         + 0.2 * jax.random.normal(next(keys), s.shape)).astype(s.dtype), shapes)
-
-
-def random_adapters(variables, seed, targets):
-    found = table(jlora.init(variables, rank=4, alpha=8.0, targets=targets))
-    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(found)))
-    return paths.nest({path: dataclasses.replace(lora, a=0.3 * jax.random.normal(next(keys), lora.a.shape),
-                                                 b=0.3 * jax.random.normal(next(keys), lora.b.shape))
-                       for path, lora in found.items()})
+def variables_of(config, param_dtype=jnp.float32):
+    """Random variables of the config's model: a misplaced or mis-transposed tensor shows in the logits."""
+    return random_variables(export.family(config).model(config, param_dtype=param_dtype))
 
 
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_saved_directory_loads_back_bitwise(tmp_path, name, param_dtype):
     config = CONFIGS[name]
-    _, variables = random_variables(config, seed=0, param_dtype=param_dtype)
+    variables = variables_of(config, param_dtype)
     export.save_hf(tmp_path, variables, config)
     _, loaded, _, loaded_config = jlora.models.load(tmp_path, param_dtype=param_dtype)
     assert loaded_config == config
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, variables)
+    chex.assert_trees_all_equal(loaded, variables, strict=True)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == jnp.dtype(param_dtype).name
     stored = load_file(tmp_path / "model.safetensors")
     assert {str(a.dtype) for a in stored.values()} == {jnp.dtype(param_dtype).name}
@@ -68,20 +56,20 @@ def test_saved_directory_loads_back_bitwise(tmp_path, name, param_dtype):
 
 
 def test_config_json_is_the_reverse_of_from_hf(tmp_path):
-    export.save_hf(tmp_path, random_variables(CONFIGS["llama-bias"], seed=0)[1], CONFIGS["llama-bias"])
+    export.save_hf(tmp_path, variables_of(CONFIGS["llama-bias"]), CONFIGS["llama-bias"])
     written = json.loads((tmp_path / "config.json").read_text())
     assert (written["model_type"], written["architectures"], written["hidden_act"]) == ("llama", ["LlamaForCausalLM"], "silu")
     assert written["rope_parameters"] == {"rope_type": "default", "rope_theta": 1000.0}
     assert (written["num_key_value_heads"], written["attention_bias"], written["eos_token_id"]) == (1, True, [2, 3])
     assert llama.LlamaConfig.from_hf(written) == CONFIGS["llama-bias"]
-    export.save_hf(tmp_path, random_variables(GPT2, seed=0)[1], GPT2)
+    export.save_hf(tmp_path, variables_of(GPT2), GPT2)
     written = json.loads((tmp_path / "config.json").read_text())
     assert (written["model_type"], written["architectures"], written["n_embd"]) == ("gpt2", ["GPT2LMHeadModel"], 32)
     assert gpt2.GPT2Config.from_hf(written) == GPT2
 
 
 def test_params_that_do_not_fit_the_config_are_refused(tmp_path):
-    _, variables = random_variables(GPT2, seed=0)
+    variables = variables_of(GPT2)
     with pytest.raises(export.CheckpointError, match=r"missing \['h_1/attn/c_attn/bias'\], unexpected \[\]"):
         params = jax.tree.map(lambda x: x, variables["params"])
         del params["h_1"]["attn"]["c_attn"]["bias"]
@@ -106,15 +94,11 @@ def test_merged_export_loads_in_transformers_with_jloras_logits(tmp_path, name):
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items() if k != "rope_theta"}
         theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **fields, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param_name, param in theirs.named_parameters():
-            param.normal_(1.0 if "norm" in param_name or "ln_" in param_name else 0.0, 0.2)
-    theirs.save_pretrained(tmp_path / "base", safe_serialization=True)
+    randomized_torch(theirs).save_pretrained(tmp_path / "base", safe_serialization=True)
     model, variables, _, loaded = jlora.models.load(str(tmp_path / "base"))
     assert loaded == config
 
-    merged = jlora.merge(variables, random_adapters(variables, seed=1, targets=TARGETS[name]))
+    merged = jlora.merge(variables, trained(jlora.init(variables, rank=4, alpha=8.0, targets=TARGETS[name]), seed=1))
     ours = np.asarray(jax.jit(model.apply)(merged, jnp.array(TOKENS)))
     assert np.abs(ours - np.asarray(jax.jit(model.apply)(variables, jnp.array(TOKENS)))).max() > 0.1
     export.save_hf(tmp_path / "merged", merged, config)

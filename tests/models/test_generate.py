@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jlora.models import Llama, LlamaConfig, generate, sample_logits
+from tiny import random_variables
 
 CONFIG = LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=1, max_position_embeddings=32)
@@ -12,10 +13,7 @@ MODEL = Llama(CONFIG)
 
 @pytest.fixture(scope="module")
 def variables():
-    shapes = jax.eval_shape(MODEL.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(jax.random.key(5), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return random_variables(MODEL, seed=5, std=0.5, norms=0.0)  # the tokens named below come from these
 
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))  # token 1 most likely, then 3, 2, 0

@@ -8,23 +8,17 @@ import pytest
 from safetensors.numpy import save_file
 
 import jlora.models
+import tiny
 from jlora.models import CheckpointError, GPT2, GPT2Config, generate
 from jlora.models.gpt2 import hf_key_map
 
 CONFIG = GPT2Config(vocab_size=61, n_positions=32, n_embd=16, n_layer=2, n_head=4)
+# Every param N(0, 0.3), biases and norm scales included, so a misplaced tensor changes the output.
+random_variables = partial(tiny.random_variables, std=0.3, norms=0.0)
 
 
 def flat(params):
     return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-
-
-def random_variables(model, seed=0):
-    """Random values for every param, biases and norms included, so a misplaced tensor changes the output."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    values = [0.3 * jax.random.normal(k, leaf.shape, model.param_dtype) for k, leaf in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(treedef, values)
 
 
 def write_hf_dir(directory, config, variables, hf_config_overrides=None):

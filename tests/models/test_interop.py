@@ -9,21 +9,13 @@ import pytest
 
 import jlora.models
 from jlora.models import generate
+from tiny import randomized_torch
 
 pytestmark = pytest.mark.interop
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOKENS = [[5, 17, 2, 60, 33, 1, 9, 44, 12, 3, 3, 58], [0, 61, 7, 7, 20, 39, 41, 2, 8, 50, 11, 6]]
-
-
-def randomize(model, seed):
-    """Every parameter random, norms and biases included, so a misplaced or mis-transposed tensor shows."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(1.0 if "norm" in name or "ln_" in name else 0.0, 0.2)
-    return model.eval()
 
 
 def their_logits(model, tokens=TOKENS):
@@ -34,7 +26,7 @@ def their_logits(model, tokens=TOKENS):
 def test_gpt2_logits_equal_gpt2lmheadmodel(tmp_path):
     config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                      bos_token_id=0, eos_token_id=0)
-    theirs = randomize(transformers.GPT2LMHeadModel(config), seed=0)
+    theirs = randomized_torch(transformers.GPT2LMHeadModel(config), seed=0)
     theirs.save_pretrained(tmp_path)
     model, variables, _, _ = jlora.models.load(tmp_path)
     ours = np.asarray(jax.jit(model.apply)(variables, jnp.array(TOKENS)))
@@ -46,7 +38,7 @@ def test_gpt2_logits_equal_gpt2lmheadmodel(tmp_path):
 def test_gpt2_greedy_generation_equals_transformers_generate(tmp_path):
     config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                      bos_token_id=0, eos_token_id=0)
-    theirs = randomize(transformers.GPT2LMHeadModel(config), seed=1)
+    theirs = randomized_torch(transformers.GPT2LMHeadModel(config), seed=1)
     theirs.save_pretrained(tmp_path)
     model, variables, _, _ = jlora.models.load(tmp_path)
     prompt = np.array(TOKENS)[:, :4]
@@ -86,7 +78,7 @@ def test_llama_logits_equal_llamaforcausallm(tmp_path, case):
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-5,
                                       **LLAMA_CASES[case])
-    theirs = randomize(transformers.LlamaForCausalLM(config), seed=2)
+    theirs = randomized_torch(transformers.LlamaForCausalLM(config), seed=2)
     theirs.save_pretrained(tmp_path)
     model, variables, _, loaded = jlora.models.load(tmp_path)
     assert loaded.tie_word_embeddings == config.tie_word_embeddings and loaded.rope_theta == 1000.0

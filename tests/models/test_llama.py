@@ -1,4 +1,5 @@
 import json
+from functools import partial
 
 import gguf
 import jax
@@ -9,6 +10,7 @@ from safetensors.numpy import save_file
 from tokenizers import pre_tokenizers
 
 import jlora.models
+import tiny
 from jlora.models import CheckpointError, Llama, LlamaConfig, generate
 from jlora.models.llama import hf_key_map, rope, unpermute_rope
 
@@ -22,13 +24,8 @@ def flat(params):
     return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def random_variables(model, seed=0, scale=0.3):
-    """Random values for every param, norms included, so a misplaced tensor changes the output."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [scale * jax.random.normal(k, leaf.shape, model.param_dtype) for k, leaf in zip(keys, leaves)])
+# Every param N(0, 0.3), norm scales included, so a misplaced tensor changes the output.
+random_variables = partial(tiny.random_variables, std=0.3, norms=0.0)
 
 
 def test_param_paths_are_hugging_face_names_with_2d_kernels():
@@ -97,7 +94,7 @@ def test_cached_steps_equal_full_forward_passes_with_grouped_query_attention():
 
 def test_greedy_generation_equals_recomputing_the_whole_sequence_each_token():
     model = Llama(GQA)
-    variables = random_variables(model, scale=0.5)
+    variables = random_variables(model, std=0.5)
     prompt = np.array([[5, 9, 2], [1, 1, 4]])
     ids = generate(model.apply, variables, prompt, model.init_cache(2, 9), max_new_tokens=6)
     forward = jax.jit(model.apply)
