@@ -75,13 +75,6 @@ def adapter_options(args) -> dict:
     return options
 
 
-def make_adapters(method: str, params, options: dict):
-    try:
-        return adapter.kind(method).create(params, **options)
-    except ValueError as error:
-        raise UsageError(f"{method} does not fit the base model: {error}") from None
-
-
 def run_dir_checkpoints(path) -> Path:
     """Accepts a run directory (holding checkpoints/) or the checkpoints directory itself."""
     path = Path(path).expanduser()
@@ -203,7 +196,7 @@ def finetune(args) -> int:
     else:
         method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
         options = adapter_options(args)
-        adapters = make_adapters(method, params, options)
+        adapters = adapter.kind(method).create(params, **options)
         metadata["adapter"] = {"method": method, "options": options, "bias": bias}
         frozen, trainable = jlora.split(params, adapters, bias)
         state = train.init_state(trainable, config_train)
