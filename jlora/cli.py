@@ -69,6 +69,10 @@ def prepare_out(out, overwrite: bool, base=None) -> Path:
 def adapter_options(args) -> dict:
     """The `create` options of --method's kind that the command line sets (flags left out use the kind's defaults)."""
     kind = adapter.kind(args.method or DEFAULT_METHOD)
+    ignored = [flag for k, flag in ADAPTER_FLAGS.items() if getattr(args, k) is not None and k not in kind.init_options]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} does not apply to --method {kind.name} (it takes "
+                         f"{', '.join(ADAPTER_FLAGS.get(k, k) for k in kind.init_options)})")
     options = {k: getattr(args, k) for k in kind.init_options if getattr(args, k, None) is not None}
     if isinstance(options.get("targets"), str) and "," in options["targets"]:  # "q_proj,v_proj": module names
         options["targets"] = options["targets"].split(",")

@@ -201,6 +201,7 @@ def test_bad_flags_are_one_line_errors_with_status_2(tmp_path, capsys, flags, me
     (["finetune", "--seq-len", 100000], "--seq-len 100000 is longer than the base's context of 8192 tokens"),
     (["finetune", "--alpha", 8, "--rank", 600], "rank 600 for 'params/layers_0/self_attn/q_proj/kernel'"),
     (["generate", "--prompt", ""], "error: the prompt is empty"),
+    (["finetune", "--method", "ia3", "--rank", 4], "--rank does not apply to --method ia3 (it takes --targets)"),
 ])
 def test_refusals_from_the_library_are_one_line_errors(tmp_path, capsys, argv, message):
     extra = ["--out", tmp_path / "run", *SMALL] if argv[0] == "finetune" else ["--max-new-tokens", 2]
