@@ -146,11 +146,9 @@ def fit(
         for k in range(start, max_steps):
             state, metrics = step(state, batches(k))
             loss = check_finite(k + 1, metrics)
-            now = time.perf_counter()
-            done = k + 1
+            now, done = time.perf_counter(), k + 1
             record({"step": done, **{name: float(v) for name, v in metrics.items()}, "loss": loss,
                     "seconds": now - began})
-            began = now
             if checkpointer is not None and (done == max_steps or (save_every and done % save_every == 0)):
                 try:
                     checkpointer.save(state, metadata)
@@ -159,6 +157,7 @@ def fit(
                 last_saved = done
             if evaluate is not None and (done == max_steps or (eval_every and done % eval_every == 0)):
                 run_eval(done)
+            began = time.perf_counter()  # a step's seconds leave out the saves and evaluations before it
     except LossNotFinite as error:
         error.last_saved = last_saved
         raise
