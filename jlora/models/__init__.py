@@ -1,4 +1,4 @@
-"""Pretrained language models for jlora: GPT-2 and the Llama family, in Flax.
+"""Pretrained language models for jlora: GPT-2 and the Llama family (Llama, Mistral, Qwen2/3, Gemma), in Flax.
 
     model, variables, tokenizer, config = jlora.models.load("smollm2-135m")
     logits = model.apply(variables, tokens)                    # [B, T, V] float32
@@ -21,7 +21,7 @@ from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 from jlora.models.tokenizer import Tokenizer
 
-HF_LOADERS = {"gpt2": gpt2.from_pretrained, "llama": llama.from_pretrained}
+HF_LOADERS = {"gpt2": gpt2.from_pretrained, **{model_type: llama.from_pretrained for model_type in llama.VARIANTS}}
 
 
 def load_gguf(path, *, param_dtype=jnp.float32, dtype=jnp.float32):
@@ -68,7 +68,7 @@ def load(name_or_path, *, param_dtype=jnp.float32, dtype=jnp.float32):
 
     Args:
       name_or_path: a name in `KNOWN` ("smollm2-135m"), a `.gguf` file, or a Hugging Face directory
-        holding config.json and safetensors (model_type "gpt2" or "llama").
+        holding config.json and safetensors (model_type "gpt2", "llama", "mistral", "qwen2", "qwen3" or "gemma").
       param_dtype: dtype the weights are stored in (jnp.float32 or jnp.bfloat16).
       dtype: compute dtype (jnp.float32 or jnp.bfloat16); logits are always float32.
 

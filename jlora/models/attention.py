@@ -45,7 +45,7 @@ def extend(layer_cache, keys, values, positions):
     return all_keys, all_values, key_positions, {"key": all_keys, "value": all_values}
 
 
-def causal_attention(queries, keys, values, query_positions, key_positions):
+def causal_attention(queries, keys, values, query_positions, key_positions, window=None):
     """Softmax attention where a query sees only keys at its own or earlier positions.
 
     Grouped-query attention falls out of the shapes: query head h uses key/value head
@@ -55,6 +55,8 @@ def causal_attention(queries, keys, values, query_positions, key_positions):
       queries: [B, T, H, D].
       keys, values: [B, S, H_kv, D], H divisible by H_kv.
       query_positions: int [T]; key_positions: int [S].
+      window: if given, a query sees only keys fewer than `window` positions back (Mistral's sliding
+        window, Hugging Face's `kv_idx > q_idx - sliding_window`).
 
     Returns:
       [B, T, H * D] in the dtype of `values`.
@@ -65,6 +67,8 @@ def causal_attention(queries, keys, values, query_positions, key_positions):
     scores = jnp.einsum("btgrd,bsgd->bgrts", grouped, keys, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     visible = key_positions[None, :] <= query_positions[:, None]
+    if window is not None:
+        visible &= query_positions[:, None] - key_positions[None, :] < window
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", weights, values)

@@ -47,28 +47,28 @@ def _gpt2_config(config):
     return {**dataclasses.asdict(config), "tie_word_embeddings": True}
 
 
-def _llama_config(config):
-    fields = dataclasses.asdict(config)
-    # transformers >= 5 reads rope_parameters, older versions rope_theta; both name the same default rotary.
-    return {**fields, "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}}
+def _llama_family(model_type):
+    architecture, _ = llama.VARIANTS[model_type]
+    return Family(model_type, architecture, llama.Llama, llama.hf_key_map, "",
+                  lambda config: "embed_tokens/embedding" if config.tie_word_embeddings else None,
+                  llama.LlamaConfig.to_hf)
 
 
 FAMILIES = {
-    gpt2.GPT2Config: Family("gpt2", "GPT2LMHeadModel", gpt2.GPT2, gpt2.hf_key_map, "transformer.",
-                            lambda config: "wte/embedding", _gpt2_config),
-    llama.LlamaConfig: Family("llama", "LlamaForCausalLM", llama.Llama, llama.hf_key_map, "",
-                              lambda config: "embed_tokens/embedding" if config.tie_word_embeddings else None,
-                              _llama_config),
+    gpt2.GPT2Config: {"gpt2": Family("gpt2", "GPT2LMHeadModel", gpt2.GPT2, gpt2.hf_key_map, "transformer.",
+                                     lambda config: "wte/embedding", _gpt2_config)},
+    # One Flax model, one Hugging Face family per model_type (Llama, Mistral, Qwen2, Qwen3, Gemma).
+    llama.LlamaConfig: {model_type: _llama_family(model_type) for model_type in llama.VARIANTS},
 }
 
 
 def family(config) -> Family:
-    """The :class:`Family` of a model config (`GPT2Config` or `LlamaConfig`)."""
+    """The :class:`Family` of a model config (`GPT2Config`, or `LlamaConfig` by its `model_type`)."""
     found = FAMILIES.get(type(config))
     if found is None:
         known = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
         raise TypeError(f"{type(config).__name__} is not a model config jlora can export; known: {known}.")
-    return found
+    return found[getattr(config, "model_type", "gpt2")]
 
 
 def hf_names(config) -> dict:

@@ -1,12 +1,22 @@
-"""Llama-family models (Llama, SmolLM2, TinyLlama, ...) in Flax, loading Hugging Face safetensors or GGUF.
+"""Llama-family models (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma) in Flax, from Hugging Face or GGUF.
 
-RMSNorm, rotary embeddings (Hugging Face's rotate_half layout), SwiGLU MLP, grouped-query attention,
-tied or untied output head. Param paths follow Hugging Face's names:
+RMSNorm, rotary embeddings (Hugging Face's rotate_half layout), gated MLP, grouped-query attention,
+tied or untied output head. The families differ in a few small switches, all in `LlamaConfig`; what a
+Hugging Face `model_type` fixes in its modeling code (rather than in config.json) is in `VARIANTS`:
+
+    llama    Llama 1-3 (llama3 rope scaling), SmolLM2, TinyLlama
+    mistral  sliding_window: a query sees only the last `sliding_window` positions
+    qwen2    bias on q/k/v but not o (qkv_bias)
+    qwen3    per-head RMSNorm of queries and keys before the rotary embedding (qk_norm)
+    gemma    RMSNorm scaled by (1 + weight), embeddings times sqrt(hidden_size), GeGLU (gelu tanh)
+
+Param paths follow Hugging Face's names:
 
     embed_tokens/embedding [V, C]
     layers_{i}/input_layernorm/weight            layers_{i}/post_attention_layernorm/weight
     layers_{i}/self_attn/{q,k,v,o}_proj/kernel   (in, out): the transpose of the torch weight
     layers_{i}/mlp/{gate,up,down}_proj/kernel
+    layers_{i}/self_attn/{q,k}_norm/weight       [head_dim], qk_norm only
     norm/weight
     lm_head/kernel [C, V]                        absent when tie_word_embeddings
 """
@@ -21,6 +31,28 @@ import jax.numpy as jnp
 from jlora.models import attention
 from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_config, read_gguf, read_safetensors,
                                      transpose)
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.x's `rope_type: llama3`: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+# What each Hugging Face model_type fixes in its modeling code rather than in config.json: (architecture, fields).
+VARIANTS = {
+    "llama": ("LlamaForCausalLM", {}),
+    "mistral": ("MistralForCausalLM", {}),
+    "qwen2": ("Qwen2ForCausalLM", {"qkv_bias": True}),
+    "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
+    "gemma": ("GemmaForCausalLM", {"norm_unit_offset": True, "scale_embeddings": True}),
+}
+FIXED_BY_MODEL_TYPE = ("model_type", "qkv_bias", "qk_norm", "norm_unit_offset", "scale_embeddings")
+ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True),
+               "gelu": partial(nn.gelu, approximate=False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +72,15 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
+    hidden_act: str = "silu"  # the MLP's gate activation, a key of ACTIVATIONS
+    rope_scaling: Llama3RopeScaling | None = None
+    sliding_window: int | None = None  # a query sees keys at most sliding_window - 1 positions back (Mistral)
+    # Fixed by the model_type (VARIANTS), never read from config.json:
+    model_type: str = "llama"
+    qkv_bias: bool = False  # bias on q/k/v only (Qwen2); attention_bias puts one on o too
+    qk_norm: bool = False  # RMSNorm of each query/key head before rope (Qwen3)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) in the compute dtype (Gemma)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -53,23 +94,55 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.model_type not in VARIANTS:
+            raise ValueError(f"model_type={self.model_type!r}; known: {sorted(VARIANTS)}.")
+        if self.hidden_act not in ACTIVATIONS:
+            raise NotImplementedError(f"hidden_act={self.hidden_act!r}; implemented: {sorted(ACTIVATIONS)}.")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be at least 1 (or None for no window).")
 
     @classmethod
     def from_hf(cls, hf):
-        """The config of a Hugging Face Llama `config.json` dict; refuses what this model does not implement."""
-        if hf.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError(f"Llama config has hidden_act={hf['hidden_act']!r}; only 'silu' is implemented.")
-        # transformers 5 writes rope_parameters={'rope_theta', 'rope_type'}; older versions rope_theta and rope_scaling.
-        rope = dict(hf.get("rope_parameters") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = hf.get("rope_scaling")
-        if rope_type != "default" or scaling:
-            raise NotImplementedError(f"Llama config uses rope scaling ({rope or scaling}); only the default "
-                                      "rotary embedding is implemented.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in hf.items() if k in fields}
-        values["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", cls.rope_theta))
-        return cls(**values)
+        """The config of a Hugging Face `config.json` dict (model_type a key of VARIANTS); refuses what is not implemented."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in VARIANTS:
+            raise NotImplementedError(f"model_type={model_type!r} is not a Llama-style family jlora implements; "
+                                      f"known: {sorted(VARIANTS)}.")
+        _, fixed = VARIANTS[model_type]
+        # Gemma's config.json may name the activation hidden_activation (transformers < 4.40 wrote both).
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise NotImplementedError(f"{model_type} config has hidden_act={act!r}; implemented: {sorted(ACTIVATIONS)}.")
+        sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
+        if hf.get("use_sliding_window") or sliding:
+            raise NotImplementedError(f"{model_type} config uses sliding-window layers (use_sliding_window="
+                                      f"{hf.get('use_sliding_window')}, layer_types {sorted(set(sliding))}); only "
+                                      "Mistral's window on every layer is implemented.")
+        if hf.get("use_bidirectional_attention"):
+            raise NotImplementedError(f"{model_type} config has use_bidirectional_attention=true; only causal "
+                                      "attention is implemented.")
+        read = {f.name for f in dataclasses.fields(cls)} - set(FIXED_BY_MODEL_TYPE) - {"rope_scaling", "hidden_act",
+                                                                                     "sliding_window"}
+        values = {k: v for k, v in hf.items() if k in read}
+        values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf)
+        # Only Mistral's modeling code reads sliding_window; Qwen's configs carry one that is off.
+        window = hf.get("sliding_window") if model_type == "mistral" else None
+        return cls(**values, **fixed, model_type=model_type, hidden_act=act, sliding_window=window)
+
+    def to_hf(self):
+        """The config.json fields transformers reads for this config (besides model_type and architectures)."""
+        skip = {*FIXED_BY_MODEL_TYPE, "rope_scaling", "sliding_window"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {**rope, "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        # transformers >= 5 reads rope_parameters, older versions rope_theta (and rope_scaling); both say the same.
+        fields["rope_parameters"] = rope
+        if self.model_type == "mistral":
+            fields["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            fields["use_sliding_window"] = False
+        return fields
 
     @classmethod
     def from_gguf(cls, metadata, tensor_names):
@@ -110,19 +183,57 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    unit_offset: bool = False  # Gemma: scale by (1 + weight), weight initialised to zeros
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init_weight = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        weight = self.param("weight", init_weight, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:  # as Gemma's RMSNorm: the scale applied in float32, then cast
+            return (x32 * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
         return weight.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope(x, positions, theta):
+def rope_from_hf(hf):
+    """`(rope_theta, Llama3RopeScaling or None)` of a config.json; refuses rope types other than default and llama3."""
+    # transformers 5 writes rope_parameters={'rope_theta', 'rope_type', ...}; older versions rope_theta and rope_scaling.
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", hf.get("rope_theta", LlamaConfig.rope_theta))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        names = [f.name for f in dataclasses.fields(Llama3RopeScaling)]
+        missing = [name for name in names if name not in rope]
+        if missing:
+            raise ValueError(f"rope_type 'llama3' needs {names}; the config lacks {missing} ({rope}).")
+        return theta, Llama3RopeScaling(**{name: rope[name] for name in names})
+    raise NotImplementedError(f"config uses rope scaling {rope_type!r} ({rope}); only the default rotary embedding "
+                              "and rope_type 'llama3' are implemented.")
+
+
+def inv_frequencies(dim, theta, scaling=None):
+    """The rotary embedding's float32 inverse frequencies [dim // 2], as transformers computes them."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    if scaling is None:
+        return inv_freq
+    s = scaling
+    wavelength = 2 * jnp.pi / inv_freq
+    low_freq_wavelength = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelength = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = jnp.where(wavelength > low_freq_wavelength, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x, positions, theta, scaling=None):
     """Rotary embedding of x [B, T, H, D] at int positions [T], halves rotated as in HF's rotate_half."""
     dim = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    inv_freq = inv_frequencies(dim, theta, scaling)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
@@ -141,14 +252,20 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         dense = partial(nn.Dense, use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=init)
-        query = dense(c.num_attention_heads * c.head_dim, name="q_proj")(x)
-        key = dense(c.num_key_value_heads * c.head_dim, name="k_proj")(x)
-        value = dense(c.num_key_value_heads * c.head_dim, name="v_proj")(x)
-        query = rope(query.reshape(batch, length, c.num_attention_heads, c.head_dim), positions, c.rope_theta)
-        key = rope(key.reshape(batch, length, c.num_key_value_heads, c.head_dim), positions, c.rope_theta)
+        qkv = partial(dense, use_bias=c.attention_bias or c.qkv_bias)
+        query = qkv(c.num_attention_heads * c.head_dim, name="q_proj")(x)
+        key = qkv(c.num_key_value_heads * c.head_dim, name="k_proj")(x)
+        value = qkv(c.num_key_value_heads * c.head_dim, name="v_proj")(x)
+        query = query.reshape(batch, length, c.num_attention_heads, c.head_dim)
+        key = key.reshape(batch, length, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:
+            norm = partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
+            query, key = norm(name="q_norm")(query), norm(name="k_norm")(key)
+        query = rope(query, positions, c.rope_theta, c.rope_scaling)
+        key = rope(key, positions, c.rope_theta, c.rope_scaling)
         value = value.reshape(batch, length, c.num_key_value_heads, c.head_dim)
         keys, values, key_positions, layer_cache = attention.extend(layer_cache, key, value, positions)
-        y = attention.causal_attention(query, keys, values, positions, key_positions)
+        y = attention.causal_attention(query, keys, values, positions, key_positions, window=c.sliding_window)
         return dense(c.hidden_size, name="o_proj")(y), layer_cache
 
 
@@ -163,7 +280,7 @@ class MLP(nn.Module):
         dense = partial(nn.Dense, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
         gate = dense(c.intermediate_size, name="gate_proj")(x)
         up = dense(c.intermediate_size, name="up_proj")(x)
-        return dense(c.hidden_size, name="down_proj")(nn.silu(gate) * up)
+        return dense(c.hidden_size, name="down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -174,7 +291,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, layer_cache):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = partial(RMSNorm, self.config.rms_norm_eps, **kw)
+        norm = partial(RMSNorm, self.config.rms_norm_eps, unit_offset=self.config.norm_unit_offset, **kw)
         h, layer_cache = Attention(self.config, name="self_attn", **kw)(
             norm(name="input_layernorm")(x), positions, layer_cache)
         x = x + h
@@ -201,11 +318,13 @@ class Llama(nn.Module):
         positions = start + jnp.arange(tokens.shape[1])
         embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="embed_tokens", **kw)
         x = embed(tokens)
+        if c.scale_embeddings:  # Gemma rounds sqrt(hidden_size) to the compute dtype first, as here
+            x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
         new_cache = {}
         for i in range(c.num_hidden_layers):
             name = f"layers_{i}"
             x, new_cache[name] = DecoderLayer(c, name=name, **kw)(x, positions, None if cache is None else cache[name])
-        x = RMSNorm(c.rms_norm_eps, name="norm", **kw)(x)
+        x = RMSNorm(c.rms_norm_eps, unit_offset=c.norm_unit_offset, name="norm", **kw)(x)
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -229,7 +348,10 @@ class Llama(nn.Module):
 
 
 def hf_key_map(config):
-    """`{hf_name: (param_path, transform)}` for a `LlamaForCausalLM` checkpoint (torch weights are (out, in))."""
+    """`{hf_name: (param_path, transform)}` for a `LlamaForCausalLM` (or Qwen2/Qwen3/Mistral/Gemma) checkpoint.
+
+    Torch weights are (out, in), Flax kernels (in, out); every family uses the same names.
+    """
     c = config
     key_map = {
         "model.embed_tokens.weight": ("embed_tokens/embedding", None),
@@ -237,12 +359,14 @@ def hf_key_map(config):
     }
     if not c.tie_word_embeddings:
         key_map["lm_head.weight"] = ("lm_head/kernel", transpose)
+    qkv_bias = c.attention_bias or c.qkv_bias
     for i in range(c.num_hidden_layers):
         hf, ours = f"model.layers.{i}", f"layers_{i}"
-        key_map[f"{hf}.input_layernorm.weight"] = (f"{ours}/input_layernorm/weight", None)
-        key_map[f"{hf}.post_attention_layernorm.weight"] = (f"{ours}/post_attention_layernorm/weight", None)
-        for proj, has_bias in [("self_attn.q_proj", c.attention_bias), ("self_attn.k_proj", c.attention_bias),
-                               ("self_attn.v_proj", c.attention_bias), ("self_attn.o_proj", c.attention_bias),
+        norms = ["input_layernorm", "post_attention_layernorm"] + (["self_attn.q_norm", "self_attn.k_norm"] if c.qk_norm else [])
+        for norm in norms:
+            key_map[f"{hf}.{norm}.weight"] = (f"{ours}/{norm.replace('.', '/')}/weight", None)
+        for proj, has_bias in [("self_attn.q_proj", qkv_bias), ("self_attn.k_proj", qkv_bias),
+                               ("self_attn.v_proj", qkv_bias), ("self_attn.o_proj", c.attention_bias),
                                ("mlp.gate_proj", c.mlp_bias), ("mlp.up_proj", c.mlp_bias),
                                ("mlp.down_proj", c.mlp_bias)]:
             path = f"{ours}/{proj.replace('.', '/')}"
@@ -298,10 +422,10 @@ def gguf_key_map(config):
 
 
 def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
-    """Load a Hugging Face Llama directory (config.json + safetensors).
+    """Load a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Gemma directory (config.json + safetensors).
 
     Args:
-      directory: a directory written by `LlamaForCausalLM.save_pretrained`.
+      directory: a directory written by e.g. `LlamaForCausalLM.save_pretrained` (model_type a key of VARIANTS).
       dtype: compute dtype. param_dtype: dtype the weights are stored in.
 
     Returns:

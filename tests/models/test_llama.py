@@ -176,8 +176,13 @@ def test_tied_and_untied_mixups_are_refused(tmp_path):
 
 def test_unsupported_rope_scaling_is_refused(tmp_path):
     write_hf_dir(tmp_path, GQA, random_variables(Llama(GQA)),
+                 {"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 8.0}})
+    with pytest.raises(NotImplementedError, match="rope scaling 'yarn'"):
+        jlora.models.load(tmp_path)
+    write_hf_dir(tmp_path, GQA, random_variables(Llama(GQA)),
                  {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}})
-    with pytest.raises(NotImplementedError, match="rope scaling"):
+    with pytest.raises(ValueError, match=r"the config lacks \['low_freq_factor', 'high_freq_factor', "
+                                         r"'original_max_position_embeddings'\]"):
         jlora.models.load(tmp_path)
 
 

@@ -23,7 +23,7 @@ def test_gpt2_by_name_asks_for_a_local_directory():
 
 def test_directory_of_an_unsupported_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"model_type='bert'; supported: \['gpt2', 'llama'\]"):
+    with pytest.raises(ValueError, match=r"model_type='bert'; supported: \['gemma', 'gpt2', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
         jlora.models.load(tmp_path)
 
 
