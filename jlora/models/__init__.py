@@ -25,7 +25,7 @@ HF_LOADERS = {"gpt2": gpt2.from_pretrained, **{model_type: llama.from_pretrained
 
 
 def load_gguf(path, *, param_dtype=jnp.float32, dtype=jnp.float32):
-    """Load a llama.cpp GGUF (Llama architecture) with the tokenizer its metadata describes.
+    """Load a llama.cpp GGUF (architecture llama, qwen2, qwen3 or gemma) with the tokenizer its metadata describes.
 
     Returns:
       `(model, variables, tokenizer, config)`.

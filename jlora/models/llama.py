@@ -51,6 +51,8 @@ VARIANTS = {
     "gemma": ("GemmaForCausalLM", {"norm_unit_offset": True, "scale_embeddings": True}),
 }
 FIXED_BY_MODEL_TYPE = ("model_type", "qkv_bias", "qk_norm", "norm_unit_offset", "scale_embeddings")
+# llama.cpp's general.architecture -> model_type. It writes Mistral as "llama" and has no Mistral window.
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
 ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True),
                "gelu": partial(nn.gelu, approximate=False)}
 
@@ -74,6 +76,7 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     hidden_act: str = "silu"  # the MLP's gate activation, a key of ACTIVATIONS
     rope_scaling: Llama3RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF's rope_freqs (head_dim // 2): inverse frequencies / these
     sliding_window: int | None = None  # a query sees keys at most sliding_window - 1 positions back (Mistral)
     # Fixed by the model_type (VARIANTS), never read from config.json:
     model_type: str = "llama"
@@ -98,6 +101,9 @@ class LlamaConfig:
             raise ValueError(f"model_type={self.model_type!r}; known: {sorted(VARIANTS)}.")
         if self.hidden_act not in ACTIVATIONS:
             raise NotImplementedError(f"hidden_act={self.hidden_act!r}; implemented: {sorted(ACTIVATIONS)}.")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError(f"rope_freq_factors has {len(self.rope_freq_factors)} values; head_dim={self.head_dim} "
+                             f"needs {self.head_dim // 2}.")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be at least 1 (or None for no window).")
 
@@ -121,8 +127,8 @@ class LlamaConfig:
         if hf.get("use_bidirectional_attention"):
             raise NotImplementedError(f"{model_type} config has use_bidirectional_attention=true; only causal "
                                       "attention is implemented.")
-        read = {f.name for f in dataclasses.fields(cls)} - set(FIXED_BY_MODEL_TYPE) - {"rope_scaling", "hidden_act",
-                                                                                     "sliding_window"}
+        read = {f.name for f in dataclasses.fields(cls)} - set(FIXED_BY_MODEL_TYPE) - {
+            "rope_scaling", "rope_freq_factors", "hidden_act", "sliding_window"}
         values = {k: v for k, v in hf.items() if k in read}
         values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf)
         # Only Mistral's modeling code reads sliding_window; Qwen's configs carry one that is off.
@@ -131,7 +137,10 @@ class LlamaConfig:
 
     def to_hf(self):
         """The config.json fields transformers reads for this config (besides model_type and architectures)."""
-        skip = {*FIXED_BY_MODEL_TYPE, "rope_scaling", "sliding_window"}
+        if self.rope_freq_factors is not None:
+            raise NotImplementedError("this config's rope scaling came from a GGUF's rope_freqs, which config.json "
+                                      "cannot express; set rope_scaling=Llama3RopeScaling(...) from the model card.")
+        skip = {*FIXED_BY_MODEL_TYPE, "rope_scaling", "rope_freq_factors", "sliding_window"}
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
@@ -145,19 +154,28 @@ class LlamaConfig:
         return fields
 
     @classmethod
-    def from_gguf(cls, metadata, tensor_names):
-        """The config a GGUF file's `llama.*` metadata describes; tied when the file has no `output.weight`."""
+    def from_gguf(cls, metadata, tensor_names, rope_freqs=None):
+        """The config a GGUF file's `{arch}.*` metadata describes; tied when the file has no `output.weight`.
+
+        `rope_freqs`: the file's `rope_freqs.weight` (llama.cpp's form of Llama 3.x's rope scaling), if any.
+        """
         arch = metadata.get("general.architecture")
-        if arch != "llama":
-            raise NotImplementedError(f"GGUF architecture is {arch!r}; jlora.models.llama reads only 'llama'.")
-        get = lambda key, default=None: metadata.get(f"llama.{key}", default)
+        if arch not in GGUF_ARCHITECTURES:
+            raise NotImplementedError(f"GGUF architecture is {arch!r}; jlora.models.llama reads "
+                                      f"{sorted(GGUF_ARCHITECTURES)}.")
+        model_type = GGUF_ARCHITECTURES[arch]
+        get = lambda key, default=None: metadata.get(f"{arch}.{key}", default)
         heads = get("attention.head_count")
         head_dim = get("attention.key_length") or get("embedding_length") // heads
         if get("rope.dimension_count", head_dim) != head_dim:
             raise NotImplementedError(f"GGUF rope.dimension_count={get('rope.dimension_count')} differs from "
                                       f"head_dim={head_dim}; partial rotary embeddings are not implemented.")
-        if "rope_freqs.weight" in tensor_names or get("rope.scaling.type", "none") not in ("none", None):
-            raise NotImplementedError("GGUF uses rope scaling; only the default rotary embedding is implemented.")
+        if get("rope.scaling.type", "none") not in ("none", None):
+            raise NotImplementedError(f"GGUF uses rope scaling {get('rope.scaling.type')!r}; only the default rotary "
+                                      "embedding and Llama 3's rope_freqs are implemented.")
+        if get("attention.sliding_window") is not None:
+            raise NotImplementedError(f"GGUF has {arch}.attention.sliding_window; sliding windows are read from "
+                                      "Hugging Face directories only.")
         return cls(
             vocab_size=get("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
             hidden_size=get("embedding_length"),
@@ -169,10 +187,14 @@ class LlamaConfig:
             max_position_embeddings=get("context_length"),
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
             rope_theta=float(get("rope.freq_base", 10000.0)),
-            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            rope_freq_factors=None if rope_freqs is None else tuple(float(f) for f in rope_freqs),
+            attention_bias="blk.0.attn_output.bias" in tensor_names,
+            hidden_act="gelu_pytorch_tanh" if model_type == "gemma" else "silu",
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+            model_type=model_type,
+            **VARIANTS[model_type][1],
         )
 
 
@@ -214,9 +236,15 @@ def rope_from_hf(hf):
                               "and rope_type 'llama3' are implemented.")
 
 
-def inv_frequencies(dim, theta, scaling=None):
-    """The rotary embedding's float32 inverse frequencies [dim // 2], as transformers computes them."""
+def inv_frequencies(dim, theta, scaling=None, factors=None):
+    """The rotary embedding's float32 inverse frequencies [dim // 2], as transformers computes them.
+
+    `scaling` (Llama3RopeScaling) is how config.json says Llama 3's scaling; `factors` is how llama.cpp's GGUF
+    says it: the same frequencies, each divided by its factor.
+    """
     inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    if factors is not None:
+        return inv_freq / jnp.asarray(factors, jnp.float32)
     if scaling is None:
         return inv_freq
     s = scaling
@@ -230,10 +258,10 @@ def inv_frequencies(dim, theta, scaling=None):
     return jnp.where(medium, smoothed, scaled)
 
 
-def rope(x, positions, theta, scaling=None):
+def rope(x, positions, theta, scaling=None, factors=None):
     """Rotary embedding of x [B, T, H, D] at int positions [T], halves rotated as in HF's rotate_half."""
     dim = x.shape[-1]
-    inv_freq = inv_frequencies(dim, theta, scaling)
+    inv_freq = inv_frequencies(dim, theta, scaling, factors)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
@@ -261,8 +289,8 @@ class Attention(nn.Module):
         if c.qk_norm:
             norm = partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
             query, key = norm(name="q_norm")(query), norm(name="k_norm")(key)
-        query = rope(query, positions, c.rope_theta, c.rope_scaling)
-        key = rope(key, positions, c.rope_theta, c.rope_scaling)
+        query = rope(query, positions, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
+        key = rope(key, positions, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
         value = value.reshape(batch, length, c.num_key_value_heads, c.head_dim)
         keys, values, key_positions, layer_cache = attention.extend(layer_cache, key, value, positions)
         y = attention.causal_attention(query, keys, values, positions, key_positions, window=c.sliding_window)
@@ -388,36 +416,47 @@ def unpermute_rope(weight, num_heads):
 
 
 def gguf_key_map(config):
-    """`{gguf_name: (param_path, transform)}` for a llama.cpp GGUF (tensors dequantized, in torch layout)."""
+    """`{gguf_name: (param_path, transform)}` for a llama.cpp GGUF (tensors dequantized, in torch layout).
+
+    llama.cpp's converter permutes q/k rows for the Llama architecture only, and stores Gemma's norm weights
+    plus one (its (1 + w) folded in); both are undone here.
+    """
     c = config
-    q = lambda w: unpermute_rope(w, c.num_attention_heads)
-    k = lambda w: unpermute_rope(w, c.num_key_value_heads)
+    permuted = c.model_type in ("llama", "mistral")
+    q = (lambda w: unpermute_rope(w, c.num_attention_heads)) if permuted else None
+    k = (lambda w: unpermute_rope(w, c.num_key_value_heads)) if permuted else None
+    norm = (lambda w: w - 1.0) if c.norm_unit_offset else None
+    t = lambda f: transpose if f is None else (lambda w: f(w).T)
     key_map = {
         "token_embd.weight": ("embed_tokens/embedding", None),
-        "output_norm.weight": ("norm/weight", None),
+        "output_norm.weight": ("norm/weight", norm),
     }
     if not c.tie_word_embeddings:
         key_map["output.weight"] = ("lm_head/kernel", transpose)
     for i in range(c.num_hidden_layers):
         gg, ours = f"blk.{i}", f"layers_{i}"
         key_map.update({
-            f"{gg}.attn_norm.weight": (f"{ours}/input_layernorm/weight", None),
-            f"{gg}.ffn_norm.weight": (f"{ours}/post_attention_layernorm/weight", None),
-            f"{gg}.attn_q.weight": (f"{ours}/self_attn/q_proj/kernel", lambda w: q(w).T),
-            f"{gg}.attn_k.weight": (f"{ours}/self_attn/k_proj/kernel", lambda w: k(w).T),
+            f"{gg}.attn_norm.weight": (f"{ours}/input_layernorm/weight", norm),
+            f"{gg}.ffn_norm.weight": (f"{ours}/post_attention_layernorm/weight", norm),
+            f"{gg}.attn_q.weight": (f"{ours}/self_attn/q_proj/kernel", t(q)),
+            f"{gg}.attn_k.weight": (f"{ours}/self_attn/k_proj/kernel", t(k)),
             f"{gg}.attn_v.weight": (f"{ours}/self_attn/v_proj/kernel", transpose),
             f"{gg}.attn_output.weight": (f"{ours}/self_attn/o_proj/kernel", transpose),
             f"{gg}.ffn_gate.weight": (f"{ours}/mlp/gate_proj/kernel", transpose),
             f"{gg}.ffn_up.weight": (f"{ours}/mlp/up_proj/kernel", transpose),
             f"{gg}.ffn_down.weight": (f"{ours}/mlp/down_proj/kernel", transpose),
         })
-        if c.attention_bias:
+        if c.qk_norm:
+            key_map[f"{gg}.attn_q_norm.weight"] = (f"{ours}/self_attn/q_norm/weight", None)
+            key_map[f"{gg}.attn_k_norm.weight"] = (f"{ours}/self_attn/k_norm/weight", None)
+        if c.attention_bias or c.qkv_bias:
             key_map.update({
                 f"{gg}.attn_q.bias": (f"{ours}/self_attn/q_proj/bias", q),
                 f"{gg}.attn_k.bias": (f"{ours}/self_attn/k_proj/bias", k),
                 f"{gg}.attn_v.bias": (f"{ours}/self_attn/v_proj/bias", None),
-                f"{gg}.attn_output.bias": (f"{ours}/self_attn/o_proj/bias", None),
             })
+        if c.attention_bias:
+            key_map[f"{gg}.attn_output.bias"] = (f"{ours}/self_attn/o_proj/bias", None)
     return key_map
 
 
@@ -456,8 +495,9 @@ def from_gguf(path, *, dtype=jnp.float32, param_dtype=jnp.float32, contents=None
       `(model, variables, config)`.
     """
     metadata, tensors = contents if contents is not None else read_gguf(path)
-    config = LlamaConfig.from_gguf(metadata, tensors.keys())
+    config = LlamaConfig.from_gguf(metadata, tensors.keys(), tensors.get("rope_freqs.weight"))
     model = Llama(config, dtype=dtype, param_dtype=param_dtype)
     expected = param_shapes(model, jnp.zeros((1, 1), jnp.int32))
-    variables = assign(tensors, gguf_key_map(config), expected, source=path, param_dtype=param_dtype)
+    variables = assign(tensors, gguf_key_map(config), expected, source=path, param_dtype=param_dtype,
+                       ignore=lambda name: name == "rope_freqs.weight")
     return model, variables, config

@@ -190,3 +190,88 @@ def test_merged_export_loads_in_transformers_with_jloras_logits(hf_base, tmp_pat
     assert np.abs(their_logits(exported.eval()) - ours).max() < 1e-4
     _, _, _, loaded = jlora.models.load(tmp_path)
     assert loaded == config
+
+
+# ---------------------------------------------------------------- GGUF, written as llama.cpp's converter does
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GGUF_ARCH = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
+
+
+def llama_cpp_permute(weight, heads):
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama3_rope_factors(theta, dim, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """convert_hf_to_gguf.py's `rope_freqs.weight` for rope_type llama3."""
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim):
+        wavelength = 2 * np.pi / freq
+        if wavelength < original_max_position_embeddings / high_freq_factor:
+            factors.append(1.0)
+        elif wavelength > original_max_position_embeddings / low_freq_factor:
+            factors.append(factor)
+        else:
+            smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
+def write_llama_cpp_gguf(path, name, theirs):
+    """A float32 GGUF of the torch model as llama.cpp's converter writes it: its names, q/k rows permuted for the
+    llama architecture, Gemma's norms stored plus one, Llama 3's rope scaling as a rope_freqs tensor."""
+    import gguf
+
+    config, arch = theirs.config, GGUF_ARCH[name]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # Qwen2 has none
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    for hf_name, tensor in theirs.state_dict().items():
+        if hf_name == "lm_head.weight" and (config.tie_word_embeddings or arch == "gemma"):
+            continue
+        value = tensor.numpy().astype(np.float32)
+        if arch == "llama" and ".q_proj." in hf_name:
+            value = llama_cpp_permute(value, config.num_attention_heads)
+        if arch == "llama" and ".k_proj." in hf_name:
+            value = llama_cpp_permute(value, config.num_key_value_heads)
+        if arch == "gemma" and hf_name.endswith("norm.weight"):
+            value = value + 1
+        gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}.get(hf_name)
+        if gguf_name is None:
+            _, _, layer, *module, kind = hf_name.split(".")
+            gguf_name = f"blk.{layer}.{GGUF_NAMES['.'.join(module)]}.{kind}"
+        writer.add_tensor(gguf_name, value)
+    if config.rope_parameters["rope_type"] == "llama3":
+        rope = {k: v for k, v in config.rope_parameters.items() if k != "rope_type"}
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope.pop("rope_theta"), head_dim, **rope))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("name", list(GGUF_ARCH))
+def test_gguf_written_like_llama_cpp_gives_transformers_logits(hf_base, tmp_path, name):
+    _, theirs, _, hf_variables, hf_config = hf_base(name)
+    write_llama_cpp_gguf(tmp_path / "tiny.gguf", name, theirs)
+    model, variables, config = llama.from_gguf(tmp_path / "tiny.gguf")
+    assert (config.model_type, config.tie_word_embeddings, config.head_dim) == (
+        hf_config.model_type, hf_config.tie_word_embeddings, hf_config.head_dim)
+    ours = np.asarray(jax.jit(model.apply)(variables, jnp.array(TOKENS)))
+    assert np.abs(ours - their_logits(theirs)).max() < 1e-4
+    # The same params as from the Hugging Face directory (Gemma's norms only up to float32 rounding of w + 1 - 1).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), variables, hf_variables)

@@ -335,13 +335,13 @@ def test_truncated_gguf_is_reported_with_its_path(tmp_path):
 
 
 def test_gguf_with_a_different_architecture_is_refused(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma")
+    writer = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "phi3")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(NotImplementedError, match="GGUF architecture is 'gemma'"):
+    with pytest.raises(NotImplementedError, match=r"GGUF architecture is 'phi3'; jlora.models.llama reads \['gemma', 'llama', 'qwen2', 'qwen3'\]"):
         jlora.models.load(tmp_path / "g.gguf")
 
 
