@@ -35,7 +35,10 @@ from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_conf
 
 @dataclasses.dataclass(frozen=True)
 class Llama3RopeScaling:
-    """Llama 3.x's `rope_type: llama3`: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    """Llama 3.x's `rope_type: llama3`: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+
+    The defaults are Llama 3.1's; Llama 3.2 uses factor 32.
+    """
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -109,13 +112,26 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf):
-        """The config of a Hugging Face `config.json` dict (model_type a key of VARIANTS); refuses what is not implemented."""
+        """The config of a Hugging Face `config.json` dict (model_type a key of VARIANTS); refuses what is not implemented.
+
+        Args:
+          hf: the parsed config.json.
+
+        Returns:
+          A LlamaConfig; what the model_type fixes in code (VARIANTS) is set from it, not read.
+
+        Example:
+          >>> config = LlamaConfig.from_hf({"model_type": "qwen2", "vocab_size": 100, "hidden_size": 64,
+          ...                               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4})
+          >>> config.qkv_bias, config.attention_bias, config.head_dim, config.to_hf()["use_sliding_window"]
+          (True, False, 16, False)
+        """
         model_type = hf.get("model_type", "llama")
         if model_type not in VARIANTS:
             raise NotImplementedError(f"model_type={model_type!r} is not a Llama-style family jlora implements; "
                                       f"known: {sorted(VARIANTS)}.")
         _, fixed = VARIANTS[model_type]
-        # Gemma's config.json may name the activation hidden_activation (transformers < 4.40 wrote both).
+        # Some Gemma config.json files name the gelu Gemma uses in hidden_activation, beside a generic hidden_act.
         act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise NotImplementedError(f"{model_type} config has hidden_act={act!r}; implemented: {sorted(ACTIVATIONS)}.")
@@ -239,8 +255,21 @@ def rope_from_hf(hf):
 def inv_frequencies(dim, theta, scaling=None, factors=None):
     """The rotary embedding's float32 inverse frequencies [dim // 2], as transformers computes them.
 
-    `scaling` (Llama3RopeScaling) is how config.json says Llama 3's scaling; `factors` is how llama.cpp's GGUF
-    says it: the same frequencies, each divided by its factor.
+    Args:
+      dim: head_dim. theta: rope_theta.
+      scaling: a Llama3RopeScaling, how config.json says Llama 3's scaling, or None.
+      factors: how llama.cpp's GGUF says it (rope_freqs): each frequency divided by its factor, or None.
+
+    Returns:
+      float32 [dim // 2].
+
+    Example:
+      >>> [round(float(f), 4) for f in inv_frequencies(8, 10000.0)]
+      [1.0, 0.1, 0.01, 0.001]
+      >>> llama3 = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+      ...                            original_max_position_embeddings=128)
+      >>> [round(float(f), 4) for f in inv_frequencies(8, 10000.0, llama3)]  # wavelength 6.3 kept, 63 ramped, longer / 8
+      [1.0, 0.0428, 0.0012, 0.0001]
     """
     inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
     if factors is not None:
