@@ -3,13 +3,21 @@
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 # llama.cpp's `tokenizer.ggml.pre` names the regex the merges were learned with. Byte-level BPE
 # vocabularies split text one of these ways before merging.
 GPT2_SPLIT = ("default", "gpt2")
 DIGITS_THEN_GPT2_SPLIT = ("smollm", "starcoder", "refact", "codeshell")  # every digit on its own, as HF's Digits
+
+# Newer vocabularies name a split regex (llama.cpp's llama-vocab.cpp), then map bytes without GPT-2's regex:
+# Llama 3.x groups up to three digits, Qwen2/2.5/3 splits every digit.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+REGEX_SPLITS = {"llama-bpe": LLAMA3_REGEX, "llama3": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}
 
 CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
 
@@ -83,8 +91,12 @@ class Tokenizer:
         elif pre in DIGITS_THEN_GPT2_SPLIT:
             backend.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        elif pre in REGEX_SPLITS:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(REGEX_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
-            known = GPT2_SPLIT + DIGITS_THEN_GPT2_SPLIT
+            known = GPT2_SPLIT + DIGITS_THEN_GPT2_SPLIT + tuple(REGEX_SPLITS)
             raise NotImplementedError(f"GGUF pre-tokenizer {pre!r} is not implemented; known: {list(known)}.")
         backend.decoder = decoders.ByteLevel()
         types = metadata.get("tokenizer.ggml.token_type") or []

@@ -275,3 +275,43 @@ def test_gguf_written_like_llama_cpp_gives_transformers_logits(hf_base, tmp_path
     assert np.abs(ours - their_logits(theirs)).max() < 1e-4
     # The same params as from the Hugging Face directory (Gemma's norms only up to float32 rounding of w + 1 - 1).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), variables, hf_variables)
+
+
+@pytest.mark.parametrize("arch, pre", [("llama", "llama-bpe"), ("qwen2", "qwen2")], ids=["llama3", "qwen2"])
+def test_gguf_tokenizer_splits_as_transformers_gguf_tokenizer(tmp_path, arch, pre):
+    """Llama 3's and Qwen's GGUFs name their split regex; transformers' own GGUF reader must encode the same ids."""
+    import gguf
+
+    from .test_llama import MERGES, SPECIALS, TOKENS
+
+    merges = MERGES + ["1 2", "12 3", "4 5"]  # digits merge, so only the split can keep them apart
+    vocabulary = TOKENS + ["12", "123", "45"]
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(32)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocabulary)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(vocabulary) - len(SPECIALS)))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_tensor("token_embd.weight", np.zeros((len(vocabulary), 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    metadata, _ = jlora.models.checkpoint.read_gguf(tmp_path / "t.gguf")
+    ours = jlora.models.Tokenizer.from_gguf_metadata(metadata)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    for text in ["hello world 12345 x1y22z4444", "it's I'LL  spaced\n\n\tlines  ", "naïve 東京 🙂!!\r\n", "<|im_start|>hello"]:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids, text
+        assert ours.decode(ours.encode(text)) == text
+    index = {token: i for i, token in enumerate(vocabulary)}
+    expected = [index["123"], index["45"]] if pre == "llama-bpe" else [index[d] for d in "12345"]
+    assert ours.encode("12345") == expected  # Llama 3 keeps up to three digits together, Qwen none

@@ -348,9 +348,9 @@ def test_gguf_with_a_different_architecture_is_refused(tmp_path):
 def test_gguf_with_an_unknown_pre_tokenizer_is_refused():
     from jlora.models import Tokenizer
 
-    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": TOKENS,
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "tekken", "tokenizer.ggml.tokens": TOKENS,
                 "tokenizer.ggml.merges": MERGES}
-    with pytest.raises(NotImplementedError, match=r"pre-tokenizer 'qwen2' is not implemented; known: \['default'"):
+    with pytest.raises(NotImplementedError, match=r"pre-tokenizer 'tekken' is not implemented; known: \['default'"):
         Tokenizer.from_gguf_metadata(metadata)
     with pytest.raises(NotImplementedError, match=r"tokenizer model is 'llama'; only byte-level BPE"):
         Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "llama"})
