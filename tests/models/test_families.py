@@ -101,6 +101,20 @@ def test_config_of_each_family():
     assert gemma.tie_word_embeddings
 
 
+def test_llama_3_2_config_json_as_published():
+    """The rope scaling fields as Llama-3.2-1B's config.json (written by transformers 4.45) has them."""
+    published = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                 "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                 "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                 "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+    config = llama.LlamaConfig.from_hf(published)
+    assert (config.rope_theta, config.rope_scaling) == (500000.0, llama.Llama3RopeScaling(32.0, 1.0, 4.0, 8192))
+    assert (config.tie_word_embeddings, config.eos_token_id) == (True, (128001, 128008, 128009))
+    assert llama.LlamaConfig.from_hf(config.to_hf()) == config
+
+
 def test_what_is_not_implemented_is_refused():
     qwen2 = their_config("qwen2").to_dict()
     with pytest.raises(NotImplementedError, match=r"qwen2 config uses sliding-window layers \(use_sliding_window=True, "
@@ -275,6 +289,9 @@ def test_gguf_written_like_llama_cpp_gives_transformers_logits(hf_base, tmp_path
     assert np.abs(ours - their_logits(theirs)).max() < 1e-4
     # The same params as from the Hugging Face directory (Gemma's norms only up to float32 rounding of w + 1 - 1).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), variables, hf_variables)
+    if name == "llama3":  # rope_freqs factors have no config.json form: a merged export says so
+        with pytest.raises(NotImplementedError, match="came from a GGUF's rope_freqs, which config.json cannot express"):
+            export.save_hf(tmp_path / "merged", variables, config)
 
 
 @pytest.mark.parametrize("arch, pre", [("llama", "llama-bpe"), ("qwen2", "qwen2")], ids=["llama3", "qwen2"])
