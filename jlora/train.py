@@ -303,6 +303,8 @@ def _follow(shape, weight_shape, weight_spec) -> P:
             spec[k] = name
         elif j >= 0 and tuple(shape[j:]) == tuple(weight_shape[k:]):
             spec[j] = name
+    while spec and spec[-1] is None:
+        spec.pop()
     return P(*spec)
 
 

@@ -1,0 +1,160 @@
+"""Several processes as one job: joining it, each process's rows, placement that follows the base,
+and 2 local processes (gloo CPU collectives, 2 devices each) training like 1 process of 4 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jlora
+from jlora import data, distributed, paths, train
+from jlora.models.gpt2 import GPT2, GPT2Config
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("distributed_worker.py")
+TIMEOUT = 420  # seconds for a whole job: a hung collective fails the test instead of hanging CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def job_env(devices: int, **extra) -> dict:
+    """The environment of one process of a job: CPU only, ``devices`` simulated devices, this jlora."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), **extra}
+    return env
+
+
+def launch(*jobs):
+    """Starts every ``(argv, env)`` at once and waits for all; on a timeout or a failure kills the
+    rest and fails with each process's last output lines."""
+    procs = [subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for argv, env in jobs]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"a process ran past {TIMEOUT} s (a hung collective?)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    failed = [(p.returncode, out) for p, out in zip(procs, outputs) if p.returncode != 0]
+    assert not failed, "\n\n".join(f"exit {rc}:\n" + "\n".join(out.splitlines()[-25:]) for rc, out in failed)
+    return outputs
+
+
+# ---- joining a job ----
+
+
+def test_settings_come_from_arguments_then_environment():
+    environ = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed.settings(environ=environ) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                                                     "process_id": 3}
+    assert distributed.settings("h:1", 2, 0, environ=environ) == {"coordinator_address": "h:1", "num_processes": 2,
+                                                                  "process_id": 0}
+    assert distributed.settings(environ={}) == {"coordinator_address": None, "num_processes": None, "process_id": None}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='two' is not a non-negative integer"):
+        distributed.settings(environ={"JAX_NUM_PROCESSES": "two"})
+    with pytest.raises(ValueError, match=r"process id 2 is out of range for 2 processes \(0 to 1\)"):
+        distributed.settings(environ={"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+    with pytest.raises(ValueError, match="the number of processes must be >= 1, got 0"):
+        distributed.settings(num_processes=0, environ={})
+
+
+def test_a_lone_process_does_not_join_and_a_late_join_is_refused():
+    assert distributed.initialize(environ={}) is (distributed.detected_cluster() is not None)
+    jax.devices()  # JAX is running in this process
+    with pytest.raises(RuntimeError, match=r"must run before any other JAX call"):
+        distributed.initialize("localhost:1", 2, 0, environ={})
+
+
+# ---- rows and placement ----
+
+
+def test_each_process_reads_its_rows_of_the_same_batch():
+    dataset = data.Dataset(*(np.arange(40, dtype=np.int32).reshape(10, 4),) * 2, np.ones((10, 4), np.float32))
+    whole = data.batch_at(dataset, 4, seed=3, step=5)
+    part = data.batch_at(dataset, 4, seed=3, step=5, rows=slice(2, 4))
+    np.testing.assert_array_equal(part["tokens"], whole["tokens"][2:4])
+    assert distributed.process_rows(16, train.batch_sharding(train.mesh())) == slice(0, 16)  # one process: all
+
+
+def test_adapters_and_their_moments_follow_the_base_weight():
+    model = GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 4), np.int32))
+    params = jax.tree.map(lambda x: np.ones(x.shape, x.dtype), params)
+    frozen, trainable = jlora.split(params, jlora.init(params, rank=4, targets=["c_attn", "c_fc"]))
+    mesh = train.mesh(fsdp=2)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    frozen = train.shard_fsdp(frozen, mesh)
+    state = train.shard_state(train.init_state(trainable, train.TrainConfig()), frozen, mesh)
+    kernel = frozen["params"]["h_0"]["mlp"]["c_fc"]["kernel"]  # (32, 128): the output axis is split
+    assert kernel.sharding.spec == P(None, "fsdp") and kernel.addressable_shards[0].data.shape == (32, 64)
+    lora = state.trainable.adapters["params"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert lora.a.sharding.spec == P() and lora.b.sharding.spec == P(None, "fsdp")
+    specs = {path: leaf.sharding.spec for path, leaf in paths.leaves(state.opt_state)}
+    moments = [spec for path, spec in specs.items() if path.endswith("mlp/c_fc/kernel/b")]
+    assert moments == [P(None, "fsdp")] * 2  # Adam's mu and nu
+    assert state.step.sharding == NamedSharding(mesh, P())
+    with pytest.raises(ValueError, match="fsdp must be a positive divisor of the 8 devices, got 3"):
+        train.mesh(fsdp=3)
+
+
+# ---- 2 processes train like 1 ----
+
+
+@pytest.fixture(scope="module")
+def two_jobs(tmp_path_factory):
+    """The worker as 1 process of 4 devices and as 2 processes of 2, at once; their results."""
+    out = tmp_path_factory.mktemp("jobs")
+    port = free_port()
+    launch(([sys.executable, str(WORKER), str(out), "0", "1", "0"], job_env(4)),
+           *(([sys.executable, str(WORKER), str(out), str(i), "2", str(port)], job_env(2)) for i in range(2)))
+    return [json.loads((out / f"result_{n}.json").read_text()) for n in (1, 2)]
+
+
+@pytest.mark.parametrize("mode", ["data_parallel", "fsdp", "fsdp_groups_of_2"])
+def test_two_processes_train_and_restore_like_one(two_jobs, mode):
+    one, two = two_jobs
+    assert (one["processes"], one["devices"], two["processes"], two["devices"], two["local_devices"]) == (1, 4, 2, 4, 2)
+    one, two = one[mode], two[mode]
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=0, atol=1e-5)  # steps 3-4 run from a restore
+    assert set(two["adapters"]) == set(one["adapters"]) and len(one["adapters"]) == 8
+    for path in one["adapters"]:
+        np.testing.assert_allclose(two["adapters"][path], one["adapters"][path], rtol=0, atol=1e-5, err_msg=path)
+    assert any(np.any(b) for p, b in one["adapters"].items() if p.endswith("/b"))  # training moved B off zero
+    np.testing.assert_allclose(np.log(two["valid_perplexity"]), np.log(one["valid_perplexity"]), rtol=0, atol=1e-5)
+    assert two["base_spec"] == one["base_spec"] == {"data_parallel": "P()", "fsdp": "P(None, ('data', 'fsdp'))",
+                                                    "fsdp_groups_of_2": "P(None, 'fsdp')"}[mode]
+
+
+@pytest.mark.parametrize("mode", ["data_parallel", "fsdp", "fsdp_groups_of_2"])
+def test_no_process_gathers_from_another_beyond_the_steps_collectives(two_jobs, mode):
+    two = two_jobs[1]
+    assert two["device_put_gathers"] == 1  # the counter sees jax.device_put's check of host data
+    assert (two[mode]["setup_gathers"], two[mode]["step_gathers"]) == (0, 0)
+    collectives = two[mode]["step_collectives"]
+    assert collectives["reduce-scatter"] == collectives["collective-permute"] == collectives["all-to-all"] == 0
+    assert collectives["all-reduce"] >= 1  # the gradients
+    if mode == "data_parallel":
+        assert collectives["all-gather"] == 0
+    else:  # FSDP gathers the split weights in the step, the same on 1 process as on 2
+        assert collectives["all-gather"] == two_jobs[0][mode]["step_collectives"]["all-gather"] > 0
