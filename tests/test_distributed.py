@@ -158,3 +158,67 @@ def test_no_process_gathers_from_another_beyond_the_steps_collectives(two_jobs, 
         assert collectives["all-gather"] == 0
     else:  # FSDP gathers the split weights in the step, the same on 1 process as on 2
         assert collectives["all-gather"] == two_jobs[0][mode]["step_collectives"]["all-gather"] > 0
+
+
+# ---- the command as 2 processes ----
+
+
+def tiny_llama_dir(directory: Path) -> Path:
+    """A random 2-layer Llama with a byte-level tokenizer (256 bytes + eos), as a Hugging Face directory."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))} | {"<eos>": 256}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<eos>"])
+    directory.mkdir()
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    config = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      eos_token_id=256, bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_finetune_as_two_processes_is_one_job_with_one_set_of_outputs(tmp_path):
+    base = tiny_llama_dir(tmp_path / "base")
+    text = tmp_path / "play.txt"
+    text.write_text("".join(f"ROMEO {i}: what light through yonder window breaks? It is the east.\n" for i in range(60)))
+    argv = [sys.executable, "-m", "jlora.cli", "finetune", "--base", base, "--data", text, "--valid-fraction", "0.1",
+            "--seq-len", "16", "--batch-size", "8", "--max-steps", "3", "--save-every", "2", "--warmup", "1",
+            "--eval-batches", "2", "--sample-tokens", "4", "--fsdp", "--lr", "1e-2"]
+    port = free_port()
+    job = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+    one, *two = launch(([*map(str, argv), "--out", str(tmp_path / "one")], job_env(4)),
+                       *(([*map(str, argv), "--out", str(tmp_path / "two")], job_env(2, **job, JAX_PROCESS_ID=str(i)))
+                         for i in range(2)))
+    report = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert (report["processes"], report["devices"]) == (2, 4)
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == 1
+    # One writer: process 0 reports; process 1 trains silently (no progress, no sample, no summary).
+    assert "step 3/3" in two[0] and "merged export:" in two[0] and "sample after:" in two[0]
+    assert not any(word in two[1] for word in ("step 3/3", "merged export:", "sample", "validation perplexity"))
+    history = [json.loads(line) for line in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 3]  # once each: evaluation, 3 steps, evaluation
+    expected = [json.loads(line) for line in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
+    for got, want in zip(history, expected):
+        for key in ("loss", "valid_perplexity"):
+            if key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"step {want['step']} {key}")
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    from jlora import models
+
+    merged = {n: models.load(str(tmp_path / n / "merged"))[1] for n in ("one", "two")}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), merged["two"], merged["one"])
+    base_params = models.load(str(base))[1]
+    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(merged["two"]), jax.tree.leaves(base_params))]
+    assert sum(changed) == 4  # the default LoRA targets, q_proj and v_proj of 2 layers, merged in
