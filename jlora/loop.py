@@ -127,7 +127,8 @@ def fit(
     start = int(state.step) if start is None else start
     last_saved = checkpointer.latest_step() if checkpointer is not None else None
     writer = jax.process_index() == 0 if writer is None else writer
-    history = read_history(history_path, until=start) if history_path is not None else []
+    # Only the writer reads it too: another process could catch it half rewritten.
+    history = read_history(history_path, until=start) if history_path is not None and writer else []
     log_file = None
     if history_path is not None and writer:
         log_file = Path(history_path).open("w")
