@@ -86,6 +86,22 @@ def test_a_lone_process_does_not_join_and_a_late_join_is_refused():
         distributed.initialize("localhost:1", 2, 0, environ={})
 
 
+def test_the_finetune_flags_reach_the_join_and_bad_ones_are_one_line_errors(tmp_path, capsys):
+    from jlora import cli
+
+    args = cli.parser().parse_args(["finetune", "--distributed", "--coordinator", "h:1", "--num-processes", "2",
+                                    "--process-id", "1", "--fsdp", "2"])
+    assert (args.distributed, args.coordinator, args.num_processes, args.process_id, args.fsdp) == (True, "h:1", 2, 1, 2)
+    assert cli.parser().parse_args(["finetune", "--fsdp"]).fsdp == 0  # every device
+    out = str(tmp_path / "run")
+    assert cli.main(["finetune", "--num-processes", "2", "--process-id", "2", "--out", out]) == 2
+    assert "jlora finetune: error: process id 2 is out of range for 2 processes (0 to 1)" in capsys.readouterr().err
+    jax.devices()
+    assert cli.main(["finetune", "--distributed", "--coordinator", "localhost:1", "--num-processes", "2",
+                     "--process-id", "0", "--out", out]) == 2
+    assert "must run before any other JAX call" in capsys.readouterr().err
+
+
 # ---- rows and placement ----
 
 
