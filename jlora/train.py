@@ -208,7 +208,7 @@ def mesh(devices=None, *, fsdp: int = 1) -> Mesh:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows split over every device of ``mesh``."""
-    return NamedSharding(mesh, P(_axes(mesh.axis_names)))
+    return NamedSharding(mesh, P(_axes(_split_axes(mesh))))
 
 
 def place(x, sharding: NamedSharding):
@@ -309,7 +309,13 @@ def _follow(shape, weight_shape, weight_spec) -> P:
 
 
 def _fsdp_axes(mesh: Mesh) -> tuple[str, ...]:
-    return (FSDP,) if mesh.shape.get(FSDP, 1) > 1 else tuple(mesh.axis_names)
+    return (FSDP,) if mesh.shape.get(FSDP, 1) > 1 else _split_axes(mesh)
+
+
+def _split_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh's axes longer than 1 (or its first): a spec naming a size-1 axis places the same,
+    but differs from the one XLA gives the step's outputs, which would then compile again."""
+    return tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or tuple(mesh.axis_names[:1])
 
 
 def _axes(names):
