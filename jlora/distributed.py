@@ -141,7 +141,12 @@ def process_rows(global_rows: int, sharding: Sharding) -> slice:
 
 def fetch(tree):
     """Every leaf of ``tree`` as a whole numpy array on every process. Leaves sharded across
-    processes are all-gathered, a collective: every process must call it with the same tree."""
+    processes are all-gathered, a collective: every process must call it with the same tree.
+
+    Example:
+      >>> fetch({"b": jnp.arange(3.0)})
+      {'b': array([0., 1., 2.], dtype=float32)}
+    """
     from jax.experimental import multihost_utils
 
     def whole(x):
