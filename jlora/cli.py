@@ -151,7 +151,7 @@ def join_job(args) -> bool:
     """Joins the multi-process job that the flags, ``JAX_*`` variables or a detected cluster
     describe (before any other JAX call); False on a lone host."""
     try:
-        return distributed.initialize(args.coordinator, args.num_processes, args.process_id, required=args.distributed)
+        return distributed.initialize(args.coordinator, args.num_processes, args.process_id, join=args.distributed)
     except (RuntimeError, ValueError) as error:
         raise UsageError(str(error)) from None
 
@@ -441,9 +441,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: B's learning rate over A's")
     p.add_argument("--fsdp", nargs="?", const=0, type=COUNT, metavar="N",
                    help="shard the frozen base over every device, or over groups of N devices (a copy per group)")
-    p.add_argument("--distributed", action="store_true",
-                   help="join a multi-process job (automatic when JAX_COORDINATOR_ADDRESS is set or JAX detects "
-                        "SLURM, Open MPI, Kubernetes or a Cloud TPU slice)")
+    p.add_argument("--distributed", action=argparse.BooleanOptionalAction,
+                   help="join a multi-process job (default: when JAX_COORDINATOR_ADDRESS is set or JAX detects "
+                        "SLURM, Open MPI, Kubernetes or a Cloud TPU slice); --no-distributed: run alone")
     p.add_argument("--coordinator", help="host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=COUNT, help="processes in the job (default $JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=NONNEGATIVE, help="this process's index (default $JAX_PROCESS_ID)")

@@ -73,8 +73,8 @@ def settings(coordinator: str | None = None, num_processes: int | None = None, p
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               *, required: bool = False, environ: Mapping[str, str] | None = None) -> bool:
-    """Joins the multi-process job when one is asked for: ``required``, any argument given,
+               *, join: bool | None = None, environ: Mapping[str, str] | None = None) -> bool:
+    """Joins the multi-process job when one is asked for: ``join``, any argument given,
     ``JAX_COORDINATOR_ADDRESS`` set, or a cluster JAX detects (:func:`detected_cluster`). Call it
     before any other JAX call; a second call is a no-op.
 
@@ -82,7 +82,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       coordinator: ``host:port`` of process 0's coordinator service.
       num_processes: the number of processes (hosts, or one per GPU).
       process_id: this process's index, ``0 <= process_id < num_processes``.
-      required: join even if nothing configures a job (JAX's auto-detection must then find one).
+      join: True: join even if nothing else asks for it (JAX's auto-detection must then find the
+        job); False: stay a lone process whatever the environment says; None: decide as above.
       environ: where the ``JAX_*`` variables are read (default ``os.environ``).
 
     Returns:
@@ -96,9 +97,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
     if jax_distributed.global_state.client is not None:
         return True
+    if join is False:
+        return False
     environ = os.environ if environ is None else environ
     options = settings(coordinator, num_processes, process_id, environ)
-    asked = required or any(v is not None for v in (coordinator, num_processes, process_id))
+    asked = join or any(v is not None for v in (coordinator, num_processes, process_id))
     if not (asked or options["coordinator_address"] or detected_cluster()):
         return False
     if xla_bridge.backends_are_initialized():

@@ -93,6 +93,8 @@ def test_the_finetune_flags_reach_the_join_and_bad_ones_are_one_line_errors(tmp_
                                     "--process-id", "1", "--fsdp", "2"])
     assert (args.distributed, args.coordinator, args.num_processes, args.process_id, args.fsdp) == (True, "h:1", 2, 1, 2)
     assert cli.parser().parse_args(["finetune", "--fsdp"]).fsdp == 0  # every device
+    assert cli.parser().parse_args(["finetune", "--no-distributed"]).distributed is False
+    assert distributed.initialize(join=False, environ={"JAX_COORDINATOR_ADDRESS": "h:1"}) is False
     out = str(tmp_path / "run")
     assert cli.main(["finetune", "--num-processes", "2", "--process-id", "2", "--out", out]) == 2
     assert "jlora finetune: error: process id 2 is out of range for 2 processes (0 to 1)" in capsys.readouterr().err
