@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ from jlora.models.gpt2 import GPT2, GPT2Config
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("distributed_worker.py")
-TIMEOUT = 420  # seconds for a whole job: a hung collective fails the test instead of hanging CI
+TIMEOUT = 900  # seconds for a whole job (ample on a loaded 2-core host): a hung collective fails, CI goes on
 
 
 def free_port() -> int:
@@ -41,10 +42,10 @@ def launch(*jobs):
     rest and fails with each process's last output lines."""
     procs = [subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for argv, env in jobs]
-    outputs = []
+    outputs, deadline = [], time.monotonic() + TIMEOUT
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
+            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
@@ -220,7 +221,7 @@ def test_finetune_as_two_processes_is_one_job_with_one_set_of_outputs(tmp_path):
     text.write_text("".join(f"ROMEO {i}: what light through yonder window breaks? It is the east.\n" for i in range(60)))
     argv = [sys.executable, "-m", "jlora.cli", "finetune", "--base", base, "--data", text, "--valid-fraction", "0.1",
             "--seq-len", "16", "--batch-size", "8", "--max-steps", "3", "--save-every", "2", "--warmup", "1",
-            "--eval-batches", "2", "--sample-tokens", "4", "--fsdp", "--lr", "1e-2"]
+            "--eval-batches", "2", "--sample-tokens", "0", "--fsdp", "--lr", "1e-2"]
     port = free_port()
     job = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
     one, *two = launch(([*map(str, argv), "--out", str(tmp_path / "one")], job_env(4)),
@@ -229,9 +230,9 @@ def test_finetune_as_two_processes_is_one_job_with_one_set_of_outputs(tmp_path):
     report = json.loads((tmp_path / "two" / "run.json").read_text())
     assert (report["processes"], report["devices"]) == (2, 4)
     assert json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == 1
-    # One writer: process 0 reports; process 1 trains silently (no progress, no sample, no summary).
-    assert "step 3/3" in two[0] and "merged export:" in two[0] and "sample after:" in two[0]
-    assert not any(word in two[1] for word in ("step 3/3", "merged export:", "sample", "validation perplexity"))
+    # One writer: process 0 reports; process 1 trains silently (no progress, no evaluation, no summary).
+    assert "step 3/3" in two[0] and "merged export:" in two[0] and "validation perplexity after" in two[0]
+    assert not any(word in two[1] for word in ("step 3/3", "merged export:", "trainable params", "validation perplexity"))
     history = [json.loads(line) for line in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [0, 1, 2, 3, 3]  # once each: evaluation, 3 steps, evaluation
     expected = [json.loads(line) for line in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
