@@ -173,7 +173,8 @@ class Checkpointer:
                 state, metadata = self.restore(abstract_state, step, expect, base)
             except DamagedCheckpoint as error:
                 aside = self.directory / f"{step}.damaged"
-                (self.directory / str(step)).rename(aside)
+                if jax.process_index() == 0:  # on shared storage one process moves it; the others skip it too
+                    (self.directory / str(step)).rename(aside)
                 damaged.append(f"{error} (moved to {aside})")
                 continue
             self.manager.reload()

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from jlora import adapter, checkpoint, data, loop, train
+from jlora import adapter, checkpoint, data, distributed, loop, train
 
 DEFAULT_BASE = "smollm2-135m"
 DEFAULT_METHOD = "lora"
@@ -147,8 +147,24 @@ def resume_conflicts(args, saved: dict) -> list[str]:
     return [f"{flag} {value}" for k, (flag, value) in given.items() if value is not None and recorded.get(k) != value]
 
 
+def join_job(args) -> bool:
+    """Joins the multi-process job that the flags, ``JAX_*`` variables or a detected cluster
+    describe (before any other JAX call); False on a lone host."""
+    try:
+        return distributed.initialize(args.coordinator, args.num_processes, args.process_id, join=args.distributed)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
 def finetune(args) -> int:
     start_time = time.perf_counter()
+    join_job(args)
+    writer = distributed.is_writer()  # one process prints and writes what the job has one of
+
+    def say(text):
+        if writer:
+            print(text, file=sys.stderr)
+
     out = checkpoint.writable_dir(args.out)
     ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=args.keep)
     latest = ckpt.latest_step()
@@ -161,7 +177,10 @@ def finetune(args) -> int:
     if args.batch_size % (args.accumulate * jax.device_count()):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
                          f"times the {jax.device_count()} devices the batch is split over")
+    if args.fsdp and jax.device_count() % args.fsdp:
+        raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
     model, params, tokenizer, config = load_base(args.base, args.dtype)
+    base_params = params  # this host's whole copy: the merged export starts from it, not from the shards
     if args.seq_len > model.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
     train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
@@ -178,23 +197,23 @@ def finetune(args) -> int:
         "train": dataclasses.asdict(config_train),
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
     }
-    mesh = train.mesh()
+    mesh = train.mesh(fsdp=args.fsdp or 1)
     if args.resume:
         try:
             state, saved, damaged = ckpt.restore_intact(expect={"base": base_identity(args.base, params)}, base=params)
         except checkpoint.CheckpointError as error:
             raise UsageError(f"--resume: {error}") from None
         for report in damaged:
-            print(f"warning: skipped a damaged checkpoint: {report}", file=sys.stderr)
+            say(f"warning: skipped a damaged checkpoint: {report}")
         conflicts = resume_conflicts(args, saved.get("adapter") or {})
         if conflicts:
             raise UsageError(f"--resume continues the adapters in {ckpt.directory}, made with "
                              f"{saved.get('adapter')}; drop {', '.join(conflicts)}")
-        print(f"resuming from step {int(state.step)} in {ckpt.directory}", file=sys.stderr)
+        say(f"resuming from step {int(state.step)} in {ckpt.directory}")
         metadata["adapter"] = saved.get("adapter")
         if saved.get("train") != metadata["train"]:
-            print(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
-                  "the resumed run will not equal an uninterrupted one", file=sys.stderr)
+            say(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
+                "the resumed run will not equal an uninterrupted one")
         params, adapters = jlora.combine(params, state.trainable)
         frozen, _ = jlora.split(params, adapters, metadata["adapter"].get("bias", "none"))
     else:
@@ -204,21 +223,22 @@ def finetune(args) -> int:
         metadata["adapter"] = {"method": method, "options": options, "bias": bias}
         frozen, trainable = jlora.split(params, adapters, bias)
         state = train.init_state(trainable, config_train)
-    print(jlora.count_params(params, adapters, metadata["adapter"].get("bias", "none")), file=sys.stderr)
-    frozen = train.shard_fsdp(frozen, mesh) if args.fsdp else train.replicate(frozen, mesh)
-    state = train.replicate(state, mesh)
+    say(jlora.count_params(params, adapters, metadata["adapter"].get("bias", "none")))
+    frozen = train.shard_fsdp(frozen, mesh) if args.fsdp is not None else train.replicate(frozen, mesh)
+    state = train.shard_state(state, frozen, mesh)
     start = int(state.step)
 
     evaluate = train.make_eval(model.apply)
-    report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count()}
-    if args.sample_tokens and start == 0:
+    report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count(),
+              "processes": jax.process_count()}
+    if args.sample_tokens and start == 0 and writer:
         report["sample_before"] = sample(model, params, tokenizer, args)
-        print(f"sample before: {args.prompt}{report['sample_before']}", file=sys.stderr)
+        say(f"sample before: {args.prompt}{report['sample_before']}")
 
     def validation(state):
         params, adapters = jlora.combine(frozen, state.trainable)
         return {"valid_perplexity": train.perplexity(evaluate, params, adapters, valid_set, args.batch_size,
-                                                     args.eval_batches)}
+                                                     args.eval_batches, mesh=mesh)}
 
     progress = Progress(args.max_steps, start, args.batch_size * args.seq_len)
 
@@ -230,11 +250,12 @@ def finetune(args) -> int:
             print(f"validation perplexity {when}: {entry['valid_perplexity']:.3f}", file=sys.stderr)
 
     step_fn = train.make_step(model.apply, config_train)
+    rows = distributed.process_rows(args.batch_size, train.batch_sharding(mesh))  # this process's share
     train_began = time.perf_counter()
     try:
         result = loop.fit(
             lambda state, batch: step_fn(state, frozen, batch), state,
-            lambda k: train.shard_batch(data.batch_at(train_set, args.batch_size, args.seed, k), mesh),
+            lambda k: train.shard_batch(data.batch_at(train_set, args.batch_size, args.seed, k, rows=rows), mesh),
             max_steps=args.max_steps, checkpointer=ckpt, metadata=metadata, save_every=args.save_every,
             evaluate=validation if valid_set is not None else None, history_path=out / "history.jsonl", log=log,
         )
@@ -249,7 +270,11 @@ def finetune(args) -> int:
         return 130
     train_seconds = time.perf_counter() - train_began
 
-    params, adapters = jlora.combine(jax.device_get(frozen), jax.device_get(result.state.trainable))
+    # The frozen base did not change: the host copy plus the trained arrays (gathered where they
+    # are split across processes) is the whole model, and no shard of the base is fetched.
+    params, adapters = jlora.combine(base_params, distributed.fetch(result.state.trainable))
+    if not writer:
+        return 0
     evaluated = [h for h in result.history if "valid_perplexity" in h]
     if evaluated:
         report["valid_perplexity_before"] = evaluated[0]["valid_perplexity"] if evaluated[0]["step"] == 0 else None
@@ -414,7 +439,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="global norm clip (0: none)")
     p.add_argument("--dropout", type=SHARE, default=0.0, help="LoRA dropout")
     p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: B's learning rate over A's")
-    p.add_argument("--fsdp", action="store_true", help="shard the frozen base over devices")
+    p.add_argument("--fsdp", nargs="?", const=0, type=COUNT, metavar="N",
+                   help="shard the frozen base over every device, or over groups of N devices (a copy per group)")
+    p.add_argument("--distributed", action=argparse.BooleanOptionalAction,
+                   help="join a multi-process job (default: when JAX_COORDINATOR_ADDRESS is set or JAX detects "
+                        "SLURM, Open MPI, Kubernetes or a Cloud TPU slice); --no-distributed: run alone")
+    p.add_argument("--coordinator", help="host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=COUNT, help="processes in the job (default $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=NONNEGATIVE, help="this process's index (default $JAX_PROCESS_ID)")
     p.add_argument("--seed", type=NONNEGATIVE, default=0)
     p.add_argument("--eval-batches", type=COUNT, default=8, help="validation batches before and after")
     p.add_argument("--save-every", type=COUNT, default=50)

@@ -265,7 +265,7 @@ def load_splits(
     return train, None
 
 
-def batch_at(dataset: Dataset, batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
+def batch_at(dataset: Dataset, batch_size: int, seed: int, step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
     """The training batch at ``step``: a pure function of ``(seed, step)`` for a given dataset.
 
     Steps walk through epochs of ``len(dataset) // batch_size`` batches; each epoch visits the rows
@@ -276,16 +276,18 @@ def batch_at(dataset: Dataset, batch_size: int, seed: int, step: int) -> dict[st
       batch_size: rows per batch, at most ``len(dataset)``.
       seed: non-negative int seeding every epoch's order.
       step: non-negative global step.
+      rows: which rows of the batch to read: on several processes, this process's share
+        (``jlora.distributed.process_rows``); every process shuffles the same way.
 
     Returns:
-      ``{"tokens", "targets", "loss_mask"}``, each ``[batch_size, seq_len]``.
+      ``{"tokens", "targets", "loss_mask"}``, each ``[batch_size, seq_len]`` (the ``rows`` of it).
     """
     steps_per_epoch = _steps_per_epoch(dataset, batch_size)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     epoch, index = divmod(step, steps_per_epoch)
     order = _epoch_order(len(dataset), seed, epoch)
-    return dataset.rows(order[index * batch_size : (index + 1) * batch_size])
+    return dataset.rows(order[index * batch_size : (index + 1) * batch_size][rows])
 
 
 def batches(

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
+
 
 class LossNotFinite(RuntimeError):
     """The loss became NaN or infinite at ``step``; ``last_saved`` is the last checkpoint's step (or None)."""
@@ -85,6 +87,7 @@ def fit(
     eval_every: int | None = None,
     history_path=None,
     log: Callable[[dict], None] | None = None,
+    writer: bool | None = None,
 ) -> FitResult:
     """Runs ``step`` from ``start`` to ``max_steps``, checkpointing, evaluating and logging.
 
@@ -102,6 +105,9 @@ def fit(
       history_path: a JSON-lines file: entries after ``start`` (from an interrupted run) are dropped,
         then every new entry is appended and flushed.
       log: called with each new history entry (progress display).
+      writer: whether this process writes ``history_path`` and calls ``log``; default: it is
+        process 0 of its job (``jax.process_index() == 0``). Every process steps, evaluates and
+        saves: those are collective.
 
     Returns:
       :class:`FitResult`: the final state, the whole history (earlier entries of a resumed run
@@ -120,9 +126,11 @@ def fit(
     """
     start = int(state.step) if start is None else start
     last_saved = checkpointer.latest_step() if checkpointer is not None else None
-    history = read_history(history_path, until=start) if history_path is not None else []
+    writer = jax.process_index() == 0 if writer is None else writer
+    # Only the writer reads it too: another process could catch it half rewritten.
+    history = read_history(history_path, until=start) if history_path is not None and writer else []
     log_file = None
-    if history_path is not None:
+    if history_path is not None and writer:
         log_file = Path(history_path).open("w")
         log_file.writelines(json.dumps(entry) + "\n" for entry in history)
         log_file.flush()
@@ -132,7 +140,7 @@ def fit(
         if log_file is not None:
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
-        if log is not None:
+        if log is not None and writer:
             log(entry)
 
     def run_eval(at: int):

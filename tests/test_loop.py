@@ -59,6 +59,14 @@ def test_a_resumed_fit_drops_the_history_after_its_start_and_does_not_evaluate_b
     assert loop.read_history(path) == result.history
 
 
+def test_only_the_writer_writes_the_history_and_logs_but_every_process_steps_and_saves(tmp_path):
+    saves, logged = Saves(), []
+    result = loop.fit(step, State(0, 0.0), lambda k: k, max_steps=3, checkpointer=saves,
+                      history_path=tmp_path / "history.jsonl", log=logged.append, writer=False)
+    assert result.state == State(3, 3.0) and saves.steps == [3] and len(result.history) == 3
+    assert logged == [] and not (tmp_path / "history.jsonl").exists()
+
+
 def test_a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path):
     saves = Saves()
     with pytest.raises(loop.LossNotFinite, match="loss is nan at step 4") as stopped:
