@@ -140,21 +140,21 @@ FULL_FINETUNE = ["llama-3.2-1b", "llama-3.1-8b"]
 
 
 def scale_rows(plan, full_finetune, batch, seq):
-    rows, tflops = [], {}
+    """One dict per LoRA row of `plan` and per full fine-tuning model, yielded as each is measured."""
+    tflops = {}
     for name, scan, remat in plan:
         if (name, remat) not in tflops:
             tflops[name, remat] = step_tflops(name, remat, batch, seq)
         row = {"model": name, "kind": "lora", "scan": scan, "remat": remat,
                **measure(*abstract_lora_step(llama(name, scan, remat), batch, seq)),
                "step_tflops": tflops[name, remat]}
-        rows.append(row)
         print(json.dumps(row), flush=True)
+        yield row
     for name in full_finetune:
         row = {"model": name, "kind": "full", "scan": True, "remat": "full",
                **measure(*abstract_full_step(llama(name, True, "full", param_dtype=jnp.float32), batch, seq))}
-        rows.append(row)
         print(json.dumps(row), flush=True)
-    return rows
+        yield row
 
 
 def depth_rows(batch, seq):
@@ -240,27 +240,44 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="only these models")
     parser.add_argument("--all", action="store_true", help="every remat x scan combination, not just PLAN")
+    parser.add_argument("--rows", nargs="+", metavar="MODEL:SCAN:REMAT",
+                        help="these LoRA rows instead of PLAN, e.g. llama-3.1-8b:on:full")
+    parser.add_argument("--full-finetune", nargs="*", choices=sorted(SHAPES), help=f"default {FULL_FINETUNE}")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--skip-gpt2", action="store_true")
     parser.add_argument("--skip-depth", action="store_true")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "bench_scale.json")
+    parser.add_argument("--append", action="store_true", help="add to the rows already in --json")
     args = parser.parse_args(argv)
 
     host = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.devices()[0].platform}
-    plan = [(m, scan, r) for m in SHAPES for scan in (True, False) for r in ("none", "dots", "full")] if args.all else PLAN
+    if args.rows:
+        plan = [(m, scan == "on", r) for m, scan, r in (row.split(":") for row in args.rows)]
+    else:
+        plan = [(m, scan, r) for m in SHAPES for scan in (True, False) for r in ("none", "dots", "full")] if args.all else PLAN
     models = args.models or list(SHAPES)
-    rows = scale_rows([p for p in plan if p[0] in models], [m for m in FULL_FINETUNE if m in models],
-                      args.batch, args.seq)
-    depth = [] if args.skip_depth else depth_rows(args.batch, args.seq)
-    gpt2 = [] if args.skip_gpt2 else gpt2_rows(args.reps)
-    report(rows, depth, gpt2)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "host": host,
-                                     "published_gib": PUBLISHED, "scale": rows, "depth": depth, "gpt2": gpt2},
-                                    indent=2))
+    full = FULL_FINETUNE if args.full_finetune is None else args.full_finetune
+    saved = json.loads(args.json.read_text()) if args.append and args.json.exists() else {}
+    results = {"config": vars(args) | {"json": str(args.json)}, "host": host, "published_gib": PUBLISHED,
+               "scale": saved.get("scale", []), "depth": saved.get("depth", []), "gpt2": saved.get("gpt2", [])}
+
+    def write():  # after every part, so a long run interrupted keeps what it measured
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+    for part in scale_rows([p for p in plan if p[0] in models], [m for m in full if m in models], args.batch, args.seq):
+        results["scale"].append(part)
+        write()
+    if not args.skip_depth:
+        results["depth"] = depth_rows(args.batch, args.seq)
+        write()
+    if not args.skip_gpt2:
+        results["gpt2"] = gpt2_rows(args.reps)
+        write()
+    report(results["scale"], results["depth"], results["gpt2"])
     print(f"\nwrote {args.json}")
 
 
@@ -273,7 +290,8 @@ def report(rows, depth, gpt2):
     for text, gib in PUBLISHED.items():
         print(f"published: {text}: {gib} GiB")
     if depth:
-        print(f"scanned compile time 32 / 16 layers: {depth[1]['compile_s'] / depth[0]['compile_s']:.2f}x")
+        print(f"scanned 8B compile time 32 / 16 layers: {depth[1]['compile_s']:.1f} / {depth[0]['compile_s']:.1f} s = "
+              f"{depth[1]['compile_s'] / depth[0]['compile_s']:.2f}x")
     if gpt2:
         full = next(r for r in gpt2 if r["kind"] == "full")
         for r in gpt2:

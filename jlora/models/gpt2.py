@@ -133,6 +133,7 @@ class GPT2(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    layer_name = "h"  # where the layers' params sit: `h_{i}/...`, or `h/...` when scanned
 
     @nn.compact
     def __call__(self, tokens, cache=None, *, hidden=False):

@@ -199,6 +199,7 @@ class Llama(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    layer_name = "layers"  # where the layers' params sit: `layers_{i}/...`, or `layers/...` when scanned
 
     @nn.compact
     def __call__(self, tokens, cache=None, *, hidden=False):
