@@ -136,8 +136,8 @@ def stack(adapters: list[Adapter], path: str = "") -> Adapter:
     axis, as ``nn.scan`` stacks the layers' weights.
 
     Example:
-      >>> layer = {'kernel': jnp.ones((16, 32))}
-      >>> stacked = stack([jlora.init(layer, rank=4)['kernel']] * 3)
+      >>> layer = {'q_proj': {'kernel': jnp.ones((16, 32))}}
+      >>> stacked = stack([jlora.init(layer, rank=4)['q_proj']['kernel']] * 3)
       >>> stacked.a.shape, stacked.stack_axes
       ((3, 16, 4), 1)
     """
