@@ -240,7 +240,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="only these models")
     parser.add_argument("--all", action="store_true", help="every remat x scan combination, not just PLAN")
-    parser.add_argument("--rows", nargs="+", metavar="MODEL:SCAN:REMAT",
+    parser.add_argument("--rows", nargs="*", metavar="MODEL:SCAN:REMAT",
                         help="these LoRA rows instead of PLAN, e.g. llama-3.1-8b:on:full")
     parser.add_argument("--full-finetune", nargs="*", choices=sorted(SHAPES), help=f"default {FULL_FINETUNE}")
     parser.add_argument("--batch", type=int, default=2)
@@ -254,7 +254,7 @@ def main(argv=None):
 
     host = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.devices()[0].platform}
-    if args.rows:
+    if args.rows is not None:
         plan = [(m, scan == "on", r) for m, scan, r in (row.split(":") for row in args.rows)]
     else:
         plan = [(m, scan, r) for m in SHAPES for scan in (True, False) for r in ("none", "dots", "full")] if args.all else PLAN

@@ -1,4 +1,4 @@
-"""experiments/gpu_check.sh --dry-run: the GPU check's scripts run on CPU at tiny sizes, so they cannot rot."""
+"""experiments/gpu_check.sh --dry-run: the GPU check's throughput script runs on CPU at tiny sizes, so it cannot rot."""
 
 import json
 import math
@@ -6,19 +6,12 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("peft")
-
-pytestmark = pytest.mark.interop
-
 SCRIPT = Path(__file__).parent.parent / "experiments" / "gpu_check.sh"
 
 
-def test_dry_run_reports_tokens_per_second_mfu_and_the_peft_comparison(tmp_path):
+def test_dry_run_reports_tokens_per_second_and_mfu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
-    out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.rstrip().endswith("gpu_check dry run: ok")
     throughput = json.loads((tmp_path / "gpu_throughput_dry.json").read_text())
@@ -26,6 +19,4 @@ def test_dry_run_reports_tokens_per_second_mfu_and_the_peft_comparison(tmp_path)
     for row in throughput["rows"]:
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and math.isfinite(row["loss"])
         assert (row["batch"], row["seq"]) == (2, 32)
-    peft = json.loads((tmp_path / "bench_peft_dry.json").read_text())
-    assert list(peft["results"]) == ["lora_c_attn", "lora_all", "full_finetune", "forward"]
-    assert all(r["jlora"]["median_s"] > 0 and r["peft"]["median_s"] > 0 for r in peft["results"].values())
+    assert not (tmp_path / "bench_peft_dry.json").exists()  # tests/test_bench_peft.py runs that path
