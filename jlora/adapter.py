@@ -77,6 +77,12 @@ class Adapter(abc.ABC):
         ``jlora.adapt``; ``None`` (the default) makes ``adapt`` use the merged weight."""
         return None
 
+    def stacked_meta(self, layers: int) -> dict:
+        """Static fields after ``layers`` adapters like this one are stacked on a new leading axis
+        (``layers=-1``: after that axis is removed). A kind whose static fields hold the weight's
+        shape overrides it."""
+        return {"stack_axes": self.stack_axes + (1 if layers > 0 else -1)}
+
     def check(self, path: str, w) -> None:
         """Raises ValueError when this adapter does not fit the weight ``w`` at ``path``."""
         if tuple(w.shape) != self.kernel_shape:
@@ -120,6 +126,37 @@ def fitted_table(params, adapters) -> dict[str, Adapter]:
     for path, adapter in found.items():
         adapter.check(path, weights[path])
     return found
+
+
+# ---- stacked layers (``nn.scan``) ----
+
+
+def stack(adapters: list[Adapter], path: str = "") -> Adapter:
+    """One adapter holding ``adapters`` (one per layer, same kind and settings) along a new leading
+    axis, as ``nn.scan`` stacks the layers' weights.
+
+    Example:
+      >>> layer = {'q_proj': {'kernel': jnp.ones((16, 32))}}
+      >>> stacked = stack([jlora.init(layer, rank=4)['q_proj']['kernel']] * 3)
+      >>> stacked.a.shape, stacked.stack_axes
+      ((3, 16, 4), 1)
+    """
+    first = adapters[0]
+    try:
+        arrays = jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+    except ValueError as error:
+        raise ValueError(f"cannot stack the layers' adapters at {path!r}: they differ in kind, shape or static "
+                         f"settings (rank_pattern/alpha_pattern per layer cannot be stacked): {error}") from None
+    return dataclasses.replace(arrays, **first.stacked_meta(len(adapters)))
+
+
+def unstack(adapter: Adapter, path: str = "") -> list[Adapter]:
+    """The per-layer adapters of one stacked along its leading axis (inverse of :func:`stack`)."""
+    if adapter.stack_axes < 1:
+        raise ValueError(f"adapter at {path!r} has no stacked layer axis (stack_axes={adapter.stack_axes})")
+    layers = jax.tree.leaves(adapter)[0].shape[0]
+    meta = adapter.stacked_meta(-1)
+    return [dataclasses.replace(jax.tree.map(lambda x: x[i], adapter), **meta) for i in range(layers)]
 
 
 # ---- an adapter tree as plain data (checkpoint metadata) and back ----

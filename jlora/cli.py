@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -95,8 +96,15 @@ def load_run(checkpoint_path, base=None, dtype="float32"):
     ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
     metadata = ckpt.metadata()
     model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype)
-    state, metadata = ckpt.restore(expect={"base": base_identity(metadata["base"]["name"], params)}, base=params)
-    params, adapters = jlora.combine(params, state.trainable)
+    from jlora.models import layers
+
+    # A run with --scan saved its adapters stacked like the scanned layers; unstack them for the unrolled model.
+    stacked = (metadata.get("model") or {}).get("scan")
+    base = layers.stack_layers(params, stacked) if stacked else params
+    state, metadata = ckpt.restore(expect={"base": base_identity(metadata["base"]["name"], params)}, base=base)
+    params, adapters = jlora.combine(base, state.trainable)
+    if stacked:
+        params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
     return model, params, tokenizer, config, adapters, metadata
 
 
@@ -179,8 +187,14 @@ def finetune(args) -> int:
                          f"times the {jax.device_count()} devices the batch is split over")
     if args.fsdp and jax.device_count() % args.fsdp:
         raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
-    model, params, tokenizer, config = load_base(args.base, args.dtype)
-    base_params = params  # this host's whole copy: the merged export starts from it, not from the shards
+    from jlora.models import layers
+
+    base_model, params, tokenizer, config = load_base(args.base, args.dtype)
+    base_params = params  # this host's whole copy, unstacked: the sample before training reads it
+    model = base_model.clone(scan=args.scan, remat=args.remat)
+    # The scanned layers' name ("layers", "h"): params and adapters train stacked along it, and are
+    # unstacked again for sampling, merging and export.
+    stacked = model.layer_name if args.scan else None
     if args.seq_len > model.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
     train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
@@ -191,12 +205,15 @@ def finetune(args) -> int:
         learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
         accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
+        loss_chunk=args.loss_chunk or 0,
     )
     metadata = {
         "base": base_identity(args.base, params),
         "train": dataclasses.asdict(config_train),
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
+        "model": {"scan": stacked},
     }
+    params = layers.stack_layers(params, stacked) if stacked else params
     mesh = train.mesh(fsdp=args.fsdp or 1)
     if args.resume:
         try:
@@ -211,6 +228,9 @@ def finetune(args) -> int:
                              f"{saved.get('adapter')}; drop {', '.join(conflicts)}")
         say(f"resuming from step {int(state.step)} in {ckpt.directory}")
         metadata["adapter"] = saved.get("adapter")
+        if (saved.get("model") or {}).get("scan") != stacked:
+            raise UsageError(f"--resume: the checkpoint was trained {'with' if not stacked else 'without'} --scan; "
+                             f"{'pass' if not stacked else 'drop'} --scan to continue it")
         if saved.get("train") != metadata["train"]:
             say(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
                 "the resumed run will not equal an uninterrupted one")
@@ -219,7 +239,8 @@ def finetune(args) -> int:
     else:
         method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
         options = adapter_options(args)
-        adapters = adapter.kind(method).create(params, **options)
+        adapters = adapter.kind(method).create(base_params, **options)
+        adapters = layers.stack_layers(adapters, stacked) if stacked else adapters
         metadata["adapter"] = {"method": method, "options": options, "bias": bias}
         frozen, trainable = jlora.split(params, adapters, bias)
         state = train.init_state(trainable, config_train)
@@ -232,7 +253,7 @@ def finetune(args) -> int:
     report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count(),
               "processes": jax.process_count()}
     if args.sample_tokens and start == 0 and writer:
-        report["sample_before"] = sample(model, params, tokenizer, args)
+        report["sample_before"] = sample(base_model, base_params, tokenizer, args)
         say(f"sample before: {args.prompt}{report['sample_before']}")
 
     def validation(state):
@@ -249,7 +270,8 @@ def finetune(args) -> int:
             when = "before" if entry["step"] == 0 else "after" if entry["step"] == args.max_steps else f"at step {entry['step']}"
             print(f"validation perplexity {when}: {entry['valid_perplexity']:.3f}", file=sys.stderr)
 
-    step_fn = train.make_step(model.apply, config_train)
+    step_fn = (train.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head)
+               if args.loss_chunk else train.make_step(model.apply, config_train))
     rows = distributed.process_rows(args.batch_size, train.batch_sharding(mesh))  # this process's share
     train_began = time.perf_counter()
     try:
@@ -270,9 +292,11 @@ def finetune(args) -> int:
         return 130
     train_seconds = time.perf_counter() - train_began
 
-    # The frozen base did not change: the host copy plus the trained arrays (gathered where they
+    # The frozen base did not change: this host's copy plus the trained arrays (gathered where they
     # are split across processes) is the whole model, and no shard of the base is fetched.
-    params, adapters = jlora.combine(base_params, distributed.fetch(result.state.trainable))
+    params, adapters = jlora.combine(params, distributed.fetch(result.state.trainable))
+    if stacked:
+        params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
     if not writer:
         return 0
     evaluated = [h for h in result.history if "valid_perplexity" in h]
@@ -281,7 +305,7 @@ def finetune(args) -> int:
         report["valid_perplexity_after"] = evaluated[-1]["valid_perplexity"]
     merged = jlora.merge(params, adapters)
     if args.sample_tokens:
-        report["sample_after"] = sample(model, merged, tokenizer, args)
+        report["sample_after"] = sample(base_model, merged, tokenizer, args)
         print(f"sample after: {args.prompt}{report['sample_after']}", file=sys.stderr)
     try:
         loop.plot_history(result.history, out / "loss.png")
@@ -447,6 +471,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=COUNT, help="processes in the job (default $JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=NONNEGATIVE, help="this process's index (default $JAX_PROCESS_ID)")
+    p.add_argument("--scan", action="store_true", help="stack the layers with nn.scan (compile time independent of depth)")
+    p.add_argument("--remat", choices=["none", "dots", "full"], default="none",
+                   help="recompute activations in the backward pass: none, the matmul outputs kept (dots), or all (full)")
+    p.add_argument("--loss-chunk", type=COUNT, help="apply the output head this many positions at a time in the loss, "
+                   "never holding the full [batch, seq, vocab] logits")
     p.add_argument("--seed", type=NONNEGATIVE, default=0)
     p.add_argument("--eval-batches", type=COUNT, default=8, help="validation batches before and after")
     p.add_argument("--save-every", type=COUNT, default=50)

@@ -73,6 +73,10 @@ class IA3(Adapter, name="ia3"):
     def kernel_shape(self) -> tuple[int, ...]:
         return tuple(self.shape)
 
+    def stacked_meta(self, layers):
+        shape = (layers, *self.shape) if layers > 0 else self.shape[1:]
+        return {**super().stacked_meta(layers), "shape": tuple(shape)}
+
     @property
     def side_shape(self) -> tuple[int, ...]:
         """The shape of the axes this vector scales."""

@@ -43,11 +43,13 @@ class TrainConfig:
     dropout: float = 0.0  # LoRA dropout on the adapter path's input
     lora_plus_ratio: float | None = None
     seed: int = 0
+    loss_chunk: int = 0  # positions per chunk of the cross entropy with a head_fn (0: the whole sequence)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
-        for name, low in (("max_steps", 1), ("batch_size", 1), ("accumulate", 1), ("warmup_steps", 0), ("seed", 0)):
+        for name, low in (("max_steps", 1), ("batch_size", 1), ("accumulate", 1), ("warmup_steps", 0), ("seed", 0),
+                          ("loss_chunk", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -99,6 +101,47 @@ def lm_loss(logits, targets, loss_mask):
     return (ce * mask).sum() / jnp.maximum(count, 1.0), count
 
 
+def chunked_lm_loss(head_fn, hidden, targets, loss_mask, chunk: int):
+    """:func:`lm_loss` of ``head_fn(hidden)``, ``chunk`` positions at a time, never holding the
+    ``[batch, seq, vocab]`` logits: each chunk's logits live inside a ``jax.checkpoint``ed scan step,
+    so the backward pass recomputes them chunk by chunk too.
+
+    Args:
+      head_fn: ``hidden [B, t, C] -> logits [B, t, V]`` (the model's output head).
+      hidden: final hidden states ``[B, T, C]``.
+      targets, loss_mask: ``[B, T]``.
+      chunk: positions per chunk (> 0); T is padded up to a multiple with masked positions.
+
+    Returns:
+      ``(mean loss over masked positions, their count)``, equal to :func:`lm_loss` of the full logits.
+
+    Example:
+      >>> hidden, head = jnp.ones((1, 5, 4)), jnp.arange(12.0).reshape(4, 3) / 10
+      >>> targets, mask = jnp.array([[0, 1, 2, 0, 1]]), jnp.ones((1, 5))
+      >>> chunked, _ = chunked_lm_loss(lambda h: h @ head, hidden, targets, mask, chunk=2)
+      >>> bool(jnp.allclose(chunked, lm_loss(hidden @ head, targets, mask)[0]))
+      True
+    """
+    batch, length = targets.shape
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of positions, got {chunk!r}")
+    chunks = -(-length // chunk)
+    pad = chunks * chunk - length
+    widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    split = lambda x: widen(x).reshape(batch, chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+    mask = loss_mask.astype(jnp.float32)
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        h, t, m = xs
+        ce = optax.softmax_cross_entropy_with_integer_labels(head_fn(h).astype(jnp.float32), t)
+        return total + (ce * m).sum(), None
+
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
+    count = mask.sum()
+    return total / jnp.maximum(count, 1.0), count
+
+
 def init_state(trainable, config: TrainConfig, tx=None) -> TrainState:
     """A fresh state. The step donates its state, so it gets its own copy of ``trainable``."""
     tx = tx or make_optimizer(config)
@@ -108,21 +151,43 @@ def init_state(trainable, config: TrainConfig, tx=None) -> TrainState:
     )
 
 
-def make_step(apply_fn: Callable, config: TrainConfig, tx=None):
+def make_loss(apply_fn: Callable, head_fn: Callable | None = None, loss_chunk: int = 0) -> Callable:
+    """``loss(params, tokens, targets, loss_mask) -> (mean loss, count)`` of a base model, the
+    function :func:`make_step` gives to ``jlora.adapt``, so adapters on the head train too.
+
+    Without ``head_fn``, ``apply_fn(params, tokens)`` returns logits. With it, ``apply_fn`` returns
+    the final hidden states and ``head_fn(params, hidden) -> logits`` is applied ``loss_chunk``
+    positions at a time (:func:`chunked_lm_loss`; 0 means the whole sequence in one chunk).
+    """
+    if head_fn is None:
+        return lambda params, tokens, targets, mask: lm_loss(apply_fn(params, tokens), targets, mask)
+
+    def loss(params, tokens, targets, mask):
+        hidden = apply_fn(params, tokens)
+        return chunked_lm_loss(lambda h: head_fn(params, h), hidden, targets, mask, loss_chunk or tokens.shape[1])
+
+    return loss
+
+
+def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callable | None = None):
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``apply_fn(params, tokens) -> logits`` is the base model; it runs through the factored
-    ``jlora.adapt``. The batch dict holds ``tokens``, ``targets`` and ``loss_mask`` of shape
+    ``jlora.adapt``. With ``head_fn``, ``apply_fn`` returns final hidden states instead (e.g.
+    ``partial(model.apply, hidden=True)`` with ``head_fn=model.head``) and the loss applies the head
+    ``config.loss_chunk`` positions at a time, so the full float32 logits never exist (see
+    :func:`make_loss`). The batch dict holds ``tokens``, ``targets`` and ``loss_mask`` of shape
     ``[batch_size, seq_len]``; with ``accumulate`` k it is split into k micro-batches whose
-    gradients are averaged before one update.
+    gradients are averaged before one update. Adapter gradients, the optimizer state and the loss
+    are float32 whatever the base's dtype (adapters are made float32).
     """
     tx = tx or make_optimizer(config)
-    adapted = jlora.adapt(apply_fn, dropout=config.dropout)
+    adapted = jlora.adapt(make_loss(apply_fn, head_fn, config.loss_chunk), dropout=config.dropout)
 
     def loss_fn(trainable, frozen, batch, rng):
         params, adapters = jlora.combine(frozen, trainable)
-        logits = adapted(params, adapters, batch["tokens"], lora_rng=rng if config.dropout else None)
-        return lm_loss(logits, batch["targets"], batch["loss_mask"])[0]
+        return adapted(params, adapters, batch["tokens"], batch["targets"], batch["loss_mask"],
+                       lora_rng=rng if config.dropout else None)[0]
 
     def step(state: TrainState, frozen, batch):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))

@@ -278,3 +278,21 @@ def test_the_base_directory_itself_is_never_an_export_target(tmp_path):
     (tmp_path / "base" / "config.json").write_text("{}")
     with pytest.raises(cli.UsageError, match="is the base model's own directory; writing there would replace the base"):
         cli.prepare_out(tmp_path / "base", overwrite=True, base=tmp_path / "base")
+
+
+def test_scanned_remat_chunked_run_exports_as_an_unrolled_one(tmp_path, capsys):
+    """--scan trains stacked adapters; the checkpoint says so, and merge/export-peft/resume unstack
+    them: the exported adapters have the per-layer names and equal the stacked ones layer by layer."""
+    out = tmp_path / "run"
+    flags = ["--scan", "--remat", "full", "--loss-chunk", 5, "--rank", 4]
+    assert run("finetune", "--max-steps", 1, "--out", out, *flags, *SMALL) == 0
+    adapters, metadata = adapters_of(out)
+    assert metadata["model"] == {"scan": "layers"}
+    stacked = checkpoint.Checkpointer(out / "checkpoints").restore()[0].trainable.adapters
+    q = stacked["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.a.shape == (30, 576, 4) and q.stack_axes == 1
+    np.testing.assert_array_equal(adapters["params"]["layers_29"]["self_attn"]["q_proj"]["kernel"].a, q.a[29])
+    assert run("export-peft", out, tmp_path / "peft") == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 4
+    assert run("finetune", "--max-steps", 2, "--out", out, "--resume", *SMALL) == 2
+    assert "the checkpoint was trained with --scan; pass --scan to continue it" in capsys.readouterr().err

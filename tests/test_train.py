@@ -1,4 +1,7 @@
-"""The jitted train step: loss masking, optimizer schedule, accumulation, 1 vs 8 devices."""
+"""The jitted train step: loss masking, optimizer schedule, accumulation, 1 vs 8 devices, chunked
+cross entropy, bf16 base."""
+
+import functools
 
 import chex
 import jax
@@ -8,8 +11,10 @@ import optax
 import pytest
 
 import jlora
+from helpers import assert_trees_close, trained
 from jlora import train
 from jlora.models.gpt2 import GPT2, GPT2Config
+from tiny import GPT2_LINEAR, LLAMA_LINEAR, jax_model
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -114,6 +119,7 @@ def test_frozen_base_never_changes_and_loss_drops(setup):
     (dict(learning_rate=float("nan")), r"learning_rate must be a finite number > 0, got nan"),
     (dict(dropout=1.0), r"dropout must be a finite number in \[0.0, 1.0\), got 1.0"),
     (dict(grad_clip=-1.0), r"grad_clip must be a finite number in \[0.0, inf\), got -1.0"),
+    (dict(loss_chunk=-1), "loss_chunk must be an integer >= 0, got -1"),
 ])
 def test_train_config_refuses_each_bad_value_by_name(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -128,3 +134,53 @@ def test_bad_settings_are_refused(setup):
     model, _, frozen, trainable, batch = setup
     with pytest.raises(ValueError, match="batch of 6 rows cannot be split over 8 devices"):
         train.shard_batch(jax.tree.map(lambda x: x[:6], batch), train.mesh())
+
+
+@pytest.mark.parametrize("kind, head", [("llama", "lm_head"), ("gpt2", "wte")])
+def test_chunked_loss_equals_the_full_loss_with_lora_on_the_head(kind, head):
+    """Untied lm_head (Llama) and tied embeddings (GPT-2) both train through the chunked head; 8
+    positions in chunks of 3 leave a padded, masked last chunk."""
+    model, variables, tokens = jax_model(kind)
+    targets = (LLAMA_LINEAR if kind == "llama" else GPT2_LINEAR) + [head]
+    adapters = trained(jlora.init(variables, rank=4, targets=targets, key=jax.random.key(1)))
+    batch = (tokens, jnp.roll(tokens, -1, axis=1), jnp.ones(tokens.shape).at[0, :3].set(0))
+    full = jlora.adapt(train.make_loss(model.apply), strict=True)
+    chunked = jlora.adapt(train.make_loss(functools.partial(model.apply, hidden=True), model.head, 3), strict=True)
+    grad = lambda loss: jax.jit(jax.value_and_grad(lambda a: loss(variables, a, *batch)[0]))(adapters)
+    (want, want_grads), (got, got_grads) = grad(full), grad(chunked)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert_trees_close(got_grads, want_grads, tol=1e-6)
+    assert np.abs(got_grads["params"][head]["embedding" if head == "wte" else "kernel"].b).max() > 0
+    assert chunked(variables, adapters, *batch)[1] == 13
+
+
+def test_step_with_a_chunked_head_equals_the_step_without(setup):
+    model, _, frozen, trainable, batch = setup
+    config = train.TrainConfig(max_steps=3, batch_size=8, loss_chunk=5)
+    state = train.init_state(trainable, config)
+    want = train.make_step(model.apply, config)(state, frozen, batch)
+    state = train.init_state(trainable, config)
+    got = train.make_step(functools.partial(model.apply, hidden=True), config, head_fn=model.head)(state, frozen, batch)
+    np.testing.assert_allclose(got[1]["loss"], want[1]["loss"], rtol=1e-6)
+    assert_trees_close(got[0].trainable, want[0].trainable, tol=1e-6)
+
+
+def test_bf16_base_trains_float32_adapters_optimizer_state_and_loss(setup):
+    model, params, _, _, batch = setup
+    config = train.TrainConfig(max_steps=3, batch_size=8, loss_chunk=4)
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model_d = model.clone(dtype=dtype, param_dtype=dtype, scan=True, remat="full")
+        variables = jax.tree.map(lambda x: x.astype(dtype), jlora.models.layers.stack_layers(params, "h"))
+        adapters = jlora.init(variables, rank=4, targets=TARGETS, stack_axes=1)
+        frozen, trainable = jlora.split(variables, adapters)
+        state = train.init_state(trainable, config)
+        step = train.make_step(functools.partial(model_d.apply, hidden=True), config, head_fn=model_d.head)
+        state, metrics = step(state, frozen, batch)
+        state, metrics = step(state, frozen, batch)
+        assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(dtype)}
+        floats = [x for x in jax.tree.leaves((state.trainable, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
+        assert metrics["loss"].dtype == jnp.float32
+        losses[dtype] = float(metrics["loss"])
+    assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)

@@ -81,7 +81,7 @@ def generate(apply_fn, variables, prompt, cache, *, max_new_tokens, eos_id=None,
     """
     prompt = np.asarray(prompt, np.int32)
     room = int(cache["index"]) + prompt.shape[1] + max_new_tokens
-    buffer = next(iter(v for k, v in cache.items() if k != "index"))["key"].shape[1]
+    buffer = next(iter(v for k, v in cache.items() if k != "index"))["key"].shape[-3]  # [(L,) B, S, H, D]
     if room > buffer + 1:  # the last token is sampled but never written back
         raise ValueError(f"cache holds {buffer} positions, but the prompt ({prompt.shape[1]}) plus "
                          f"max_new_tokens ({max_new_tokens}) needs {room - 1}.")

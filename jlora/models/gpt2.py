@@ -17,7 +17,7 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jlora.models import attention
+from jlora.models import attention, layers
 from jlora.models.checkpoint import assign, check_tied, param_shapes, read_config, read_safetensors
 
 
@@ -121,14 +121,22 @@ class GPT2(nn.Module):
 
     `model.apply(variables, tokens)` returns float32 logits [B, T, V];
     `model.apply(variables, tokens, cache)` returns `(logits, cache)` and continues from `cache["index"]`
-    (see `init_cache` and `jlora.models.generate`).
+    (see `init_cache` and `jlora.models.generate`);
+    `model.apply(variables, tokens, hidden=True)` returns the final hidden states [B, T, C] and
+    `model.head(variables, hidden)` their logits.
+
+    `scan=True` stacks the blocks' params under `h/` with a leading layer axis (convert a loaded tree
+    with `jlora.models.layers.stack_layers(variables, "h")`); `remat` is "none", "dots" or "full".
     """
     config: GPT2Config
     dtype: jnp.dtype = jnp.float32  # compute dtype
     param_dtype: jnp.dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
+    layer_name = "h"  # where the layers' params sit: `h_{i}/...`, or `h/...` when scanned
 
     @nn.compact
-    def __call__(self, tokens, cache=None):
+    def __call__(self, tokens, cache=None, *, hidden=False):
         config = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         start = 0 if cache is None else cache["index"]
@@ -136,22 +144,31 @@ class GPT2(nn.Module):
         wte = nn.Embed(config.vocab_size, config.n_embd, embedding_init=init, name="wte", **kw)
         wpe = nn.Embed(config.n_positions, config.n_embd, embedding_init=init, name="wpe", **kw)
         x = wte(tokens) + wpe(positions)[None]
+        block = layers.repeat(Block, remat=self.remat, scan=self.scan, length=config.n_layer)
         new_cache = {}
-        for i in range(config.n_layer):
-            name = f"h_{i}"
-            x, new_cache[name] = Block(config, name=name, **kw)(x, positions, None if cache is None else cache[name])
+        names = ["h"] if self.scan else [f"h_{i}" for i in range(config.n_layer)]
+        for name in names:
+            x, new_cache[name] = block(config, name=name, **kw)(x, positions, None if cache is None else cache[name])
         x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, name="ln_f", **kw)(x)
+        if hidden:
+            return x
         logits = wte.attend(x).astype(jnp.float32)
         if cache is None:
             return logits
         return logits, {**new_cache, "index": start + tokens.shape[1]}
+
+    def head(self, variables, x):
+        """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`."""
+        embedding = variables["params"]["wte"]["embedding"]
+        return jnp.dot(x.astype(self.dtype), embedding.T.astype(self.dtype)).astype(jnp.float32)
 
     def init_cache(self, batch_size, max_length):
         """An empty cache for `batch_size` rows of at most `max_length` positions (prompt + new tokens)."""
         if max_length > self.config.n_positions:
             raise ValueError(f"max_length={max_length} exceeds GPT-2 n_positions={self.config.n_positions}.")
         names = [f"h_{i}" for i in range(self.config.n_layer)]
-        return attention.init_cache(names, batch_size, max_length, self.config.n_head, self.config.head_dim, self.dtype)
+        cache = attention.init_cache(names, batch_size, max_length, self.config.n_head, self.config.head_dim, self.dtype)
+        return layers.stack_layers(cache, "h") if self.scan else cache
 
     @property
     def max_length(self):

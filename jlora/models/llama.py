@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models import attention
+from jlora.models import attention, layers
 from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_config, read_gguf, read_safetensors,
                                      transpose)
 
@@ -361,14 +361,22 @@ class Llama(nn.Module):
 
     `model.apply(variables, tokens)` returns float32 logits [B, T, V];
     `model.apply(variables, tokens, cache)` returns `(logits, cache)` and continues from `cache["index"]`
-    (see `init_cache` and `jlora.models.generate`).
+    (see `init_cache` and `jlora.models.generate`);
+    `model.apply(variables, tokens, hidden=True)` returns the final hidden states [B, T, C] and
+    `model.head(variables, hidden)` their logits (for a loss that never holds all the logits at once).
+
+    `scan=True` stacks the layers' params under `layers/` with a leading layer axis (convert a loaded
+    tree with `jlora.models.layers.stack_layers`); `remat` is "none", "dots" or "full" (see `layers.repeat`).
     """
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype
     param_dtype: jnp.dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
+    layer_name = "layers"  # where the layers' params sit: `layers_{i}/...`, or `layers/...` when scanned
 
     @nn.compact
-    def __call__(self, tokens, cache=None):
+    def __call__(self, tokens, cache=None, *, hidden=False):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         start = 0 if cache is None else cache["index"]
@@ -377,11 +385,14 @@ class Llama(nn.Module):
         x = embed(tokens)
         if c.scale_embeddings:  # Gemma rounds sqrt(hidden_size) to the compute dtype first, as here
             x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
+        block = layers.repeat(DecoderLayer, remat=self.remat, scan=self.scan, length=c.num_hidden_layers)
         new_cache = {}
-        for i in range(c.num_hidden_layers):
-            name = f"layers_{i}"
-            x, new_cache[name] = DecoderLayer(c, name=name, **kw)(x, positions, None if cache is None else cache[name])
+        names = ["layers"] if self.scan else [f"layers_{i}" for i in range(c.num_hidden_layers)]
+        for name in names:
+            x, new_cache[name] = block(c, name=name, **kw)(x, positions, None if cache is None else cache[name])
         x = RMSNorm(c.rms_norm_eps, unit_offset=c.norm_unit_offset, name="norm", **kw)(x)
+        if hidden:
+            return x
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -391,13 +402,20 @@ class Llama(nn.Module):
             return logits
         return logits, {**new_cache, "index": start + tokens.shape[1]}
 
+    def head(self, variables, x):
+        """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`."""
+        params = variables["params"]
+        kernel = params["embed_tokens"]["embedding"].T if self.config.tie_word_embeddings else params["lm_head"]["kernel"]
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
+
     def init_cache(self, batch_size, max_length):
         """An empty cache for `batch_size` rows of at most `max_length` positions (prompt + new tokens)."""
         c = self.config
         if max_length > c.max_position_embeddings:
             raise ValueError(f"max_length={max_length} exceeds max_position_embeddings={c.max_position_embeddings}.")
         names = [f"layers_{i}" for i in range(c.num_hidden_layers)]
-        return attention.init_cache(names, batch_size, max_length, c.num_key_value_heads, c.head_dim, self.dtype)
+        cache = attention.init_cache(names, batch_size, max_length, c.num_key_value_heads, c.head_dim, self.dtype)
+        return layers.stack_layers(cache, "layers") if self.scan else cache
 
     @property
     def max_length(self):

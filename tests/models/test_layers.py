@@ -1,0 +1,113 @@
+"""Scanned and rematerialised layers (jlora/models/layers.py): the same numbers as the unrolled model,
+params/adapters/caches converted between the two layouts without loss, and less compiled memory."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from helpers import assert_trees_close, trained
+from jlora.models import generate, layers
+from jlora.models.llama import Llama, LlamaConfig
+from tiny import GPT2_LINEAR, LLAMA_LINEAR, jax_model
+
+PREFIX = {"llama": "layers", "gpt2": "h"}
+LINEAR = {"llama": LLAMA_LINEAR, "gpt2": GPT2_LINEAR}
+
+
+def lora_loss(model):
+    adapted = jlora.adapt(model.apply, strict=True)
+    return jax.jit(jax.value_and_grad(lambda a, v, t: jnp.sum(jnp.sin(adapted(v, a, t))), argnums=0))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_scanned_and_rematerialised_equal_unrolled_logits_and_lora_gradients(kind):
+    model, variables, tokens = jax_model(kind)
+    adapters = trained(jlora.init(variables, rank=4, targets=LINEAR[kind], key=jax.random.key(1)))
+    want_logits = model.apply(variables, tokens)
+    want_loss, want_grads = lora_loss(model)(adapters, variables, tokens)
+    stacked, stacked_adapters = layers.stack_layers(variables, PREFIX[kind]), layers.stack_layers(adapters, PREFIX[kind])
+    for scan, remat in [(True, "dots"), (True, "full")]:  # unrolled + remat shares their code path
+        scanned = model.clone(scan=scan, remat=remat)
+        v, a = (stacked, stacked_adapters) if scan else (variables, adapters)
+        assert_trees_close(scanned.apply(v, tokens), want_logits, tol=1e-5)
+        loss, grads = lora_loss(scanned)(a, v, tokens)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        assert_trees_close(layers.unstack_layers(grads, PREFIX[kind]) if scan else grads, want_grads, tol=1e-5)
+
+
+def test_scanned_params_have_a_leading_layer_axis_and_stack_as_the_loaded_tree():
+    model, variables, tokens = jax_model("llama")
+    scanned = model.clone(scan=True)
+    shapes = jax.eval_shape(scanned.init, jax.random.key(0), tokens)
+    assert sorted(shapes["params"]) == ["embed_tokens", "layers", "lm_head", "norm"]
+    assert shapes["params"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 32, 32)
+    stacked = layers.stack_layers(variables)
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(lambda s: s.shape, shapes)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_stack_then_unstack_gives_back_the_same_params_and_adapters(method):
+    model, variables, _ = jax_model("llama")
+    adapters = trained(jlora.adapter.kind(method).create(variables, targets=["q_proj", "down_proj"]))
+    stacked = layers.stack_layers(adapters)
+    leaf = stacked["params"]["layers"]["mlp"]["down_proj"]["kernel"]
+    assert leaf.stack_axes == 1 and leaf.kernel_shape == (2, 48, 32)
+    jax.tree.map(np.testing.assert_array_equal, layers.unstack_layers(stacked), adapters)
+    assert jax.tree.structure(layers.unstack_layers(stacked)) == jax.tree.structure(adapters)
+    jax.tree.map(np.testing.assert_array_equal, layers.unstack_layers(layers.stack_layers(variables)), variables)
+    # merge works on the stacked layout and agrees with merging layer by layer
+    merged = jlora.merge(layers.stack_layers(variables), stacked)
+    assert_trees_close(layers.unstack_layers(merged), jlora.merge(variables, adapters))
+
+
+def test_scanned_model_generates_with_a_stacked_cache_as_the_unrolled_one():
+    model, variables, tokens = jax_model("llama")
+    scanned = model.clone(scan=True, remat="dots")
+    cache = scanned.init_cache(2, 12)
+    assert cache["layers"]["key"].shape == (2, 2, 12, 2, 8)
+    stacked = layers.stack_layers(variables)
+    logits, cache = scanned.apply(stacked, tokens[:, :5], cache)
+    step, _ = scanned.apply(stacked, tokens[:, 5:6], cache)
+    assert_trees_close(logits, model.apply(variables, tokens)[:, :5], tol=1e-5)
+    assert_trees_close(step[:, 0], model.apply(variables, tokens[:, :6])[:, 5], tol=1e-5)
+    want = generate(model.apply, variables, tokens[:, :4], model.init_cache(2, 7), max_new_tokens=3)
+    got = generate(scanned.apply, stacked, tokens[:, :4], scanned.init_cache(2, 7), max_new_tokens=3)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_remat_lowers_the_compiled_memory_of_a_lora_step():
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=512)
+    tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+
+    def memory(remat):
+        model = Llama(config, scan=True, remat=remat)
+        variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+        adapters = jax.eval_shape(lambda v: jlora.init(v, 4, targets=LLAMA_LINEAR, stack_axes=1), variables)
+        grad = jax.jit(jax.grad(lambda a, v, t: jnp.sum(jlora.adapt(model.apply)(v, a, t)[..., 0])))
+        m = grad.lower(adapters, variables, tokens).compile().memory_analysis()
+        return m.temp_size_in_bytes
+
+    none, dots, full = memory("none"), memory("dots"), memory("full")
+    assert full < dots < none, (none, dots, full)
+    assert full < 0.5 * none, (none, full)
+
+
+def test_bad_layer_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"remat='some'; choose one of \['dots', 'full', 'none'\]"):
+        layers.repeat(object, remat="some")
+    tree = {"layers_0": {"w": jnp.zeros(3)}, "layers_1": {"w": jnp.zeros(4)}}
+    with pytest.raises(ValueError, match=r"layers differ in shape at 'layers/w': \[\(3,\), \(4,\)\]"):
+        layers.stack_layers(tree)
+    with pytest.raises(ValueError, match=r"not numbered 0..1: found \[0, 2\]"):
+        layers.stack_layers({"layers_0": {}, "layers_2": {}})
+    with pytest.raises(ValueError, match=r"no stacked 'layers' subtree to unstack; top-level keys are \['h'\]"):
+        layers.unstack_layers({"h": {}})
+    adapters = jlora.init({"layers_0": {"w": jnp.ones((4, 4))}, "layers_1": {"w": jnp.ones((4, 4))}}, rank=2, targets=["w"],
+                          rank_pattern={"layers_1/w": 1})
+    with pytest.raises(ValueError, match=r"cannot stack the layers' adapters at 'layers/w'"):
+        layers.stack_layers(adapters)
