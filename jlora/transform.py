@@ -11,6 +11,10 @@ adds) instead of a merged array. Each equation that consumes a :class:`Use` asks
   evaluated by the same interpreter, with stacked layers sliced together with their factors.
 
 Any other use gets the merged weight, for that use only, with a warning (an error if ``strict``).
+
+With ``adapter_ids`` (many adapters, one batch), ``fn`` is traced for one example and evaluated under
+``jax.vmap`` over the batch, each example's :class:`Use` built from its own adapter of the stack;
+the base weights are shared by every example, so XLA sees one batched matmul with W0 per use.
 This is the documented route for function transformations (a jaxpr interpreter), so it does not
 depend on tracer internals.
 """
@@ -314,7 +318,8 @@ def adapt(fn: Callable, *, dropout: float = 0.0, strict: bool = False) -> Callab
     adapter trees (``jlora.stack``) and int ids ``[B]``: example ``i`` runs with adapter ``ids[i]``,
     ``-1`` with the base alone, in values and gradients (each adapter's gradient is the one its own
     examples give it). One copy of the base serves every example; each use of a weight takes each
-    example's factors (``x_i·A[ids[i]]``), so no merged or per-adapter copy of a weight is made.
+    example's factors (``x_i·A[ids[i]]``), so no merged or per-adapter copy of a weight is made
+    (DoRA forms each adapter's ΔW for its column norms, once per call, as it does for one adapter).
     The batch axis is read from the inputs: an array argument is split into examples along axis
     ``batch_axis`` (default 0) when that axis has ``B`` entries; every other argument (scalars, a
     cache index, arrays of other lengths there) is shared by all examples. Where that is ambiguous
