@@ -14,7 +14,7 @@ are to ``one adapter``. Memory: the compiled forward's argument and temporary by
 1 and 64 adapters, per extra adapter, against one adapter's own bytes.
 
     python experiments/bench_multi.py                     # LoRA r=8 on q_proj, v_proj; 64 x 32 tokens
-    python experiments/bench_multi.py --reps 5 --gen-new 16
+    python experiments/bench_multi.py --seq 16 --reps 2 --gen-prompt 4 --gen-new 4 --sequential 8 64
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def block(tree):
 
 def median_times(runs: dict, reps: int) -> dict:
     """Each zero-argument run, once to warm up, then ``reps`` times in alternation; median seconds."""
-    for run in runs.values():
+    for name, run in runs.items():
+        start = time.perf_counter()
         run()
+        print(f"  warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
     times = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():
@@ -83,6 +85,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--gen-prompt", type=int, default=8)
     parser.add_argument("--gen-new", type=int, default=8)
+    parser.add_argument("--sequential", type=int, nargs="+", default=[64], help="adapter counts run one after another")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     B, n = args.batch, args.batch
@@ -106,7 +109,8 @@ def main(argv=None):
     runs = {"one adapter": lambda: block(single(params, trees[0], tokens))}
     runs |= {f"stack, {k} distinct": (lambda ids: lambda: block(mixed(params, stacked, tokens, ids)))(ids)
              for k, ids in spread.items()}
-    runs |= {f"one after another, {k}": one_after_another(k) for k in (8, 64) if k <= n}
+    runs |= {f"one after another, {k}": one_after_another(k) for k in args.sequential if k <= n}
+    print("forward", flush=True)
     forward = median_times(runs, args.reps)
     tokens_per_run = B * args.seq
 
@@ -134,7 +138,8 @@ def main(argv=None):
 
     gen_runs = {"one adapter": gen_one(trees[0], slice(0, B))}
     gen_runs |= {f"stack, {k} distinct": gen_mixed(ids) for k, ids in spread.items()}
-    gen_runs |= {f"one after another, {k}": gen_after_another(k) for k in (8, 64) if k <= n}
+    gen_runs |= {f"one after another, {k}": gen_after_another(k) for k in args.sequential if k <= n}
+    print("generation", flush=True)
     generation = median_times(gen_runs, args.reps)
     new_tokens = B * args.gen_new
 

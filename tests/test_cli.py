@@ -91,7 +91,7 @@ def test_generate_eval_and_merge_from_a_checkpoint(tmp_path, capsys):
 def test_generate_runs_several_checkpoints_in_one_batch(tmp_path, capsys):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out, lr in zip(runs, ["1e-2", "3e-2"]):
-        assert run("finetune", "--max-steps", 2, "--lr", lr, "--out", out, *SMALL) == 0
+        assert run("finetune", "--max-steps", 1, "--lr", lr, "--out", out, *SMALL) == 0
     capsys.readouterr()
     flags = ["--prompt", "ROMEO:", "--max-new-tokens", 6]
     alone = []
