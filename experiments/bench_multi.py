@@ -54,6 +54,8 @@ def block(tree):
 
 def median_times(runs: dict, reps: int) -> dict:
     """Each zero-argument run, once to warm up, then ``reps`` times in alternation; median seconds."""
+    if not runs:
+        return {"one adapter": float("nan")}
     for name, run in runs.items():
         start = time.perf_counter()
         run()
@@ -86,6 +88,7 @@ def main(argv=None):
     parser.add_argument("--gen-prompt", type=int, default=8)
     parser.add_argument("--gen-new", type=int, default=8)
     parser.add_argument("--sequential", type=int, nargs="+", default=[64], help="adapter counts run one after another")
+    parser.add_argument("--memory-only", action="store_true", help="only the compiled memory per extra adapter")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     B, n = args.batch, args.batch
@@ -106,10 +109,10 @@ def main(argv=None):
         rows = B // k
         return lambda: [block(single(params, trees[i], tokens[i * rows : (i + 1) * rows])) for i in range(k)]
 
-    runs = {"one adapter": lambda: block(single(params, trees[0], tokens))}
+    runs = {"one adapter": lambda: block(single(params, trees[0], tokens))} if not args.memory_only else {}
     runs |= {f"stack, {k} distinct": (lambda ids: lambda: block(mixed(params, stacked, tokens, ids)))(ids)
-             for k, ids in spread.items()}
-    runs |= {f"one after another, {k}": one_after_another(k) for k in args.sequential if k <= n}
+             for k, ids in spread.items() if not args.memory_only}
+    runs |= {} if args.memory_only else {f"one after another, {k}": one_after_another(k) for k in args.sequential if k <= n}
     print("forward", flush=True)
     forward = median_times(runs, args.reps)
     tokens_per_run = B * args.seq
@@ -136,9 +139,9 @@ def main(argv=None):
         rows = B // k
         return lambda: [gen_one(trees[i], slice(i * rows, (i + 1) * rows))() for i in range(k)]
 
-    gen_runs = {"one adapter": gen_one(trees[0], slice(0, B))}
-    gen_runs |= {f"stack, {k} distinct": gen_mixed(ids) for k, ids in spread.items()}
-    gen_runs |= {f"one after another, {k}": gen_after_another(k) for k in args.sequential if k <= n}
+    gen_runs = {} if args.memory_only else {"one adapter": gen_one(trees[0], slice(0, B))}
+    gen_runs |= {f"stack, {k} distinct": gen_mixed(ids) for k, ids in spread.items() if not args.memory_only}
+    gen_runs |= {} if args.memory_only else {f"one after another, {k}": gen_after_another(k) for k in args.sequential if k <= n}
     print("generation", flush=True)
     generation = median_times(gen_runs, args.reps)
     new_tokens = B * args.gen_new
@@ -152,7 +155,7 @@ def main(argv=None):
     host = f"{jax.devices()[0].platform}, {jax.device_count()} device(s), JAX {jax.__version__}"
     print(f"SmolLM2-135M shapes, LoRA r={args.rank} on {', '.join(args.targets)}, batch {B}; {host}")
     print(f"\nforward, {B} x {args.seq} tokens (median of {args.reps})")
-    for name, seconds in forward.items():
+    for name, seconds in forward.items():  # ratios to the first row, "one adapter"
         print(f"  {name:24s} {seconds:8.3f} s  {tokens_per_run / seconds:9.0f} tok/s  "
               f"{forward['one adapter'] / seconds:5.2f}x one adapter")
     print(f"\ngeneration, {B} sequences, prompt {args.gen_prompt} + {args.gen_new} new tokens (median of {args.reps})")
