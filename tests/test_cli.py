@@ -97,9 +97,9 @@ def test_generate_runs_several_checkpoints_in_one_batch(tmp_path, capsys):
     alone = []
     for out in runs:
         assert run("generate", "--checkpoint", out, *flags) == 0
-        alone.append(capsys.readouterr().out.rstrip("\n"))
+        alone.append(capsys.readouterr().out)
     assert run("generate", "--checkpoint", runs[0], "--checkpoint", runs[1], *flags) == 0
-    assert capsys.readouterr().out == "".join(f"==> {out} <==\n{text}\n" for out, text in zip(runs, alone))
+    assert capsys.readouterr().out == "".join(f"==> {out} <==\n{text}" for out, text in zip(runs, alone))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
