@@ -5,6 +5,8 @@
     logits = jlora.adapt(model.apply)(params, adapters, tokens)
     merged = jlora.merge(params, adapters)             # plain params for export
     result = jlora.fit(step, state, batch_at, max_steps=100, checkpointer=ckpt)  # the training loop
+    stacked = jlora.stack([adapters_1, adapters_2])   # many adapters, one base: one per example
+    logits = jlora.adapt(model.apply)(params, stacked, tokens, adapter_ids=ids)
 """
 
 from jlora.transform import Use, adapt
@@ -12,10 +14,11 @@ from jlora.adapter import Adapter
 from jlora.count import ParamCount, count_params
 from jlora.lora import LoRA, init
 from jlora.loop import fit
-from jlora import dora, ia3, pissa
+from jlora import dora, ia3, multi, pissa
 from jlora.dora import DoRA
 from jlora.ia3 import IA3
 from jlora.merge import merge, unmerge
+from jlora.multi import stack, unstack
 from jlora.optimizer import optimizer
 from jlora.partition import Trainable, combine, split
 
@@ -23,5 +26,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "DoRA", "IA3", "LoRA", "ParamCount", "Trainable", "Use", "adapt", "combine", "count_params", "fit", "init",
-    "merge", "optimizer", "split", "unmerge", "dora", "ia3", "pissa",
+    "merge", "optimizer", "split", "stack", "unmerge", "unstack", "dora", "ia3", "multi", "pissa",
 ]

@@ -83,6 +83,12 @@ class Adapter(abc.ABC):
         shape overrides it."""
         return {"stack_axes": self.stack_axes + (1 if layers > 0 else -1)}
 
+    def identity(self, w: jax.Array) -> Adapter | None:
+        """An adapter of this kind and shape that leaves ``w`` exactly unchanged: what an example with
+        adapter id ``-1`` (base only) runs with in ``jlora.adapt(fn)(..., adapter_ids=ids)``;
+        ``None`` (the default) makes such ids an error for this kind."""
+        return None
+
     def check(self, path: str, w) -> None:
         """Raises ValueError when this adapter does not fit the weight ``w`` at ``path``."""
         if tuple(w.shape) != self.kernel_shape:

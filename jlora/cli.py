@@ -5,6 +5,7 @@ batches, ``jlora.train`` steps, ``jlora.checkpoint`` saves adapters.
 
     jlora finetune --max-steps 100 --out runs/shakespeare
     jlora generate --checkpoint runs/shakespeare --prompt "ROMEO:"
+    jlora generate --checkpoint runs/a --checkpoint runs/b --prompt "ROMEO:"   # both in one batch
     jlora eval --checkpoint runs/shakespeare --data play.txt
     jlora merge runs/shakespeare runs/shakespeare/merged
 """
@@ -342,9 +343,50 @@ def sample(model, params, tokenizer, args) -> str:
     return complete(model, params, tokenizer, args.prompt, args.sample_tokens)
 
 
+def generate_many(args) -> int:
+    """The prompt continued by each checkpoint's adapters, all in one batch (one sequence per
+    checkpoint) on one copy of the base: ``jlora.stack`` and per-example ``adapter_ids``."""
+    from jlora.models import generate
+
+    checkpoints = [checkpoint.Checkpointer(run_dir_checkpoints(path)) for path in args.checkpoint]
+    bases = {ckpt.metadata()["base"]["name"] for ckpt in checkpoints}
+    if args.base is None and len(bases) > 1:
+        raise UsageError(f"the checkpoints were trained on different bases ({', '.join(sorted(bases))}); "
+                         "one batch runs on one base")
+    name = args.base or bases.pop()
+    model, params, tokenizer, _ = load_base(name, args.dtype)
+    trees = []
+    for path, ckpt in zip(args.checkpoint, checkpoints):
+        state, _ = ckpt.restore(expect={"base": base_identity(ckpt.metadata()["base"]["name"], params)}, base=params)
+        if jax.tree.leaves(state.trainable.base):
+            raise UsageError(f"{path} also trains base weights (--bias), which one shared base cannot hold per "
+                             "sequence; generate with it alone")
+        trees.append(state.trainable.adapters)
+    try:
+        stacked = jlora.stack(trees)
+    except ValueError as error:
+        raise UsageError(f"these checkpoints cannot share one batch: {error}") from None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tokenizer.encode(prompt)
+    if not ids or len(ids) >= model.max_length:
+        raise UsageError(f"the prompt is {len(ids)} tokens; it needs 1 to {model.max_length - 1}")
+    new = min(args.max_new_tokens, model.max_length - len(ids))
+    adapted = jlora.adapt(model.apply)
+    n = len(trees)
+    out = generate(lambda v, tokens, cache: adapted(v["params"], v["adapters"], tokens, cache, adapter_ids=v["ids"]),
+                   dict(params=params, adapters=stacked, ids=jnp.arange(n)), jnp.tile(jnp.array([ids]), (n, 1)),
+                   model.init_cache(n, len(ids) + new), max_new_tokens=new, eos_id=tokenizer.eos_id,
+                   temperature=args.temperature, rng=jax.random.key(args.seed))
+    for path, row in zip(args.checkpoint, out):
+        print(f"==> {path} <==\n{prompt}{tokenizer.decode(row[len(ids):].tolist(), skip_special_tokens=True)}")
+    return 0
+
+
 def generate_cmd(args) -> int:
+    if args.checkpoint and len(args.checkpoint) > 1:
+        return generate_many(args)
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint[0], args.base, args.dtype)
         params = jlora.merge(params, adapters)  # merged once: no extra latency per token
     else:
         model, params, tokenizer, _ = load_base(args.base or DEFAULT_BASE, args.dtype)
@@ -487,7 +529,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=finetune)
 
     p = command("generate", "continue a prompt with the base or base + adapters", from_checkpoint)
-    p.add_argument("--checkpoint", help="a run directory or its checkpoints/")
+    p.add_argument("--checkpoint", action="append",
+                   help="a run directory or its checkpoints/; repeat it to run several in one batch, one sequence each")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=NONNEGATIVE, default=60)

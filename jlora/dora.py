@@ -105,6 +105,11 @@ class DoRA(Adapter, name="dora"):
         length = jnp.where(ud >= 0, (ud + root) / uu, excess / (root - ud))
         return (u * self._against_weight(length) - delta).astype(w.dtype)
 
+    def identity(self, w):
+        # ΔW = 0 and m = ‖W0‖_c, so m / ‖W0 + ΔW‖_c is m / m: exactly one.
+        zeros = jnp.zeros_like
+        return dataclasses.replace(self, a=zeros(self.a), b=zeros(self.b), m=self.column_norm(w).astype(self.m.dtype))
+
     def use(self, w, path):
         inner = self.lora.use(w, path)
         n_out = len(self.lora.out_shape)

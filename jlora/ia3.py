@@ -107,6 +107,9 @@ class IA3(Adapter, name="ia3"):
         refuse_near_zero(self.scale, "(IA)³ scale")
         return (as_f32(w) / self._against_weight()).astype(w.dtype)
 
+    def identity(self, w):
+        return dataclasses.replace(self, scale=jnp.ones_like(self.scale))
+
     def check(self, path, w):
         super().check(path, w)
         stack, size = tuple(self.shape[: self.stack_axes]), math.prod(self.side_shape)

@@ -93,6 +93,9 @@ class LoRA(Adapter, name="lora"):
     def unmerge(self, w):
         return (as_f32(w) - self.delta()).astype(w.dtype)
 
+    def identity(self, w):
+        return dataclasses.replace(self, a=jnp.zeros_like(self.a), b=jnp.zeros_like(self.b))
+
 
 def scaling_for(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski, 2023)."""

@@ -88,6 +88,20 @@ def test_generate_eval_and_merge_from_a_checkpoint(tmp_path, capsys):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+def test_generate_runs_several_checkpoints_in_one_batch(tmp_path, capsys):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out, lr in zip(runs, ["1e-2", "3e-2"]):
+        assert run("finetune", "--max-steps", 1, "--lr", lr, "--out", out, *SMALL) == 0
+    capsys.readouterr()
+    flags = ["--prompt", "ROMEO:", "--max-new-tokens", 6]
+    alone = []
+    for out in runs:
+        assert run("generate", "--checkpoint", out, *flags) == 0
+        alone.append(capsys.readouterr().out)
+    assert run("generate", "--checkpoint", runs[0], "--checkpoint", runs[1], *flags) == 0
+    assert capsys.readouterr().out == "".join(f"==> {out} <==\n{text}" for out, text in zip(runs, alone))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     real_make_step = train.make_step
 
