@@ -211,10 +211,15 @@ def quantize_array(w, format: str = "nf4", *, block_size: int = 64, axis: int = 
             f"cannot quantise {path!r} (shape {shape}) to {format} in blocks of {block_size!r} along axis {axis} "
             f"(length {length}): block_size must be an even integer >= 2 that divides {length}"
         )
-    moved = jnp.moveaxis(jnp.asarray(w, jnp.float32), axis, -1)
-    blocks = moved.reshape(moved.shape[:-1] + (length // block_size, block_size))
-    arrays = FORMATS[format].quantize(blocks, block_size)
+    arrays = _quantize_blocks(w, format, axis, int(block_size))
     return Quantized(arrays, format, shape, jnp.dtype(w.dtype), axis, int(block_size))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_blocks(w, format, axis, block_size):
+    moved = jnp.moveaxis(w.astype(jnp.float32), axis, -1)
+    blocks = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // block_size, block_size))
+    return FORMATS[format].quantize(blocks, block_size)
 
 
 def default_targets(path: str, leaf) -> bool:
@@ -256,10 +261,11 @@ def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int = -
     if format not in QUANTIZE_FORMATS:
         raise ValueError(f"unknown quantisation format {format!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
     chosen = paths.select(params, default_targets if targets is None else targets)
-    return paths.map_with_path(
-        lambda path, w: quantize_array(w, format, block_size=block_size, axis=axis, path=path) if path in chosen else w,
-        params,
-    )
+    for path, w in chosen.items():  # the checks, before any work
+        jax.eval_shape(functools.partial(quantize_array, format=format, block_size=block_size, axis=axis, path=path), w)
+    # One compiled function for all the weights, rather than one per shape.
+    done = jax.jit(lambda ws: {p: quantize_array(w, format, block_size=block_size, axis=axis, path=p) for p, w in ws.items()})(chosen)
+    return paths.map_with_path(lambda path, w: done.get(path, w), params)
 
 
 def dequantize(params):
