@@ -285,8 +285,10 @@ def nbytes(params) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params) if hasattr(x, "size"))
 
 
-def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple, dtype=jnp.float32, row_order=None) -> Quantized:
-    """A GGUF tensor's blocks as shipped, as the :class:`Quantized` of its transpose ``(in, out)``.
+def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple, dtype=jnp.float32, row_order=None,
+                     transposed: bool = True) -> Quantized:
+    """A GGUF tensor's blocks as shipped, as the :class:`Quantized` of its transpose ``(in, out)``
+    (a kernel), or with ``transposed=False`` of the torch-layout ``(out, in)`` itself (an embedding).
 
     Args:
       raw: the tensor's bytes as ``gguf.GGUFReader`` gives them, ``(out, in / 32 * bytes per block)``.
@@ -312,4 +314,6 @@ def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple, dtype=jnp.float32
     else:
         raise ValueError(f"GGUF block kind {kind!r} is not kept as shipped; known: q4_0, q4_1, q8_0")
     # Torch (out, in) with blocks along in is our (in, out) kernel with blocks along axis 0.
-    return Quantized(arrays, kind, (in_dim, out_dim), jnp.dtype(dtype), 0, 32)
+    if transposed:
+        return Quantized(arrays, kind, (in_dim, out_dim), jnp.dtype(dtype), 0, 32)
+    return Quantized(arrays, kind, (out_dim, in_dim), jnp.dtype(dtype), 1, 32)
