@@ -29,6 +29,7 @@ DEFAULT_BASE = "smollm2-135m"
 DEFAULT_METHOD = "lora"
 DEFAULT_PROMPT = "ROMEO:\n"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+QUANTIZE = ["gguf", "int4", "int8", "nf4"]
 # The flags that choose adapters (each kind's `init_options` picks its own); on --resume they come
 # from the checkpoint.
 ADAPTER_FLAGS = {"targets": "--targets", "rank": "--rank", "alpha": "--alpha", "use_rslora": "--rslora"}
@@ -41,15 +42,18 @@ class UsageError(Exception):
 # ---- pieces shared by the commands ----
 
 
-def load_base(name, dtype="float32"):
-    """``(model, params, tokenizer, config)`` of a base; one without tokenizer files is refused."""
+def load_base(name, dtype="float32", quantize=None):
+    """``(model, params, tokenizer, config)`` of a base, its weights quantised when ``quantize`` names a
+    format (``--quantize``); one without tokenizer files is refused."""
     from jlora import models
 
-    loaded = models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
-    if loaded[2] is None:
+    model, params, tokenizer, config = models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
+    if tokenizer is None:
         raise UsageError(f"base {name} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
                          "jlora's commands encode text with it")
-    return loaded
+    if quantize:
+        params = models.quantize_base(name, params, config, quantize, dtype=DTYPES[dtype])
+    return model, params, tokenizer, config
 
 
 def prepare_out(out, overwrite: bool, base=None) -> Path:
@@ -89,19 +93,22 @@ def run_dir_checkpoints(path) -> Path:
     raise UsageError(f"no checkpoint directory at {path}")
 
 
-def load_run(checkpoint_path, base=None, dtype="float32"):
-    """Base model plus the adapters of a run's latest checkpoint: (model, params, tokenizer,
-    config, adapters, metadata)."""
+def load_run(checkpoint_path, base=None, dtype="float32", quantize=None):
+    """Base model (quantised as the run's was, unless ``quantize`` says otherwise) plus the adapters of
+    a run's latest checkpoint: (model, params, tokenizer, config, adapters, metadata)."""
     ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
     metadata = ckpt.metadata()
-    model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype)
-    state, metadata = ckpt.restore(expect={"base": base_identity(metadata["base"]["name"], params)}, base=params)
+    quantize = quantize or metadata["base"].get("quantize")
+    model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype, quantize)
+    expect = {"base": base_identity(metadata["base"]["name"], params, quantize)}
+    state, metadata = ckpt.restore(expect=expect, base=params)
     params, adapters = jlora.combine(params, state.trainable)
     return model, params, tokenizer, config, adapters, metadata
 
 
-def base_identity(name, params) -> dict:
-    return {"name": str(name), "fingerprint": checkpoint.base_fingerprint(params)}
+def base_identity(name, params, quantize=None) -> dict:
+    identity = {"name": str(name), "fingerprint": checkpoint.base_fingerprint(params)}
+    return identity | {"quantize": quantize} if quantize else identity
 
 
 def human_bytes(n: int) -> str:
@@ -161,7 +168,7 @@ def finetune(args) -> int:
     if args.batch_size % (args.accumulate * jax.device_count()):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
                          f"times the {jax.device_count()} devices the batch is split over")
-    model, params, tokenizer, config = load_base(args.base, args.dtype)
+    model, params, tokenizer, config = load_base(args.base, args.dtype, args.quantize)
     if args.seq_len > model.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
     train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
@@ -174,14 +181,14 @@ def finetune(args) -> int:
         accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
     )
     metadata = {
-        "base": base_identity(args.base, params),
+        "base": base_identity(args.base, params, args.quantize),
         "train": dataclasses.asdict(config_train),
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
     }
     mesh = train.mesh()
     if args.resume:
         try:
-            state, saved, damaged = ckpt.restore_intact(expect={"base": base_identity(args.base, params)}, base=params)
+            state, saved, damaged = ckpt.restore_intact(expect={"base": base_identity(args.base, params, args.quantize)}, base=params)
         except checkpoint.CheckpointError as error:
             raise UsageError(f"--resume: {error}") from None
         for report in damaged:
@@ -212,7 +219,7 @@ def finetune(args) -> int:
     evaluate = train.make_eval(model.apply)
     report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count()}
     if args.sample_tokens and start == 0:
-        report["sample_before"] = sample(model, params, tokenizer, args)
+        report["sample_before"] = sample(model, jlora.dequantize(params), tokenizer, args)
         print(f"sample before: {args.prompt}{report['sample_before']}", file=sys.stderr)
 
     def validation(state):
@@ -266,7 +273,7 @@ def finetune(args) -> int:
 
     save_hf(out / "merged", merged, config)
     checkpoint_bytes = checkpoint.dir_bytes(ckpt.directory / str(ckpt.latest_step()))
-    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a quantised base: its codes and scales
     steps_run = args.max_steps - start
     report |= {
         "steps": args.max_steps, "steps_this_run": steps_run, "train_seconds": round(train_seconds, 1),
@@ -295,10 +302,11 @@ def sample(model, params, tokenizer, args) -> str:
 
 def generate_cmd(args) -> int:
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype, args.quantize)
         params = jlora.merge(params, adapters)  # merged once: no extra latency per token
     else:
-        model, params, tokenizer, _ = load_base(args.base or DEFAULT_BASE, args.dtype)
+        model, params, tokenizer, _ = load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize)
+        params = jlora.dequantize(params)  # generation runs on the dequantised weights
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -311,9 +319,9 @@ def generate_cmd(args) -> int:
 
 def eval_cmd(args) -> int:
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype, args.quantize)
     else:
-        (model, params, tokenizer, _), adapters = load_base(args.base or DEFAULT_BASE, args.dtype), None
+        (model, params, tokenizer, _), adapters = load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize), None
     dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
     ppl = train.perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
     print(json.dumps({"perplexity": ppl, "sequences": min(len(dataset), args.batch_size * args.max_batches)}))
@@ -390,6 +398,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, allow_abbrev=False)
         p.add_argument("--base", default=DEFAULT_BASE if name == "finetune" else None, help=base_help)
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a GGUF "
+                       "base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: the checkpoint's, else none)")
         return p
 
     from_checkpoint = f"model name or path (default: the checkpoint's base, else {DEFAULT_BASE})"
