@@ -44,7 +44,8 @@ def memory_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-def run_row(name, args, train_set, valid_set) -> dict:
+def setup(name, args, train_set):
+    """The row's model, frozen base, fresh state, jitted step, batches and compiled step."""
     dtype, fmt = ROWS[name]
     model, params, _, _ = models.load(args.base, param_dtype=dtype, dtype=dtype)
     if fmt is not None:
@@ -57,6 +58,12 @@ def run_row(name, args, train_set, valid_set) -> dict:
     step = train.make_step(model.apply, config)
     batch_at = lambda k: data.batch_at(train_set, args.batch_size, args.seed, k)
     compiled = step.lower(state, frozen, batch_at(0)).compile()
+    return model, params, frozen, state, step, batch_at, compiled
+
+
+def run_row(name, args, train_set, valid_set) -> dict:
+    dtype, fmt = ROWS[name]
+    model, params, frozen, state, step, batch_at, compiled = setup(name, args, train_set)
     fitted = loop.fit(lambda s, b: step(s, frozen, b), state, batch_at, max_steps=args.steps, start=0)
     times = [entry["seconds"] for entry in fitted.history]
     evaluate = train.make_eval(model.apply)
@@ -109,9 +116,28 @@ def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4") -> dict:
     }
 
 
+def interleaved_step_times(names, args, train_set, rounds) -> dict:
+    """Median step seconds of each row, timed in turns (one step of each per round), so that load from
+    other processes falls on all rows alike."""
+    rows = {name: setup(name, args, train_set) for name in names}
+    states = {name: rows[name][3] for name in names}
+    times = {name: [] for name in names}
+    for k in range(rounds + 1):
+        for name in names:
+            _, _, frozen, _, step, batch_at, _ = rows[name]
+            batch = batch_at(k)
+            began = time.perf_counter()
+            states[name], metrics = step(states[name], frozen, batch)
+            jax.block_until_ready(metrics)
+            if k:  # round 0 compiles
+                times[name].append(time.perf_counter() - began)
+    return {name: {"median_step_s": statistics.median(t), "step_s": t} for name, t in times.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=["float32_lora", "bf16_lora", "nf4_qlora"])
+    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=["nf4_qlora", "bf16_lora", "float32_lora"])
+    parser.add_argument("--timing-rounds", type=int, help="only time the rows' steps in turns, this many rounds")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -131,15 +157,22 @@ def main(argv=None):
     else:
         _, _, tokenizer, _ = models.load(args.base)
         train_set, valid_set = data.load_splits(tokenizer, args.seq_len)
-        results = []
-        for name in args.only:
-            result = run_row(name, args, train_set, valid_set)
-            results.append(result)
-            print(f"{name:<14} ppl {result['valid_perplexity']:8.3f}  base {result['base_bytes'] / 2**20:7.1f} MiB  "
-                  f"step memory {result['compiled_step_bytes'] / 2**20:7.1f} MiB  step {result['median_step_s']:6.3f}s",
-                  flush=True)
-        report = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
-        out = args.out or RESULTS / "qlora.json"
+        settings = {k: str(v) for k, v in vars(args).items()}
+        if args.timing_rounds:
+            report = {"settings": settings, "step_times": interleaved_step_times(args.only, args, train_set, args.timing_rounds)}
+            print(json.dumps({k: v["median_step_s"] for k, v in report["step_times"].items()}))
+            out = args.out or RESULTS / "qlora_step_times.json"
+        else:
+            out = args.out or RESULTS / "qlora.json"
+            report = {"settings": settings, "results": []}
+            for name in args.only:
+                result = run_row(name, args, train_set, valid_set)
+                report["results"].append(result)
+                print(f"{name:<14} ppl {result['valid_perplexity']:8.3f}  base {result['base_bytes'] / 2**20:7.1f} MiB  "
+                      f"step memory {result['compiled_step_bytes'] / 2**20:7.1f} MiB  step {result['median_step_s']:6.3f}s",
+                      flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=2))  # each row as it finishes
     report["host"] = f"{os.cpu_count()} CPUs, jax {jax.__version__}"
     report["total_seconds"] = time.perf_counter() - began
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -254,7 +254,7 @@ def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int = -
       >>> params = {'mlp': {'kernel': jnp.ones((128, 32)), 'bias': jnp.zeros(32)}}
       >>> q = jlora.quantize(params, 'nf4')
       >>> q['mlp']['kernel']
-      Quantized(nf4, shape=(128, 32), dtype=float32, 2060 bytes)
+      Quantized(nf4, shape=(128, 32), dtype=float32, 2312 bytes)
       >>> bool(jnp.all(jlora.dequantize(q)['mlp']['kernel'] == 1.0)), q['mlp']['bias'].shape
       (True, (32,))
     """
@@ -272,9 +272,9 @@ def dequantize(params):
     """``params`` with every :class:`Quantized` leaf made dense again (other leaves as they are).
 
     Example:
-      >>> params = {'kernel': jnp.arange(64.0).reshape(16, 4)}
-      >>> back = jlora.dequantize(jlora.quantize(params, 'int8'))['kernel']
-      >>> float(jnp.max(jnp.abs(back - params['kernel'])) / 60) < 0.5 / 127
+      >>> kernel = jnp.arange(64.0).reshape(16, 4)
+      >>> back = jlora.dequantize(jlora.quantize({'kernel': kernel}, 'int8'))['kernel']
+      >>> bool(jnp.all(jnp.abs(back - kernel) <= jnp.max(kernel, axis=0) / 127 / 2))  # half a step of its column
       True
     """
     return jax.tree.map(lambda x: x.dense() if is_quantized(x) else x, params, is_leaf=is_quantized)
