@@ -131,3 +131,14 @@ def test_the_train_step_holds_the_quantised_bytes(quantized_llama):
     dense_bytes, quantized_bytes = nbytes(variables), nbytes(qparams)
     assert quantized_bytes < dense_bytes / 3
     assert argument_bytes(variables) - argument_bytes(qparams) == dense_bytes - quantized_bytes
+
+
+def test_count_params_counts_a_quantised_weight_by_its_shape_and_bytes():
+    params = {"mlp": {"kernel": jnp.ones((128, 32)), "bias": jnp.zeros(32)}}
+    qparams = jlora.quantize(params, "int4", block_size=32)
+    adapters = jlora.init(qparams, rank=4, targets=["mlp"])
+    counted = jlora.count_params(qparams, adapters)
+    adapter_values = 128 * 4 + 4 * 32
+    assert counted.total == 128 * 32 + 32 + adapter_values
+    assert counted.total_bytes == 128 * 32 // 2 + 4 * 4 * 32 + 4 * 32 + 4 * adapter_values  # codes, scales, bias, A, B
+    assert counted.trainable == adapter_values
