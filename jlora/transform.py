@@ -375,6 +375,9 @@ def adapt(fn: Callable, *, dropout: float = 0.0, strict: bool = False) -> Callab
     linen ``apply``, an NNX model through ``nnx.split``/``nnx.merge``, plain jnp code; and under
     ``jax.jit``, ``jax.grad``, ``jax.vmap`` and ``jax.checkpoint``.
 
+    ``params`` may hold quantised weights (``jlora.quantize``): each is dequantised only inside the
+    equations that use it, and recomputed for the backward pass (see :class:`Deferred`).
+
     Arrays among ``args``/``kw`` are traced; everything else (Python numbers, flags, strings) is
     static, and ``fn`` is traced again when it changes.
 
