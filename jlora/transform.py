@@ -327,8 +327,13 @@ class Deferred:
         x = w if self.adapter is None else use if use is not None else self.adapter.merge(w)
         for view in self.views:
             eqn = view.eqn
-            outs = _RULES[eqn.primitive.name](ctx, eqn, [x]) if isinstance(x, Use) else None
-            x = (outs or _bind(eqn, [_materialize(x)]))[0]
+            if not isinstance(x, Use):
+                x = _bind(eqn, [x])[0]
+                continue
+            outs = _RULES[eqn.primitive.name](ctx, eqn, [x])
+            if outs is None:  # no factored view: the merged weight, reported as anywhere else
+                outs = _bind(eqn, [x.merged()]) if ctx is None else _fallback(ctx, eqn, [x])
+            x = outs[0]
         return x
 
 
