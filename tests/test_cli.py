@@ -278,3 +278,18 @@ def test_the_base_directory_itself_is_never_an_export_target(tmp_path):
     (tmp_path / "base" / "config.json").write_text("{}")
     with pytest.raises(cli.UsageError, match="is the base model's own directory; writing there would replace the base"):
         cli.prepare_out(tmp_path / "base", overwrite=True, base=tmp_path / "base")
+
+
+def test_finetune_eval_and_merge_on_a_4bit_base(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("finetune", "--quantize", "nf4", "--max-steps", 1, "--out", out, *SMALL) == 0
+    report = json.loads((out / "run.json").read_text())
+    assert report["base_bytes"] == 69_460_732  # NF4 codes and scales, 0.26x the bf16 base
+    _, metadata = adapters_of(out)
+    assert metadata["base"]["quantize"] == "nf4"
+    capsys.readouterr()
+    # eval and merge load the base quantised as the run's was, from the checkpoint's metadata.
+    assert run("eval", "--checkpoint", out, "--seq-len", 16, "--batch-size", 8, "--max-batches", 1) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1.0
+    assert run("merge", out, tmp_path / "merged") == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
