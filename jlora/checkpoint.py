@@ -36,9 +36,9 @@ def base_fingerprint(params) -> str:
     """A short hash of the base's paths, shapes, dtypes and first values of every weight."""
     digest = hashlib.sha256()
     for path, leaf in paths.leaves(params):
-        head = np.asarray(jax.device_get(leaf.reshape(-1)[:8]), np.float32)
         digest.update(f"{path}:{tuple(leaf.shape)}:{leaf.dtype};".encode())
-        digest.update(head.tobytes())
+        for array in jax.tree.leaves(leaf):  # a quantised weight: its codes and scales
+            digest.update(np.asarray(jax.device_get(array.reshape(-1)[:8]), np.float32).tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -31,6 +31,7 @@ DEFAULT_BASE = "smollm2-135m"
 DEFAULT_METHOD = "lora"
 DEFAULT_PROMPT = "ROMEO:\n"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+QUANTIZE = ["gguf", "int4", "int8", "nf4"]
 # The flags that choose adapters (each kind's `init_options` picks its own); on --resume they come
 # from the checkpoint.
 ADAPTER_FLAGS = {"targets": "--targets", "rank": "--rank", "alpha": "--alpha", "use_rslora": "--rslora"}
@@ -43,15 +44,18 @@ class UsageError(Exception):
 # ---- pieces shared by the commands ----
 
 
-def load_base(name, dtype="float32"):
-    """``(model, params, tokenizer, config)`` of a base; one without tokenizer files is refused."""
+def load_base(name, dtype="float32", quantize=None):
+    """``(model, params, tokenizer, config)`` of a base, its weights quantised when ``quantize`` names a
+    format (``--quantize``); one without tokenizer files is refused."""
     from jlora import models
 
-    loaded = models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
-    if loaded[2] is None:
+    model, params, tokenizer, config = models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
+    if tokenizer is None:
         raise UsageError(f"base {name} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
                          "jlora's commands encode text with it")
-    return loaded
+    if quantize:
+        params = models.quantize_base(name, params, config, quantize, dtype=DTYPES[dtype])
+    return model, params, tokenizer, config
 
 
 def prepare_out(out, overwrite: bool, base=None) -> Path:
@@ -91,26 +95,29 @@ def run_dir_checkpoints(path) -> Path:
     raise UsageError(f"no checkpoint directory at {path}")
 
 
-def load_run(checkpoint_path, base=None, dtype="float32"):
-    """Base model plus the adapters of a run's latest checkpoint: (model, params, tokenizer,
-    config, adapters, metadata)."""
+def load_run(checkpoint_path, base=None, dtype="float32", quantize=None):
+    """Base model (quantised as the run's was, unless ``quantize`` says otherwise) plus the adapters of
+    a run's latest checkpoint: (model, params, tokenizer, config, adapters, metadata)."""
     ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
     metadata = ckpt.metadata()
-    model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype)
+    quantize = quantize or metadata["base"].get("quantize")
+    model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype, quantize)
     from jlora.models import layers
 
     # A run with --scan saved its adapters stacked like the scanned layers; unstack them for the unrolled model.
     stacked = (metadata.get("model") or {}).get("scan")
+    expect = {"base": base_identity(metadata["base"]["name"], params, quantize)}
     base = layers.stack_layers(params, stacked) if stacked else params
-    state, metadata = ckpt.restore(expect={"base": base_identity(metadata["base"]["name"], params)}, base=base)
+    state, metadata = ckpt.restore(expect=expect, base=base)
     params, adapters = jlora.combine(base, state.trainable)
     if stacked:
         params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
     return model, params, tokenizer, config, adapters, metadata
 
 
-def base_identity(name, params) -> dict:
-    return {"name": str(name), "fingerprint": checkpoint.base_fingerprint(params)}
+def base_identity(name, params, quantize=None) -> dict:
+    identity = {"name": str(name), "fingerprint": checkpoint.base_fingerprint(params)}
+    return identity | {"quantize": quantize} if quantize else identity
 
 
 def human_bytes(n: int) -> str:
@@ -190,7 +197,7 @@ def finetune(args) -> int:
         raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
     from jlora.models import layers
 
-    base_model, params, tokenizer, config = load_base(args.base, args.dtype)
+    base_model, params, tokenizer, config = load_base(args.base, args.dtype, args.quantize)
     base_params = params  # this host's whole copy, unstacked: the sample before training reads it
     model = base_model.clone(scan=args.scan, remat=args.remat)
     # The scanned layers' name ("layers", "h"): params and adapters train stacked along it, and are
@@ -209,7 +216,7 @@ def finetune(args) -> int:
         loss_chunk=args.loss_chunk or 0,
     )
     metadata = {
-        "base": base_identity(args.base, params),
+        "base": base_identity(args.base, params, args.quantize),
         "train": dataclasses.asdict(config_train),
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
         "model": {"scan": stacked},
@@ -218,7 +225,7 @@ def finetune(args) -> int:
     mesh = train.mesh(fsdp=args.fsdp or 1)
     if args.resume:
         try:
-            state, saved, damaged = ckpt.restore_intact(expect={"base": base_identity(args.base, params)}, base=params)
+            state, saved, damaged = ckpt.restore_intact(expect={"base": base_identity(args.base, params, args.quantize)}, base=params)
         except checkpoint.CheckpointError as error:
             raise UsageError(f"--resume: {error}") from None
         for report in damaged:
@@ -254,7 +261,7 @@ def finetune(args) -> int:
     report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count(),
               "processes": jax.process_count()}
     if args.sample_tokens and start == 0 and writer:
-        report["sample_before"] = sample(base_model, base_params, tokenizer, args)
+        report["sample_before"] = sample(base_model, jlora.dequantize(base_params), tokenizer, args)
         say(f"sample before: {args.prompt}{report['sample_before']}")
 
     def validation(state):
@@ -316,7 +323,7 @@ def finetune(args) -> int:
 
     save_hf(out / "merged", merged, config)
     checkpoint_bytes = checkpoint.dir_bytes(ckpt.directory / str(ckpt.latest_step()))
-    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a quantised base: its codes and scales
     steps_run = args.max_steps - start
     report |= {
         "steps": args.max_steps, "steps_this_run": steps_run, "train_seconds": round(train_seconds, 1),
@@ -386,10 +393,11 @@ def generate_cmd(args) -> int:
     if args.checkpoint and len(args.checkpoint) > 1:
         return generate_many(args)
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint[0], args.base, args.dtype)
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint[0], args.base, args.dtype, args.quantize)
         params = jlora.merge(params, adapters)  # merged once: no extra latency per token
     else:
-        model, params, tokenizer, _ = load_base(args.base or DEFAULT_BASE, args.dtype)
+        model, params, tokenizer, _ = load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize)
+        params = jlora.dequantize(params)  # generation runs on the dequantised weights
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -402,9 +410,9 @@ def generate_cmd(args) -> int:
 
 def eval_cmd(args) -> int:
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype)
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype, args.quantize)
     else:
-        (model, params, tokenizer, _), adapters = load_base(args.base or DEFAULT_BASE, args.dtype), None
+        (model, params, tokenizer, _), adapters = load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize), None
     dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
     ppl = train.perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
     print(json.dumps({"perplexity": ppl, "sequences": min(len(dataset), args.batch_size * args.max_batches)}))
@@ -481,6 +489,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, allow_abbrev=False)
         p.add_argument("--base", default=DEFAULT_BASE if name == "finetune" else None, help=base_help)
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a GGUF "
+                       "base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: the checkpoint's, else none)")
         return p
 
     from_checkpoint = f"model name or path (default: the checkpoint's base, else {DEFAULT_BASE})"

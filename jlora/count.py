@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,8 +27,12 @@ class ParamCount(NamedTuple):
 
 
 def _size(tree) -> tuple[int, int]:
-    arrays = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
-    return sum(x.size for x in arrays), sum(x.size * x.dtype.itemsize for x in arrays)
+    """Values and bytes; a quantised weight counts the values of its dense shape and the bytes it holds."""
+    leaves = [x for x in jax.tree.leaves(tree, is_leaf=paths.is_packed) if hasattr(x, "shape")]
+    packed = [x for x in leaves if paths.is_packed(x)]
+    arrays = [x for x in leaves if not paths.is_packed(x)] + [a for x in packed for a in jax.tree.leaves(x)]
+    count = sum(x.size for x in leaves if not paths.is_packed(x)) + sum(math.prod(x.shape) for x in packed)
+    return count, sum(x.size * x.dtype.itemsize for x in arrays)
 
 
 def count_params(params, adapters, bias: str = "none") -> ParamCount:

@@ -7,6 +7,7 @@ import numpy as np
 
 from jlora import paths
 from jlora.adapter import fitted_table
+from jlora.quantize import dequantize
 
 
 def refuse_non_finite(path: str, adapter, method: str = "merge") -> None:
@@ -25,6 +26,7 @@ def refuse_non_finite(path: str, adapter, method: str = "merge") -> None:
 
 
 def _apply(params, adapters, method: str):
+    params = dequantize(params)  # a quantised base merges into dense weights
     found = fitted_table(params, adapters)
     for path, adapter in found.items():
         refuse_non_finite(path, adapter, method)
@@ -44,7 +46,8 @@ def merge(params, adapters):
     """Plain params with every adapted weight replaced by W0 + ΔW (any adapter kind).
 
     The result has the tree structure, shapes and dtypes of ``params``; the sum is computed in
-    float32 and cast back, so the original model runs it with no added latency.
+    float32 and cast back, so the original model runs it with no added latency. A quantised base
+    (``jlora.quantize``) gives dense weights, also where no adapter sits.
 
     Args:
       params: the base parameter pytree.

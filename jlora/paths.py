@@ -39,16 +39,37 @@ def path_str(keypath) -> str:
     return "/".join(parts)
 
 
+class Packed:
+    """Base of a weight stored as several arrays that the tree walks here still take as one leaf at
+    one path (a quantised weight, ``jlora.quantize``). It has the dense weight's ``shape`` and
+    ``dtype``, and :meth:`dense` gives that weight."""
+
+    shape: tuple
+    dtype: Any
+
+    def dense(self) -> jax.Array:
+        raise NotImplementedError
+
+
+def is_packed(x) -> bool:
+    return isinstance(x, Packed)
+
+
+def _or_packed(is_leaf):
+    return is_packed if is_leaf is None else (lambda x: is_packed(x) or is_leaf(x))
+
+
 def leaves(tree, is_leaf=None) -> list[tuple[str, Any]]:
-    """(path, leaf) pairs of ``tree`` in flattening order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    """(path, leaf) pairs of ``tree`` in flattening order; a :class:`Packed` weight is one leaf."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_or_packed(is_leaf))
     return [(path_str(keypath), leaf) for keypath, leaf in flat]
 
 
 def map_with_path(fn: Callable, tree, *rest, is_leaf=None):
-    """``jax.tree.map`` where ``fn(path, leaf, *rest_leaves)`` also gets the leaf's path string."""
+    """``jax.tree.map`` where ``fn(path, leaf, *rest_leaves)`` also gets the leaf's path string
+    (a :class:`Packed` weight is one leaf)."""
     return jax.tree_util.tree_map_with_path(
-        lambda keypath, *xs: fn(path_str(keypath), *xs), tree, *rest, is_leaf=is_leaf
+        lambda keypath, *xs: fn(path_str(keypath), *xs), tree, *rest, is_leaf=_or_packed(is_leaf)
     )
 
 

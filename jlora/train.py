@@ -214,7 +214,10 @@ def make_eval(apply_fn: Callable):
     adapted = jlora.adapt(apply_fn)
 
     def evaluate(params, adapters, batch):
-        logits = apply_fn(params, batch["tokens"]) if adapters is None else adapted(params, adapters, batch["tokens"])
+        if adapters is None and not any(map(jlora.paths.is_packed, jax.tree.leaves(params, is_leaf=jlora.paths.is_packed))):
+            logits = apply_fn(params, batch["tokens"])
+        else:  # adapters, or a quantised base (dequantised per use)
+            logits = adapted(params, {} if adapters is None else adapters, batch["tokens"])
         loss, count = lm_loss(logits, batch["targets"], batch["loss_mask"])
         return loss * count, count
 

@@ -113,6 +113,8 @@ def _bind(eqn, invals):
 
 
 def _materialize(x):
+    if isinstance(x, Deferred):
+        x = x.value(None)
     return x.merged() if isinstance(x, Use) else x
 
 
@@ -120,6 +122,14 @@ def _fallback(ctx: Context, eqn, invals):
     used = paths.fmt_paths(v.path for v in invals if isinstance(v, Use))
     _warn_or_raise(ctx, used, f"`{eqn.primitive.name}`, which has no factored rule")
     return _bind(eqn, [_materialize(v) for v in invals])
+
+
+def _eval_eqn(ctx: Context, eqn, invals) -> list:
+    if any(isinstance(v, Use) for v in invals):
+        rule = _RULES.get(eqn.primitive.name)
+        outs = rule(ctx, eqn, invals) if rule else None
+        return _fallback(ctx, eqn, invals) if outs is None else outs
+    return _bind(eqn, invals)
 
 
 def _eval(jaxpr: core.Jaxpr, consts: Sequence, args: Sequence, ctx: Context) -> list:
@@ -134,14 +144,10 @@ def _eval(jaxpr: core.Jaxpr, consts: Sequence, args: Sequence, ctx: Context) -> 
         env[var] = val
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        outs = None
-        if any(isinstance(v, Use) for v in invals):
-            rule = _RULES.get(eqn.primitive.name)
-            outs = rule(ctx, eqn, invals) if rule else None
-            if outs is None:
-                outs = _fallback(ctx, eqn, invals)
+        if any(isinstance(v, Deferred) for v in invals):
+            outs = _deferred(ctx, eqn, invals)
         else:
-            outs = _bind(eqn, invals)
+            outs = _eval_eqn(ctx, eqn, invals)
         for var, val in zip(eqn.outvars, outs):
             if not isinstance(var, core.DropVar):
                 env[var] = val
@@ -291,11 +297,78 @@ _RULES: dict[str, Callable] = {
 }
 
 
+# ---- packed weights (a quantised base): dense only inside the equation that uses them ----
+
+
+class _Eqn:
+    """An equation as a pytree meta field: compared and hashed by identity."""
+
+    __slots__ = ("eqn",)
+
+    def __init__(self, eqn):
+        self.eqn = eqn
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "adapter"], meta_fields=["path", "views"])
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """A :class:`~jlora.paths.Packed` weight (``jlora.quantize``) on its way to its uses.
+
+    Views of it (transpose, reshape, squeeze, a cast) are only recorded; jit, checkpoint and cond
+    pass it on as a pytree of its packed arrays; any other equation that reads it runs under
+    ``jax.checkpoint`` with the weight made dense, its adapter applied and the views replayed
+    inside, so a dense copy lives for one use only and the backward pass recomputes it.
+    """
+
+    packed: Any
+    adapter: Any
+    path: str
+    views: tuple = ()
+
+    def value(self, ctx: Context | None):
+        w = self.packed.dense()
+        use = None if self.adapter is None else self.adapter.use(w, self.path)
+        x = w if self.adapter is None else use if use is not None else self.adapter.merge(w)
+        for view in self.views:
+            eqn = view.eqn
+            if not isinstance(x, Use):
+                x = _bind(eqn, [x])[0]
+                continue
+            outs = _RULES[eqn.primitive.name](ctx, eqn, [x])
+            if outs is None:  # no factored view: the merged weight, reported as anywhere else
+                outs = _bind(eqn, [x.merged()]) if ctx is None else _fallback(ctx, eqn, [x])
+            x = outs[0]
+        return x
+
+
+_DEFERRED_VIEWS = ("transpose", "reshape", "squeeze", "convert_element_type")
+_DEFERRED_PASS = ("jit", "pjit", "closed_call", "custom_jvp_call", "custom_vjp_call", "checkpoint", "remat2", "cond")
+
+
+def _deferred(ctx, eqn, invals):
+    name = eqn.primitive.name
+    if name in _DEFERRED_VIEWS and len(invals) == 1:
+        return [dataclasses.replace(invals[0], views=invals[0].views + (_Eqn(eqn),))]
+    if name in _DEFERRED_PASS:
+        return _RULES[name](ctx, eqn, invals)
+
+    def use(invals):
+        dense = [v.value(ctx) if isinstance(v, Deferred) else v for v in invals]
+        return [_materialize(v) for v in _eval_eqn(ctx, eqn, dense)]
+
+    return jax.checkpoint(use)(invals)
+
+
 # ---- the public transformation ----
 
 
 def _is_dynamic(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _traceable(x):
+    """A packed weight is traced as the dense array it stands for."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if paths.is_packed(x) else x
 
 
 def _signature(x):
@@ -310,6 +383,9 @@ def adapt(fn: Callable, *, dropout: float = 0.0, strict: bool = False) -> Callab
     gradients never take the size of W0 and no merged copy is made. Works on any JAX function:
     linen ``apply``, an NNX model through ``nnx.split``/``nnx.merge``, plain jnp code; and under
     ``jax.jit``, ``jax.grad``, ``jax.vmap`` and ``jax.checkpoint``.
+
+    ``params`` may hold quantised weights (``jlora.quantize``): each is dequantised only inside the
+    equations that use it, and recomputed for the backward pass (see :class:`Deferred`).
 
     Arrays among ``args``/``kw`` are traced; everything else (Python numbers, flags, strings) is
     static, and ``fn`` is traced again when it changes.
@@ -371,7 +447,7 @@ def adapt(fn: Callable, *, dropout: float = 0.0, strict: bool = False) -> Callab
 
     @functools.wraps(fn)
     def adapted(params, adapters, *args, lora_rng=None, adapter_ids=None, batch_axis=0, **kwargs):
-        flat, params_def = jax.tree_util.tree_flatten_with_path(params)
+        flat, params_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=paths.is_packed)
         names = [paths.path_str(kp) for kp, _ in flat]
         weights = [w for _, w in flat]
         arg_leaves, args_def = jax.tree.flatten((args, kwargs))
@@ -384,16 +460,21 @@ def adapt(fn: Callable, *, dropout: float = 0.0, strict: bool = False) -> Callab
             a, kw = jax.tree.unflatten(args_def, leaves)
             return fn(jax.tree.unflatten(params_def, weights), *a, **kw)
 
-        signature = (params_def, args_def, tuple(map(_signature, weights)), tuple(map(_signature, dynamic)), static)
+        signature = (params_def, args_def, tuple(_signature(_traceable(w)) for w in weights),
+                     tuple(map(_signature, dynamic)), static)
         ctx = Context(strict, dropout, lora_rng)
         if adapter_ids is not None:
+            packed = [name for name, w in zip(names, weights) if paths.is_packed(w)]
+            if packed:
+                raise ValueError(f"adapter_ids with a quantised base is not supported yet ({packed[0]} is quantised); "
+                                 "run per-example adapters on jlora.dequantize(params)")
             return _per_example(
                 cached, signature, traced, params, adapters, names, weights, dynamic, args, arg_leaves,
                 adapter_ids, batch_axis, ctx,
             )
 
         def make():
-            closed, shapes = jax.make_jaxpr(traced, return_shape=True)(weights, dynamic)
+            closed, shapes = jax.make_jaxpr(traced, return_shape=True)(list(map(_traceable, weights)), dynamic)
             return closed, jax.tree.structure(shapes)
 
         found = fitted_table(params, adapters)
@@ -401,6 +482,9 @@ def adapt(fn: Callable, *, dropout: float = 0.0, strict: bool = False) -> Callab
         inputs = []
         for name, w in zip(names, weights):
             adapter = found.get(name)
+            if paths.is_packed(w):
+                inputs.append(Deferred(w, adapter, name))
+                continue
             use = adapter.use(w, name) if adapter is not None else None
             inputs.append(w if adapter is None else use if use is not None else adapter.merge(w))
         outs = _eval_materialized(closed.jaxpr, closed.consts, [*inputs, *dynamic], ctx)

@@ -310,3 +310,19 @@ def test_scanned_remat_chunked_run_exports_as_an_unrolled_one(tmp_path, capsys):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 4
     assert run("finetune", "--max-steps", 2, "--out", out, "--resume", *SMALL) == 2
     assert "the checkpoint was trained with --scan; pass --scan to continue it" in capsys.readouterr().err
+
+
+def test_finetune_eval_and_merge_on_a_4bit_base(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("finetune", "--quantize", "nf4", "--max-steps", 1, "--out", out, *SMALL) == 0
+    report = json.loads((out / "run.json").read_text())
+    # NF4 codes and scales of every matrix (69,460,732 bytes, experiments/README.md) and 61 float32 norms of 576.
+    assert report["base_bytes"] == 69_460_732 + 61 * 576 * 2
+    _, metadata = adapters_of(out)
+    assert metadata["base"]["quantize"] == "nf4"
+    capsys.readouterr()
+    # eval and merge load the base quantised as the run's was, from the checkpoint's metadata.
+    assert run("eval", "--checkpoint", out, "--seq-len", 16, "--batch-size", 8, "--max-batches", 1) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1.0
+    assert run("merge", out, tmp_path / "merged") == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -97,5 +97,25 @@ def load(name_or_path, *, param_dtype=jnp.float32, dtype=jnp.float32):
                      f"directory.\nKnown names:\n{known}")
 
 
-__all__ = ["load", "load_gguf", "load_hf_dir", "complete", "generate", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",
+def quantize_base(name_or_path, variables, config, mode, *, dtype=jnp.float32):
+    """``variables`` with a quantised frozen base: ``mode`` is a ``jlora.quantize`` format (``'nf4'``,
+    ``'int4'``, ``'int8'``), or ``'gguf'`` for a GGUF base's Q4_0/Q4_1/Q8_0 blocks as shipped.
+
+    Raises:
+      ValueError: ``'gguf'`` for a base that is not a GGUF file.
+    """
+    import jlora
+
+    if mode != "gguf":
+        return jlora.quantize(variables, mode)
+    path = Path(str(name_or_path)).expanduser()
+    if str(name_or_path).lower() == "smollm2-135m":
+        path = fetch_smollm2()
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise ValueError(f"quantize 'gguf' keeps a GGUF file's blocks, but the base {str(name_or_path)!r} is not a "
+                         "GGUF file; choose nf4, int4 or int8")
+    return llama.keep_gguf_blocks(path, variables, config, dtype=dtype)
+
+
+__all__ = ["load", "quantize_base", "load_gguf", "load_hf_dir", "complete", "generate", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",
            "Llama", "LlamaConfig", "CheckpointError", "FetchError", "fetch_smollm2", "KNOWN"]

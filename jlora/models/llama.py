@@ -27,6 +27,7 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.models import attention, layers
 from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_config, read_gguf, read_safetensors,
@@ -505,6 +506,35 @@ def gguf_key_map(config):
         if c.attention_bias:
             key_map[f"{gg}.attn_output.bias"] = (f"{ours}/self_attn/o_proj/bias", None)
     return key_map
+
+
+def keep_gguf_blocks(path, variables, config, *, dtype=jnp.float32):
+    """`variables` with every weight the GGUF file ships in Q4_0, Q4_1 or Q8_0 replaced by those blocks as
+    shipped (`jlora.Quantized` leaves), rather than dequantized; other weights stay as they are.
+
+    llama.cpp permutes the rows of attn_q/attn_k for its rotary layout; blocks run along a row (the input
+    dimension), so the permutation is undone by moving whole rows with their scales.
+    """
+    import gguf
+
+    from jlora.quantize import from_gguf_blocks
+
+    key_map = gguf_key_map(config)
+    rows = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    params = dict(variables["params"])
+    flat = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        kind = tensor.tensor_type.name.lower()
+        if kind not in ("q4_0", "q4_1", "q8_0") or tensor.name not in key_map:
+            continue
+        target, transform = key_map[tensor.name]
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # torch (out, in)
+        heads = rows.get(tensor.name.split(".")[-2])
+        order = None if heads is None else unpermute_rope(np.arange(shape[0]), heads)
+        flat[target] = from_gguf_blocks(tensor.data, kind, shape, dtype, order, transposed=transform is not None)
+    nested = jax.tree_util.tree_map_with_path(
+        lambda keypath, leaf: flat.get("/".join(k.key for k in keypath), leaf), params)
+    return {**variables, "params": nested}
 
 
 def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):

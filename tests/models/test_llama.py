@@ -354,3 +354,26 @@ def test_gguf_with_an_unknown_pre_tokenizer_is_refused():
         Tokenizer.from_gguf_metadata(metadata)
     with pytest.raises(NotImplementedError, match=r"tokenizer model is 'llama'; only byte-level BPE"):
         Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "llama"})
+
+
+def test_gguf_blocks_are_kept_as_shipped(tmp_path):
+    # Q4_0/Q4_1/Q8_0 tensors stay in their blocks (the q/k rope rows unpermuted with their scales) and
+    # dequantise to exactly what the dequantizing loader gives.
+    model = Llama(GGUF_CONFIG)
+    variables = random_variables(model, seed=9)
+    Q4_0 = gguf.GGMLQuantizationType.Q4_0
+    quantized = {"token_embd.weight": Q8_0, "blk.0.ffn_down.weight": Q8_0, "blk.1.attn_q.weight": Q4_1,
+                 "blk.1.attn_k.weight": Q4_0}
+    write_gguf(tmp_path / "q.gguf", GGUF_CONFIG, variables, quantized)
+    _, loaded, _, config = jlora.models.load(tmp_path / "q.gguf")
+    kept = jlora.models.quantize_base(tmp_path / "q.gguf", loaded, config, "gguf")
+    formats = {p: leaf.format for p, leaf in jlora.paths.leaves(kept) if isinstance(leaf, jlora.Quantized)}
+    assert formats == {"params/embed_tokens/embedding": "q8_0", "params/layers_0/mlp/down_proj/kernel": "q8_0",
+                       "params/layers_1/self_attn/q_proj/kernel": "q4_1", "params/layers_1/self_attn/k_proj/kernel": "q4_0"}
+    q_proj = kept["params"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
+    assert q_proj.nbytes == 64 * 64 // 32 * 20  # 64 rows of 2 blocks: float16 scale and min, 16 bytes of codes
+    dense = flat(jlora.dequantize(kept)["params"])
+    for path, value in flat(loaded["params"]).items():
+        np.testing.assert_array_equal(dense[path], value, err_msg=path)
+    with pytest.raises(ValueError, match=r"base 'smollm2-135m-dir' is not a GGUF file; choose nf4, int4 or int8"):
+        jlora.models.quantize_base("smollm2-135m-dir", loaded, config, "gguf")

@@ -1,0 +1,319 @@
+"""A frozen base stored in 4 or 8 bits (QLoRA, Dettmers et al., 2023), made dense only where it is used.
+
+``jlora.quantize(params, "nf4")`` replaces the chosen weights by :class:`Quantized` leaves: packed
+integer codes in blocks that run along one axis of the weight (the input axis of a Dense kernel,
+as llama.cpp and bitsandbytes block the rows of a torch weight), and one scale per block.
+``jlora.adapt`` reads such a leaf as the dense weight it stands for, but dequantises it inside each
+equation that uses it, under ``jax.checkpoint``, so no dense copy of the whole base is ever formed
+and the backward pass recomputes the dense weight instead of keeping it.
+
+Formats (``Quantized.format``), each a pair of functions in :data:`FORMATS`:
+
+- ``nf4``: 4-bit NormalFloat codes (the paper's 16 levels, :data:`NF4`) times each block's absmax;
+  the absmaxes are double-quantised as in QLoRA: their mean is subtracted and the rest stored as
+  8-bit codes with one float32 scale per 256 of them (QLoRA uses an 8-bit float code there; a
+  linear int8 code is what is used here).
+- ``int4``: symmetric 4-bit integers -8..7 times absmax / 7 per block.
+- ``int8``: symmetric 8-bit integers -127..127 times absmax / 127 per output channel (one block
+  the length of the whole input axis).
+- ``q4_0``, ``q4_1``, ``q8_0``: llama.cpp's GGUF blocks of 32 as shipped (float16 scale, and a
+  float16 minimum for ``q4_1``), from :func:`from_gguf_blocks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora import paths
+
+#: The 16 NF4 levels: QLoRA's Appendix E table (bitsandbytes' ``NF4`` code), to the digit.
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], np.float32)
+
+#: How many first-level NF4 scales share one second-level scale (QLoRA's double quantisation).
+SCALE_BLOCK = 256
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["arrays"],
+    meta_fields=["format", "shape", "dtype", "axis", "block_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class Quantized(paths.Packed):
+    """One quantised weight: a leaf at its path, with the dense weight's ``shape`` and ``dtype``.
+
+    Attributes:
+      arrays: the format's arrays; ``values`` holds the codes as ``(*rest, blocks, bytes per block)``
+        where ``rest`` is the weight's shape without ``axis``; ``scales`` (and the format's others)
+        one entry per block.
+      format: a name in :data:`FORMATS`.
+      shape, dtype: of the dense weight; :meth:`dense` returns that.
+      axis: the axis the blocks run along (non-negative).
+      block_size: values per block.
+    """
+
+    arrays: dict
+    format: str
+    shape: tuple
+    dtype: Any
+    axis: int
+    block_size: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the quantised weight holds in memory (codes and scales)."""
+        return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.arrays))
+
+    def dense(self) -> jax.Array:
+        """The dense weight, in ``dtype`` (computed in float32)."""
+        rest = self.shape[: self.axis] + self.shape[self.axis + 1 :]
+        blocks = FORMATS[self.format].dequantize(self.arrays, self.block_size)
+        moved = blocks.reshape(rest + (self.shape[self.axis],))
+        return jnp.moveaxis(moved, -1, self.axis).astype(self.dtype)
+
+    def __repr__(self):
+        return f"Quantized({self.format}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, {self.nbytes} bytes)"
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, Quantized)
+
+
+# ---- the formats: blocks (..., n_blocks, block_size) of float32 <-> arrays ----
+
+
+def _pack4(codes):
+    """Codes 0..15 (..., block) -> bytes (..., block / 2): llama.cpp's order, the block's first half
+    in the low nibbles and its second half in the high ones."""
+    half = codes.shape[-1] // 2
+    return (codes[..., :half] | (codes[..., half:] << 4)).astype(jnp.uint8)
+
+
+def _unpack4(packed):
+    return jnp.concatenate([packed & 15, packed >> 4], axis=-1)
+
+
+def _absmax(blocks):
+    return jnp.max(jnp.abs(blocks), axis=-1)
+
+
+def _safe(scale):
+    return jnp.where(scale == 0, 1.0, scale)
+
+
+def _nf4_quantize(blocks, block_size):
+    absmax = _absmax(blocks)
+    normed = blocks / _safe(absmax)[..., None]
+    codes = jnp.searchsorted(jnp.asarray((NF4[1:] + NF4[:-1]) / 2), normed).astype(jnp.uint8)
+    # Double quantisation: the absmaxes, centred on their mean, as int8 in groups of SCALE_BLOCK.
+    flat = absmax.reshape(-1)
+    offset = jnp.mean(flat)
+    groups = math.ceil(flat.size / SCALE_BLOCK)
+    centred = jnp.pad(flat - offset, (0, groups * SCALE_BLOCK - flat.size)).reshape(groups, SCALE_BLOCK)
+    scale_scales = _absmax(centred) / 127
+    scale_codes = jnp.round(centred / _safe(scale_scales)[:, None]).astype(jnp.int8)
+    return {"values": _pack4(codes), "scale_codes": scale_codes, "scale_scales": scale_scales, "scale_offset": offset}
+
+
+def _nf4_dequantize(arrays, block_size):
+    values = arrays["values"]
+    n_scales = math.prod(values.shape[:-1])
+    centred = arrays["scale_codes"].astype(jnp.float32) * arrays["scale_scales"][:, None]
+    absmax = centred.reshape(-1)[:n_scales].reshape(values.shape[:-1]) + arrays["scale_offset"]
+    return jnp.asarray(NF4)[_unpack4(values)] * absmax[..., None]
+
+
+def _int4_quantize(blocks, block_size):
+    scales = _absmax(blocks) / 7
+    codes = jnp.clip(jnp.round(blocks / _safe(scales)[..., None]), -8, 7).astype(jnp.int32) + 8
+    return {"values": _pack4(codes.astype(jnp.uint8)), "scales": scales}
+
+
+def _int4_dequantize(arrays, block_size):
+    return (_unpack4(arrays["values"]).astype(jnp.float32) - 8) * arrays["scales"][..., None]
+
+
+def _int8_quantize(blocks, block_size):
+    scales = _absmax(blocks) / 127
+    return {"values": jnp.round(blocks / _safe(scales)[..., None]).astype(jnp.int8), "scales": scales}
+
+
+def _int8_dequantize(arrays, block_size):
+    return arrays["values"].astype(jnp.float32) * arrays["scales"][..., None]
+
+
+def _gguf_dequantize(kind):
+    def dequantize(arrays, block_size):
+        scales = arrays["scales"].astype(jnp.float32)[..., None]
+        if kind == "q8_0":
+            return arrays["values"].astype(jnp.float32) * scales
+        codes = _unpack4(arrays["values"]).astype(jnp.float32)
+        if kind == "q4_0":
+            return (codes - 8) * scales
+        return codes * scales + arrays["mins"].astype(jnp.float32)[..., None]
+
+    return dequantize
+
+
+class Format(NamedTuple):
+    """How one format turns float32 blocks ``(..., n_blocks, block_size)`` into its arrays and back."""
+
+    quantize: Callable | None  # None: only loaded as shipped (GGUF)
+    dequantize: Callable
+    bits: int  # per value, for the block size checks
+
+
+FORMATS: dict[str, Format] = {
+    "nf4": Format(_nf4_quantize, _nf4_dequantize, 4),
+    "int4": Format(_int4_quantize, _int4_dequantize, 4),
+    "int8": Format(_int8_quantize, _int8_dequantize, 8),
+    "q4_0": Format(None, _gguf_dequantize("q4_0"), 4),
+    "q4_1": Format(None, _gguf_dequantize("q4_1"), 4),
+    "q8_0": Format(None, _gguf_dequantize("q8_0"), 8),
+}
+QUANTIZE_FORMATS = tuple(name for name, f in FORMATS.items() if f.quantize is not None)
+
+
+def quantize_array(w, format: str = "nf4", *, block_size: int = 64, axis: int = -2, path: str = "weight") -> Quantized:
+    """One weight as a :class:`Quantized` leaf (see :func:`quantize`; ``path`` only names it in errors)."""
+    if format not in QUANTIZE_FORMATS:
+        raise ValueError(f"unknown quantisation format {format!r} for {path!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
+    shape = tuple(w.shape)
+    if not paths.is_floating_matrix(w):
+        raise ValueError(f"cannot quantise {path!r} ({paths._describe(w)}): only floating-point weights of 2 or more "
+                         "dimensions are quantised")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"cannot quantise {path!r} (shape {shape}) along axis {axis}: it has {len(shape)} axes")
+    axis %= len(shape)
+    length = shape[axis]
+    if format == "int8":
+        block_size = length  # per output channel: one block spans the whole input axis
+    elif isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 2 \
+            or block_size % 2 or length % block_size:
+        raise ValueError(
+            f"cannot quantise {path!r} (shape {shape}) to {format} in blocks of {block_size!r} along axis {axis} "
+            f"(length {length}): block_size must be an even integer >= 2 that divides {length}"
+        )
+    arrays = _quantize_blocks(w, format, axis, int(block_size))
+    return Quantized(arrays, format, shape, jnp.dtype(w.dtype), axis, int(block_size))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_blocks(w, format, axis, block_size):
+    moved = jnp.moveaxis(w.astype(jnp.float32), axis, -1)
+    blocks = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // block_size, block_size))
+    return FORMATS[format].quantize(blocks, block_size)
+
+
+def default_targets(path: str, leaf) -> bool:
+    """Every floating matrix a model multiplies (kernels, embeddings), never a bias, norm or scale."""
+    return paths.is_floating_matrix(leaf) and path.rsplit("/", 1)[-1] not in paths.NOT_WEIGHTS
+
+
+def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int = -2, targets: paths.Target | None = None):
+    """The frozen base in 4 or 8 bits: the chosen weights become :class:`Quantized` leaves.
+
+    ``jlora.init``, ``jlora.adapt``, ``jlora.split`` and ``jlora.merge`` take the result like any
+    parameter tree; ``adapt`` dequantises each weight only inside the equation that uses it.
+
+    Args:
+      params: a parameter pytree.
+      format: ``'nf4'`` (QLoRA, double-quantised scales), ``'int4'`` or ``'int8'`` (per channel).
+      block_size: values per scale for ``nf4``/``int4`` (64 as in QLoRA); ``int8`` ignores it.
+      axis: the axis the blocks run along: -2 is a Dense kernel's input axis ``(in, out)``, also
+        for stacked ``(L, in, out)`` kernels, and an embedding's vocabulary axis.
+      targets: which weights (as :func:`jlora.paths.select` takes them). Default: every floating
+        matrix, embeddings and output head included, but no leaf named ``bias`` or ``scale`` (norms
+        and biases are vectors and stay as they are).
+
+    Returns:
+      ``params`` with a :class:`Quantized` at each chosen path.
+
+    Raises:
+      ValueError: an unknown format, or a block size that does not divide a chosen weight's axis
+        (the path and shape are named).
+
+    Example:
+      >>> params = {'mlp': {'kernel': jnp.ones((128, 32)), 'bias': jnp.zeros(32)}}
+      >>> q = jlora.quantize(params, 'nf4')
+      >>> q['mlp']['kernel']
+      Quantized(nf4, shape=(128, 32), dtype=float32, 2312 bytes)
+      >>> bool(jnp.all(jlora.dequantize(q)['mlp']['kernel'] == 1.0)), q['mlp']['bias'].shape
+      (True, (32,))
+    """
+    if format not in QUANTIZE_FORMATS:
+        raise ValueError(f"unknown quantisation format {format!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
+    chosen = paths.select(params, default_targets if targets is None else targets)
+    for path, w in chosen.items():  # the checks, before any work
+        jax.eval_shape(functools.partial(quantize_array, format=format, block_size=block_size, axis=axis, path=path), w)
+    # One compiled function for all the weights, rather than one per shape.
+    done = jax.jit(lambda ws: {p: quantize_array(w, format, block_size=block_size, axis=axis, path=p) for p, w in ws.items()})(chosen)
+    return paths.map_with_path(lambda path, w: done.get(path, w), params)
+
+
+def dequantize(params):
+    """``params`` with every :class:`Quantized` leaf made dense again (other leaves as they are).
+
+    Example:
+      >>> kernel = jnp.arange(64.0).reshape(16, 4)
+      >>> back = jlora.dequantize(jlora.quantize({'kernel': kernel}, 'int8'))['kernel']
+      >>> bool(jnp.all(jnp.abs(back - kernel) <= jnp.max(kernel, axis=0) / 127 / 2))  # half a step of its column
+      True
+    """
+    return jax.tree.map(lambda x: x.dense() if is_quantized(x) else x, params, is_leaf=is_quantized)
+
+
+def nbytes(params) -> int:
+    """Bytes ``params`` holds: quantised leaves count their codes and scales."""
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params) if hasattr(x, "size"))
+
+
+def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple, dtype=jnp.float32, row_order=None,
+                     transposed: bool = True) -> Quantized:
+    """A GGUF tensor's blocks as shipped, as the :class:`Quantized` of its transpose ``(in, out)``
+    (a kernel), or with ``transposed=False`` of the torch-layout ``(out, in)`` itself (an embedding).
+
+    Args:
+      raw: the tensor's bytes as ``gguf.GGUFReader`` gives them, ``(out, in / 32 * bytes per block)``.
+      kind: ``'q4_0'``, ``'q4_1'`` or ``'q8_0'``.
+      shape: the torch shape ``(out, in)``.
+      dtype: the dense dtype :meth:`Quantized.dense` returns.
+      row_order: optional permutation of the ``out`` rows (llama.cpp's Q/K rope permutation undone);
+        blocks run along ``in``, so whole rows move with their scales.
+    """
+    out_dim, in_dim = shape
+    raw = np.asarray(raw, np.uint8).reshape(out_dim, in_dim // 32, -1)
+    if row_order is not None:
+        raw = raw[np.asarray(row_order)]
+    scales = raw[..., :2].copy().view(np.float16)[..., 0]
+    arrays = {"scales": jnp.asarray(scales)}
+    if kind == "q4_1":
+        arrays["mins"] = jnp.asarray(raw[..., 2:4].copy().view(np.float16)[..., 0])
+        arrays["values"] = jnp.asarray(raw[..., 4:])
+    elif kind == "q4_0":
+        arrays["values"] = jnp.asarray(raw[..., 2:])
+    elif kind == "q8_0":
+        arrays["values"] = jnp.asarray(raw[..., 2:].copy().view(np.int8))
+    else:
+        raise ValueError(f"GGUF block kind {kind!r} is not kept as shipped; known: q4_0, q4_1, q8_0")
+    # Torch (out, in) with blocks along in is our (in, out) kernel with blocks along axis 0.
+    if transposed:
+        return Quantized(arrays, kind, (in_dim, out_dim), jnp.dtype(dtype), 0, 32)
+    return Quantized(arrays, kind, (out_dim, in_dim), jnp.dtype(dtype), 1, 32)
