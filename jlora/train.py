@@ -194,7 +194,8 @@ def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callabl
 
     With ``tasks`` n, the adapters are a stack of n (``jlora.stack``), the batch also holds
     ``adapter_ids`` ``[batch_size]`` (each row's task) and the loss is :func:`task_loss`: one step
-    trains n adapters, each as if on its own rows alone, on one copy of the base.
+    trains n adapters, each as if on its own rows alone, on one copy of the base (``grad_clip``
+    still clips all of them by one global norm; 0 leaves every task's update its own).
     """
     if tasks and (head_fn is not None or config.accumulate > 1):
         raise ValueError(f"make_step with tasks={tasks} takes neither head_fn (loss_chunk) nor accumulate "

@@ -55,6 +55,9 @@ def test_each_task_trains_as_it_would_alone_and_gets_its_merged_export(runs):
         assert max(float(np.abs(x).max()) for p, x in leaves if p[-1].name == "b") > 1e-3
         assert (root / "both" / "tasks" / name / "merged" / "model.safetensors").is_file()
     assert not (root / "both" / "merged").exists()
+    assert (root / "romeo" / "merged" / "model.safetensors").is_file()  # a single-dataset run as before
+    report = json.loads((root / "both" / "run.json").read_text())
+    assert report["valid_perplexity/hamlet_after"] < report["valid_perplexity/hamlet_before"]
     both = [json.loads(line) for line in (root / "both" / "history.jsonl").read_text().splitlines()]
     for name in ("romeo", "hamlet"):
         alone = [json.loads(line) for line in (root / name / "history.jsonl").read_text().splitlines()]
