@@ -70,6 +70,16 @@ def test_each_task_trains_as_it_would_alone_and_gets_its_merged_export(runs):
     assert [h["loss"] for h in both if "loss" in h] == pytest.approx(np.add(*losses.values()).tolist(), rel=1e-5)
 
 
+def test_a_scanned_run_trains_the_same_adapters(runs, tmp_path):
+    root, base = runs
+    tasks = [a for name in ("romeo", "hamlet") for a in ("--task", f"{name}={root / name}.txt")]
+    assert run("finetune", "--base", base, *tasks, "--batch-size", 16, *FLAGS, "--scan", "--out", tmp_path / "scan") == 0
+    for name in ("romeo", "hamlet"):
+        scanned, unrolled = adapters_of(tmp_path / "scan", name)[0], adapters_of(root / "both", name)[0]
+        for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned), strict=True):
+            np.testing.assert_allclose(b, a, atol=1e-5)
+
+
 def test_eval_and_generate_pick_a_task_and_name_the_choices(runs, capsys):
     root, _ = runs
     text = root / "romeo.txt"
