@@ -7,6 +7,8 @@ batches, ``jlora.train`` steps, ``jlora.checkpoint`` saves adapters.
     jlora generate --checkpoint runs/shakespeare --prompt "ROMEO:"
     jlora generate --checkpoint runs/a --checkpoint runs/b --prompt "ROMEO:"   # both in one batch
     jlora eval --checkpoint runs/shakespeare --data play.txt
+    jlora finetune --task a=a.txt --task b=b.txt --out runs/ab     # one adapter per dataset, one base
+    jlora eval --checkpoint runs/ab --task a --data a.txt
     jlora merge runs/shakespeare runs/shakespeare/merged
 """
 
