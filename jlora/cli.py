@@ -7,6 +7,8 @@ batches, ``jlora.train`` steps, ``jlora.checkpoint`` saves adapters.
     jlora generate --checkpoint runs/shakespeare --prompt "ROMEO:"
     jlora generate --checkpoint runs/a --checkpoint runs/b --prompt "ROMEO:"   # both in one batch
     jlora eval --checkpoint runs/shakespeare --data play.txt
+    jlora finetune --task a=a.txt --task b=b.txt --out runs/ab     # one adapter per dataset, one base
+    jlora eval --checkpoint runs/ab --task a --data a.txt
     jlora merge runs/shakespeare runs/shakespeare/merged
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jlora
 from jlora import adapter, checkpoint, data, distributed, loop, train
@@ -95,9 +98,24 @@ def run_dir_checkpoints(path) -> Path:
     raise UsageError(f"no checkpoint directory at {path}")
 
 
-def load_run(checkpoint_path, base=None, dtype="float32", quantize=None):
+def pick_task(adapters, metadata, task, where):
+    """Task ``task``'s adapters of a run trained with --task (a stack of one adapter tree per task);
+    a run with one adapter tree is returned as it is."""
+    names = metadata.get("tasks")
+    if not names:
+        if task is not None:
+            raise UsageError(f"--task {task}: {where} was trained on one dataset, not with --task")
+        return adapters
+    if task not in names:
+        raise UsageError(f"{where} holds one adapter per task ({', '.join(names)}); "
+                         f"{'choose one with --task NAME' if task is None else f'there is no task {task!r}'}")
+    return jlora.multi.take(adapters, names.index(task))
+
+
+def load_run(checkpoint_path, base=None, dtype="float32", quantize=None, task=None):
     """Base model (quantised as the run's was, unless ``quantize`` says otherwise) plus the adapters of
-    a run's latest checkpoint: (model, params, tokenizer, config, adapters, metadata)."""
+    a run's latest checkpoint: (model, params, tokenizer, config, adapters, metadata); of task ``task``
+    in a run trained with --task."""
     ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
     metadata = ckpt.metadata()
     quantize = quantize or metadata["base"].get("quantize")
@@ -110,6 +128,7 @@ def load_run(checkpoint_path, base=None, dtype="float32", quantize=None):
     base = layers.stack_layers(params, stacked) if stacked else params
     state, metadata = ckpt.restore(expect=expect, base=base)
     params, adapters = jlora.combine(base, state.trainable)
+    adapters = pick_task(adapters, metadata, task, checkpoint_path)
     if stacked:
         params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
     return model, params, tokenizer, config, adapters, metadata
@@ -172,6 +191,32 @@ def join_job(args) -> bool:
         raise UsageError(str(error)) from None
 
 
+def task_splits(args, tokenizer) -> tuple[list[str], list]:
+    """``--task NAME=PATH``'s names and each task's ``(train, valid)`` (``valid`` from
+    --valid-fraction, or None), after checking the flags that --task changes."""
+    names, paths = zip(*(t.split("=", 1) if "=" in t else (t, "") for t in args.task))
+    bad = [t for t, name, path in zip(args.task, names, paths) if not name.isidentifier() or not path]
+    if bad:
+        raise UsageError(f"--task {bad[0]!r}: give NAME=PATH, NAME an identifier (letters, digits, _)")
+    if len(set(names)) < len(names):
+        raise UsageError(f"--task names must differ; given {', '.join(names)}")
+    refused = {"--data": args.data, "--valid": args.valid, "--loss-chunk": args.loss_chunk, "--resume": args.resume,
+               "--accumulate > 1": args.accumulate > 1, "--bias": args.bias not in (None, "none")}
+    refused = [flag for flag, given in refused.items() if given]
+    if refused:
+        raise UsageError(f"--task does not combine with {', '.join(refused)} (each task's data is its PATH, "
+                         "held out with --valid-fraction; its loss is a mean over its own rows of each step)")
+    if args.batch_size % (len(names) * jax.device_count()):
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {len(names)} tasks times "
+                         f"the {jax.device_count()} devices (each step takes batch-size / tasks rows of each task)")
+    splits = [data.load_splits(tokenizer, args.seq_len, [path], None, args.valid_fraction, args.seed) for path in paths]
+    for name, (train_set, _) in zip(names, splits):
+        if len(train_set) < args.batch_size // len(names):
+            raise UsageError(f"task {name} has {len(train_set)} training sequences of {args.seq_len} tokens, "
+                             f"fewer than its {args.batch_size // len(names)} rows of each batch")
+    return list(names), splits
+
+
 def finetune(args) -> int:
     start_time = time.perf_counter()
     join_job(args)
@@ -205,8 +250,10 @@ def finetune(args) -> int:
     stacked = model.layer_name if args.scan else None
     if args.seq_len > model.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
-    train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
-    if len(train_set) < args.batch_size:
+    names, splits = task_splits(args, tokenizer) if args.task else ([], [])
+    train_set, valid_set = splits[0] if splits else data.load_splits(
+        tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
+    if not names and len(train_set) < args.batch_size:
         raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
                          f"fewer than one batch of {args.batch_size}")
     config_train = train.TrainConfig(
@@ -221,6 +268,9 @@ def finetune(args) -> int:
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
         "model": {"scan": stacked},
     }
+    if names:
+        metadata |= {"tasks": names, "data": {"train": dict(zip(names, (t.split("=", 1)[1] for t in args.task))),
+                                              "seq_len": args.seq_len}}
     params = layers.stack_layers(params, stacked) if stacked else params
     mesh = train.mesh(fsdp=args.fsdp or 1)
     if args.resume:
@@ -251,8 +301,12 @@ def finetune(args) -> int:
         adapters = layers.stack_layers(adapters, stacked) if stacked else adapters
         metadata["adapter"] = {"method": method, "options": options, "bias": bias}
         frozen, trainable = jlora.split(params, adapters, bias)
+        if names:  # one adapter per task, each initialized as a run on that task alone would be
+            trainable = trainable._replace(adapters=jlora.stack([adapters] * len(names)))
         state = train.init_state(trainable, config_train)
     say(jlora.count_params(params, adapters, metadata["adapter"].get("bias", "none")))
+    if names:
+        say(f"{len(names)} tasks, one such adapter each: {', '.join(names)}")
     frozen = train.shard_fsdp(frozen, mesh) if args.fsdp is not None else train.replicate(frozen, mesh)
     state = train.shard_state(state, frozen, mesh)
     start = int(state.step)
@@ -266,6 +320,10 @@ def finetune(args) -> int:
 
     def validation(state):
         params, adapters = jlora.combine(frozen, state.trainable)
+        if names:
+            return {f"valid_perplexity/{name}": train.perplexity(evaluate, params, jlora.multi.take(adapters, i), valid,
+                                                                 args.batch_size // len(names), args.eval_batches, mesh=mesh)
+                    for i, (name, (_, valid)) in enumerate(zip(names, splits))}
         return {"valid_perplexity": train.perplexity(evaluate, params, adapters, valid_set, args.batch_size,
                                                      args.eval_batches, mesh=mesh)}
 
@@ -276,16 +334,26 @@ def finetune(args) -> int:
             progress.update(entry["step"], entry["loss"])
         else:
             when = "before" if entry["step"] == 0 else "after" if entry["step"] == args.max_steps else f"at step {entry['step']}"
-            print(f"validation perplexity {when}: {entry['valid_perplexity']:.3f}", file=sys.stderr)
+            for key, value in entry.items():
+                if key.startswith("valid_perplexity"):
+                    print(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}", file=sys.stderr)
 
     step_fn = (train.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head)
-               if args.loss_chunk else train.make_step(model.apply, config_train))
+               if args.loss_chunk else train.make_step(model.apply, config_train, tasks=len(names)))
     rows = distributed.process_rows(args.batch_size, train.batch_sharding(mesh))  # this process's share
+
+    def batch_at(k):
+        if not names:
+            return data.batch_at(train_set, args.batch_size, args.seed, k, rows=rows)
+        per = args.batch_size // len(names)  # each task's rows, shuffled as a run on that task alone
+        parts = [data.batch_at(t, per, args.seed, k) for t, _ in splits]
+        whole = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        return {key: v[rows] for key, v in (whole | {"adapter_ids": np.repeat(np.arange(len(names)), per)}).items()}
     train_began = time.perf_counter()
     try:
         result = loop.fit(
             lambda state, batch: step_fn(state, frozen, batch), state,
-            lambda k: train.shard_batch(data.batch_at(train_set, args.batch_size, args.seed, k, rows=rows), mesh),
+            lambda k: train.shard_batch(batch_at(k), mesh),
             max_steps=args.max_steps, checkpointer=ckpt, metadata=metadata, save_every=args.save_every,
             evaluate=validation if valid_set is not None else None, history_path=out / "history.jsonl", log=log,
         )
@@ -303,25 +371,30 @@ def finetune(args) -> int:
     # The frozen base did not change: this host's copy plus the trained arrays (gathered where they
     # are split across processes) is the whole model, and no shard of the base is fetched.
     params, adapters = jlora.combine(params, distributed.fetch(result.state.trainable))
+    tasks = [jlora.multi.take(adapters, i) for i in range(len(names))] or [adapters]
     if stacked:
-        params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
+        params, tasks = layers.unstack_layers(params, stacked), [layers.unstack_layers(a, stacked) for a in tasks]
     if not writer:
         return 0
-    evaluated = [h for h in result.history if "valid_perplexity" in h]
-    if evaluated:
-        report["valid_perplexity_before"] = evaluated[0]["valid_perplexity"] if evaluated[0]["step"] == 0 else None
-        report["valid_perplexity_after"] = evaluated[-1]["valid_perplexity"]
-    merged = jlora.merge(params, adapters)
+    evaluated = [h for h in result.history if any(k.startswith("valid_perplexity") for k in h)]
+    for key in (k for k in evaluated[-1] if k.startswith("valid_perplexity")) if evaluated else ():
+        report[f"{key}_before"] = evaluated[0][key] if evaluated[0]["step"] == 0 else None
+        report[f"{key}_after"] = evaluated[-1][key]
+    from jlora.models.export import save_hf
+
+    for name, task_adapters in zip(names, tasks):  # each task's own merged model
+        save_hf(out / "tasks" / name / "merged", jlora.merge(params, task_adapters), config)
+        print(f"task {name}: merged export {out / 'tasks' / name / 'merged'}", file=sys.stderr)
+    merged = jlora.merge(params, tasks[0])
     if args.sample_tokens:
         report["sample_after"] = sample(base_model, merged, tokenizer, args)
-        print(f"sample after: {args.prompt}{report['sample_after']}", file=sys.stderr)
+        print(f"sample after{f' (task {names[0]})' if names else ''}: {args.prompt}{report['sample_after']}", file=sys.stderr)
     try:
         loop.plot_history(result.history, out / "loss.png")
     except ImportError as error:
         print(f"note: no loss plot: {error}", file=sys.stderr)
-    from jlora.models.export import save_hf
-
-    save_hf(out / "merged", merged, config)
+    if not names:
+        save_hf(out / "merged", merged, config)
     checkpoint_bytes = checkpoint.dir_bytes(ckpt.directory / str(ckpt.latest_step()))
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a quantised base: its codes and scales
     steps_run = args.max_steps - start
@@ -333,7 +406,7 @@ def finetune(args) -> int:
     }
     (out / "run.json").write_text(json.dumps(report, indent=2))
     print(f"checkpoint: {ckpt.directory / str(ckpt.latest_step())} ({human_bytes(checkpoint_bytes)}; "
-          f"base model {human_bytes(base_bytes)})\nmerged export: {out / 'merged'}\nloss curve: {out / 'loss.png'}",
+          f"base model {human_bytes(base_bytes)})\nmerged export: {out / 'tasks/*/merged' if names else out / 'merged'}\nloss curve: {out / 'loss.png'}",
           file=sys.stderr)
     return 0
 
@@ -364,11 +437,11 @@ def generate_many(args) -> int:
     model, params, tokenizer, _ = load_base(name, args.dtype)
     trees = []
     for path, ckpt in zip(args.checkpoint, checkpoints):
-        state, _ = ckpt.restore(expect={"base": base_identity(ckpt.metadata()["base"]["name"], params)}, base=params)
+        state, saved = ckpt.restore(expect={"base": base_identity(ckpt.metadata()["base"]["name"], params)}, base=params)
         if jax.tree.leaves(state.trainable.base):
             raise UsageError(f"{path} also trains base weights (--bias), which one shared base cannot hold per "
                              "sequence; generate with it alone")
-        trees.append(state.trainable.adapters)
+        trees.append(pick_task(state.trainable.adapters, saved, args.task, path))
     try:
         stacked = jlora.stack(trees)
     except ValueError as error:
@@ -393,7 +466,7 @@ def generate_cmd(args) -> int:
     if args.checkpoint and len(args.checkpoint) > 1:
         return generate_many(args)
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint[0], args.base, args.dtype, args.quantize)
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint[0], args.base, args.dtype, args.quantize, task=args.task)
         params = jlora.merge(params, adapters)  # merged once: no extra latency per token
     else:
         model, params, tokenizer, _ = load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize)
@@ -410,7 +483,7 @@ def generate_cmd(args) -> int:
 
 def eval_cmd(args) -> int:
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype, args.quantize)
+        model, params, tokenizer, _, adapters, _ = load_run(args.checkpoint, args.base, args.dtype, args.quantize, task=args.task)
     else:
         (model, params, tokenizer, _), adapters = load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize), None
     dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
@@ -422,7 +495,7 @@ def eval_cmd(args) -> int:
 def merge_cmd(args) -> int:
     from jlora.models.export import save_hf
 
-    model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype)
+    model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype, task=args.task)
     out = prepare_out(args.out, args.overwrite, args.base or metadata["base"]["name"])
     save_hf(out, jlora.merge(params, adapters), config)
     print(f"merged weights written to {args.out}", file=sys.stderr)
@@ -432,7 +505,7 @@ def merge_cmd(args) -> int:
 def export_peft_cmd(args) -> int:
     import jlora.peft
 
-    model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype)
+    model, params, _, config, adapters, metadata = load_run(args.checkpoint, args.base, args.dtype, task=args.task)
     options = (metadata.get("adapter") or {}).get("options") or {}
     out = prepare_out(args.out, args.overwrite, args.base or metadata["base"]["name"])
     out = jlora.peft.export_peft(adapters, config, out, base_model_name_or_path=metadata["base"]["name"],
@@ -496,6 +569,8 @@ def parser() -> argparse.ArgumentParser:
     from_checkpoint = f"model name or path (default: the checkpoint's base, else {DEFAULT_BASE})"
     p = command("finetune", "fine-tune adapters on text or prompt/completion JSONL", f"model name or path (default {DEFAULT_BASE})")
     p.add_argument("--data", nargs="+", help="training .txt or .jsonl files (default: bundled Shakespeare)")
+    p.add_argument("--task", action="append", metavar="NAME=PATH",
+                   help="instead of --data: one adapter per task, trained on PATH, all in one run on one base (repeat)")
     p.add_argument("--valid", nargs="+", help="validation files (default: the corpus's held-out plays)")
     p.add_argument("--valid-fraction", type=number(float, 0, 1, above=True), help="hold out this share of --data instead of --valid")
     p.add_argument("--method", choices=sorted(adapter.KINDS), help=f"adapter kind (default {DEFAULT_METHOD})")

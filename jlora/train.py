@@ -169,7 +169,18 @@ def make_loss(apply_fn: Callable, head_fn: Callable | None = None, loss_chunk: i
     return loss
 
 
-def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callable | None = None):
+def task_loss(logits, targets, loss_mask, adapter_ids, tasks: int):
+    """The sum over ``tasks`` of each task's own masked mean cross entropy (rows with
+    ``adapter_ids == i`` are task ``i``'s), and the token count: each task's adapter gets the
+    gradient that a run on its rows alone gives it."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    mask = loss_mask.astype(jnp.float32)
+    sums = jax.ops.segment_sum((ce * mask).sum(-1), adapter_ids, tasks)
+    counts = jax.ops.segment_sum(mask.sum(-1), adapter_ids, tasks)
+    return (sums / jnp.maximum(counts, 1.0)).sum(), counts.sum()
+
+
+def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callable | None = None, tasks: int = 0):
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``apply_fn(params, tokens) -> logits`` is the base model; it runs through the factored
@@ -180,12 +191,25 @@ def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callabl
     ``[batch_size, seq_len]``; with ``accumulate`` k it is split into k micro-batches whose
     gradients are averaged before one update. Adapter gradients, the optimizer state and the loss
     are float32 whatever the base's dtype (adapters are made float32).
+
+    With ``tasks`` n, the adapters are a stack of n (``jlora.stack``), the batch also holds
+    ``adapter_ids`` ``[batch_size]`` (each row's task) and the loss is :func:`task_loss`: one step
+    trains n adapters, each as if on its own rows alone, on one copy of the base (``grad_clip``
+    still clips all of them by one global norm; 0 leaves every task's update its own).
     """
+    if tasks and (head_fn is not None or config.accumulate > 1):
+        raise ValueError(f"make_step with tasks={tasks} takes neither head_fn (loss_chunk) nor accumulate "
+                         f"{config.accumulate} > 1: a micro-batch or chunk would mix the tasks' means")
     tx = tx or make_optimizer(config)
     adapted = jlora.adapt(make_loss(apply_fn, head_fn, config.loss_chunk), dropout=config.dropout)
+    per_example = jlora.adapt(apply_fn, dropout=config.dropout)
 
     def loss_fn(trainable, frozen, batch, rng):
         params, adapters = jlora.combine(frozen, trainable)
+        if tasks:
+            logits = per_example(params, adapters, batch["tokens"], adapter_ids=batch["adapter_ids"],
+                                 lora_rng=rng if config.dropout else None)
+            return task_loss(logits, batch["targets"], batch["loss_mask"], batch["adapter_ids"], tasks)[0]
         return adapted(params, adapters, batch["tokens"], batch["targets"], batch["loss_mask"],
                        lora_rng=rng if config.dropout else None)[0]
 
