@@ -200,7 +200,7 @@ def task_splits(args, tokenizer) -> tuple[list[str], list]:
         raise UsageError(f"--task {bad[0]!r}: give NAME=PATH, NAME an identifier (letters, digits, _)")
     if len(set(names)) < len(names):
         raise UsageError(f"--task names must differ; given {', '.join(names)}")
-    refused = {"--data": args.data, "--valid": args.valid, "--loss-chunk": args.loss_chunk, "--resume": args.resume,
+    refused = {"--data": args.data, "--valid": args.valid, "--loss-chunk": args.loss_chunk,
                "--accumulate > 1": args.accumulate > 1, "--bias": args.bias not in (None, "none")}
     refused = [flag for flag, given in refused.items() if given]
     if refused:
@@ -286,6 +286,10 @@ def finetune(args) -> int:
                              f"{saved.get('adapter')}; drop {', '.join(conflicts)}")
         say(f"resuming from step {int(state.step)} in {ckpt.directory}")
         metadata["adapter"] = saved.get("adapter")
+        if (saved.get("tasks") or []) != names:
+            raise UsageError(f"--resume: the checkpoint trained "
+                             f"{'tasks ' + ', '.join(saved['tasks']) if saved.get('tasks') else 'one dataset'}; "
+                             "give the same --task flags (or none) to continue it")
         if (saved.get("model") or {}).get("scan") != stacked:
             raise UsageError(f"--resume: the checkpoint was trained {'with' if not stacked else 'without'} --scan; "
                              f"{'pass' if not stacked else 'drop'} --scan to continue it")
@@ -293,6 +297,7 @@ def finetune(args) -> int:
             say(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
                 "the resumed run will not equal an uninterrupted one")
         params, adapters = jlora.combine(params, state.trainable)
+        adapters = jlora.multi.take(adapters, 0) if names else adapters  # each task's adapter splits the base alike
         frozen, _ = jlora.split(params, adapters, metadata["adapter"].get("bias", "none"))
     else:
         method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
@@ -564,6 +569,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
         p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a GGUF "
                        "base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: the checkpoint's, else none)")
+        if name in ("generate", "eval", "merge", "export-peft"):
+            p.add_argument("--task", metavar="NAME", help="of a checkpoint trained with --task: this task's adapter")
         return p
 
     from_checkpoint = f"model name or path (default: the checkpoint's base, else {DEFAULT_BASE})"

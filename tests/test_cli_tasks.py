@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_distributed import tiny_llama_dir
 
-from jlora import cli
+from jlora import cli, train
 
 FLAGS = ["--seq-len", "16", "--max-steps", "2", "--warmup", "1", "--lr", "1e-2", "--grad-clip", "0",
          "--valid-fraction", "0.2", "--eval-batches", "2", "--sample-tokens", "0", "--rank", "4"]
@@ -104,6 +104,41 @@ def test_eval_and_generate_pick_a_task_and_name_the_choices(runs, capsys):
     assert run("eval", "--checkpoint", root / "romeo", "--task", "romeo", "--data", text, "--seq-len", 16) == 2
     assert "was trained on one dataset, not with --task" in capsys.readouterr().err
 
+
+
+def test_an_interrupted_task_run_resumes_exactly(runs, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 2 of a 2-task run, then --resume: the stacked adapters equal the uninterrupted run's."""
+    root, base = runs
+    tasks = [a for name in ("romeo", "hamlet") for a in ("--task", f"{name}={root / name}.txt")]
+    args = ["--base", base, *tasks, "--batch-size", 16, *FLAGS, "--save-every", 1, "--out", tmp_path / "run"]
+    real_make_step = train.make_step
+
+    def make_step_then_ctrl_c_at_step_2(*a, **kw):
+        step, calls = real_make_step(*a, **kw), []
+
+        def wrapped(state, frozen, batch):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return step(state, frozen, batch)
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_step", make_step_then_ctrl_c_at_step_2)
+    assert run("finetune", *args) == 130
+    assert "the last checkpoint is step 1" in capsys.readouterr().err
+    monkeypatch.setattr(train, "make_step", real_make_step)
+    one_task = ["--base", base, "--task", f"romeo={root / 'romeo.txt'}", "--batch-size", 16, *FLAGS,
+                "--out", tmp_path / "run", "--resume"]
+    assert run("finetune", *one_task) == 2
+    assert "the checkpoint trained tasks romeo, hamlet; give the same --task flags" in capsys.readouterr().err
+    assert run("finetune", *args, "--resume") == 0
+    for name in ("romeo", "hamlet"):
+        resumed, metadata = adapters_of(tmp_path / "run", name)
+        straight, _ = adapters_of(root / "both", name)
+        assert metadata["step"] == 2
+        for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+            np.testing.assert_allclose(b, a, atol=1e-6)
 
 @pytest.mark.parametrize("tasks, extra, message", [
     (["a=x.txt", "a=y.txt"], [], "--task names must differ"),
