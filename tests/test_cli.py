@@ -227,10 +227,11 @@ def test_refusals_from_the_library_are_one_line_errors(tmp_path, capsys, argv, m
 def test_an_unsupported_base_is_a_one_line_error(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=32, hidden_act="gelu")
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "gelu")
-    assert run("finetune", "--base", tmp_path / "gelu", "--out", tmp_path / "run", *SMALL) == 2
-    assert "Llama config has hidden_act='gelu'; only 'silu' is implemented." in capsys.readouterr().err
+                                      num_attention_heads=2, max_position_embeddings=32, hidden_act="relu")
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "relu")
+    assert run("finetune", "--base", tmp_path / "relu", "--out", tmp_path / "run", *SMALL) == 2
+    assert ("llama config has hidden_act='relu'; implemented: ['gelu', 'gelu_pytorch_tanh', 'silu']."
+            in capsys.readouterr().err)
     config.hidden_act = "silu"
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "no-tokenizer")
     assert run("generate", "--base", tmp_path / "no-tokenizer") == 2
