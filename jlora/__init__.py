@@ -10,24 +10,46 @@
     logits = jlora.adapt(model.apply)(params, stacked, tokens, adapter_ids=ids)
 """
 
-from jlora.transform import Use, adapt
-from jlora.adapter import Adapter
-from jlora.count import ParamCount, count_params
-from jlora.lora import LoRA, init
-from jlora.loop import fit
-from jlora import dora, ia3, multi, pissa
-from jlora.dora import DoRA
-from jlora.ia3 import IA3
-from jlora.merge import merge, unmerge
-from jlora.multi import stack, unstack
-from jlora.optimizer import optimizer
-from jlora.partition import Trainable, combine, split
-from jlora.quantize import Quantized, dequantize, quantize
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Adapter", "DoRA", "IA3", "LoRA", "ParamCount", "Quantized", "Trainable", "Use", "adapt", "combine", "count_params",
-    "dequantize", "fit", "init", "merge", "optimizer", "quantize", "split", "stack", "unmerge", "unstack", "dora", "ia3",
-    "multi", "pissa",
-]
+# Public names and the module that defines each. They load on first use (PEP 562), so that
+# `jlora --help` and `import jlora.cli` do not pay for importing JAX.
+_NAMES = {
+    "Use": "transform", "adapt": "transform", "Adapter": "adapter", "ParamCount": "count", "count_params": "count",
+    "LoRA": "lora", "init": "lora", "fit": "loop", "DoRA": "dora", "IA3": "ia3", "merge": "merge", "unmerge": "merge",
+    "stack": "multi", "unstack": "multi", "optimizer": "optimizer", "Trainable": "partition", "combine": "partition",
+    "split": "partition", "Quantized": "quantize", "dequantize": "quantize", "quantize": "quantize",
+}
+_MODULES = {"dora", "ia3", "multi", "pissa"}
+
+__all__ = sorted(_NAMES) + sorted(_MODULES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"jlora.{_NAMES[name]}"), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f"jlora.{name}")
+    else:
+        raise AttributeError(f"module 'jlora' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    # Importing jlora.merge (or .quantize, .optimizer) binds the package attribute of that name to
+    # the submodule; the public name is the function, so keep the function.
+    def __setattr__(self, name, value):
+        if not (name in _NAMES and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -253,3 +253,8 @@ def refuse_near_zero(values, what: str) -> None:
             f"cannot unmerge: {what} entry {tuple(int(i) for i in index)} is {value:.3g}; dividing by a "
             f"value with |v| < {MIN_INVERTIBLE:g} cannot recover the weight; keep the params from before the merge"
         )
+
+
+# The bundled kinds register themselves on import; load them with the protocol, so that KINDS is
+# whole whichever module a program imports first.
+from jlora import dora, ia3, lora  # noqa: E402,F401  (after Adapter: they subclass it)

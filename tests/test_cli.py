@@ -10,18 +10,19 @@ import pytest
 
 import jlora
 from jlora import checkpoint, cli, train
+from jlora.cli import common
 
 pytestmark = pytest.mark.slow
 SMALL = ["--seq-len", "16", "--batch-size", "8", "--eval-batches", "1", "--sample-tokens", "4", "--warmup", "1"]
 
 
-_load_base_once = functools.lru_cache(maxsize=None)(cli.load_base)
+_load_base_once = functools.lru_cache(maxsize=None)(common.load_base)
 
 
 @pytest.fixture(autouse=True)
 def cached_base(monkeypatch):
     """Load the 135M base once for the whole module."""
-    monkeypatch.setattr(cli, "load_base", _load_base_once)
+    monkeypatch.setattr(common, "load_base", _load_base_once)
 
 
 def run(*argv):
@@ -29,7 +30,7 @@ def run(*argv):
 
 
 def adapters_of(run_dir):
-    *_, adapters, metadata = cli.load_run(run_dir)
+    *_, adapters, metadata = common.load_run(run_dir)
     return jax.device_get(adapters), metadata
 
 
@@ -292,7 +293,7 @@ def test_the_base_directory_itself_is_never_an_export_target(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
     with pytest.raises(cli.UsageError, match="is the base model's own directory; writing there would replace the base"):
-        cli.prepare_out(tmp_path / "base", overwrite=True, base=tmp_path / "base")
+        common.prepare_out(tmp_path / "base", overwrite=True, base=tmp_path / "base")
 
 
 def test_scanned_remat_chunked_run_exports_as_an_unrolled_one(tmp_path, capsys):
@@ -327,3 +328,14 @@ def test_finetune_eval_and_merge_on_a_4bit_base(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1.0
     assert run("merge", out, tmp_path / "merged") == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_help_does_not_import_jax_and_the_method_choices_are_the_adapter_kinds():
+    import subprocess
+    import sys
+
+    from jlora import adapter
+
+    assert cli.METHODS == sorted(adapter.KINDS)
+    probe = "import sys; from jlora import cli; cli.parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax')))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

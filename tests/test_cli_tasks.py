@@ -8,6 +8,7 @@ import pytest
 from test_distributed import tiny_llama_dir
 
 from jlora import cli, train
+from jlora.cli import common
 
 FLAGS = ["--seq-len", "16", "--max-steps", "2", "--warmup", "1", "--lr", "1e-2", "--grad-clip", "0",
          "--valid-fraction", "0.2", "--eval-batches", "2", "--sample-tokens", "0", "--rank", "4"]
@@ -37,7 +38,7 @@ def runs(tmp_path_factory):
 
 
 def adapters_of(run_dir, task=None):
-    *_, adapters, metadata = cli.load_run(run_dir, task=task)
+    *_, adapters, metadata = common.load_run(run_dir, task=task)
     return jax.device_get(adapters), metadata
 
 

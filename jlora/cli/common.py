@@ -1,0 +1,112 @@
+"""What the commands share: loading a base or a run, naming its identity, checking an output directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+import jlora
+from jlora import adapter, checkpoint
+from jlora.cli import ADAPTER_FLAGS, DEFAULT_METHOD, UsageError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_base(name, dtype="float32", quantize=None):
+    """``(model, params, tokenizer, config)`` of a base, its weights quantised when ``quantize`` names a
+    format (``--quantize``); one without tokenizer files is refused."""
+    from jlora import models
+
+    model, params, tokenizer, config = models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
+    if tokenizer is None:
+        raise UsageError(f"base {name} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
+                         "jlora's commands encode text with it")
+    if quantize:
+        params = models.quantize_base(name, params, config, quantize, dtype=DTYPES[dtype])
+    return model, params, tokenizer, config
+
+
+def prepare_out(out, overwrite: bool, base=None) -> Path:
+    """``out`` for an export: refused when it is a file, the base's own directory, or (without
+    ``--overwrite``) a directory that already holds files."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; give a directory to write into")
+    if base is not None and Path(str(base)).expanduser().is_dir() and out.resolve() == Path(str(base)).expanduser().resolve():
+        raise UsageError(f"{out} is the base model's own directory; writing there would replace the base")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} already holds {', '.join(sorted(p.name for p in out.iterdir())[:5])}; "
+                         "pass --overwrite to replace it, or choose a new directory")
+    return out
+
+
+def adapter_options(args) -> dict:
+    """The `create` options of --method's kind that the command line sets (flags left out use the kind's defaults)."""
+    kind = adapter.kind(args.method or DEFAULT_METHOD)
+    ignored = [flag for k, flag in ADAPTER_FLAGS.items() if getattr(args, k) is not None and k not in kind.init_options]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} does not apply to --method {kind.name} (it takes "
+                         f"{', '.join(ADAPTER_FLAGS.get(k, k) for k in kind.init_options)})")
+    options = {k: getattr(args, k) for k in kind.init_options if getattr(args, k, None) is not None}
+    if isinstance(options.get("targets"), str) and "," in options["targets"]:  # "q_proj,v_proj": module names
+        options["targets"] = options["targets"].split(",")
+    return options
+
+
+def run_dir_checkpoints(path) -> Path:
+    """Accepts a run directory (holding checkpoints/) or the checkpoints directory itself."""
+    path = Path(path).expanduser()
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if path.is_dir():
+        return path
+    raise UsageError(f"no checkpoint directory at {path}")
+
+
+def pick_task(adapters, metadata, task, where):
+    """Task ``task``'s adapters of a run trained with --task (a stack of one adapter tree per task);
+    a run with one adapter tree is returned as it is."""
+    names = metadata.get("tasks")
+    if not names:
+        if task is not None:
+            raise UsageError(f"--task {task}: {where} was trained on one dataset, not with --task")
+        return adapters
+    if task not in names:
+        raise UsageError(f"{where} holds one adapter per task ({', '.join(names)}); "
+                         f"{'choose one with --task NAME' if task is None else f'there is no task {task!r}'}")
+    return jlora.multi.take(adapters, names.index(task))
+
+
+def load_run(checkpoint_path, base=None, dtype="float32", quantize=None, task=None):
+    """Base model (quantised as the run's was, unless ``quantize`` says otherwise) plus the adapters of
+    a run's latest checkpoint: (model, params, tokenizer, config, adapters, metadata); of task ``task``
+    in a run trained with --task."""
+    ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
+    metadata = ckpt.metadata()
+    quantize = quantize or metadata["base"].get("quantize")
+    model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype, quantize)
+    from jlora.models import layers
+
+    # A run with --scan saved its adapters stacked like the scanned layers; unstack them for the unrolled model.
+    stacked = (metadata.get("model") or {}).get("scan")
+    expect = {"base": base_identity(metadata["base"]["name"], params, quantize)}
+    base = layers.stack_layers(params, stacked) if stacked else params
+    state, metadata = ckpt.restore(expect=expect, base=base)
+    params, adapters = jlora.combine(base, state.trainable)
+    adapters = pick_task(adapters, metadata, task, checkpoint_path)
+    if stacked:
+        params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
+    return model, params, tokenizer, config, adapters, metadata
+
+
+def base_identity(name, params, quantize=None) -> dict:
+    identity = {"name": str(name), "fingerprint": checkpoint.base_fingerprint(params)}
+    return identity | {"quantize": quantize} if quantize else identity
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024

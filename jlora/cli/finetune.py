@@ -1,0 +1,295 @@
+"""``jlora finetune``: train adapters on a base, checkpointing as it goes, then sample and export."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+import jlora
+from jlora import adapter, checkpoint, data, distributed, loop, train
+from jlora.cli import DEFAULT_METHOD, ADAPTER_FLAGS, UsageError, common
+
+
+class Progress:
+    """One status line: step, loss, tokens/s and ETA; a plain line every `every` steps off a TTY."""
+
+    def __init__(self, total: int, start: int, tokens_per_step: int, every: int = 10):
+        self.total, self.start, self.tokens_per_step, self.every = total, start, tokens_per_step, every
+        self.began = None
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float):
+        now = time.perf_counter()
+        if self.began is None:  # the first step compiles; rates count from its end
+            self.began, self.first = now, step
+        done = step - self.first
+        rate = done / (now - self.began) if done else 0.0
+        eta = (self.total - step) / rate if rate else float("nan")
+        width = 24
+        filled = int(width * step / self.total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  loss {loss:.4f}  "
+                f"{rate * self.tokens_per_step:,.0f} tok/s  ETA {eta:.0f}s")
+        if self.tty:
+            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
+        elif step % self.every == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+
+def resume_conflicts(args, saved: dict) -> list[str]:
+    """Adapter flags given with --resume that differ from what made the checkpoint's adapters."""
+    given = {"method": ("--method", args.method), "bias": ("--bias", args.bias)}
+    given |= {k: (flag, getattr(args, k)) for k, flag in ADAPTER_FLAGS.items()}
+    recorded = {"method": saved.get("method"), "bias": saved.get("bias", "none"), **(saved.get("options") or {})}
+    return [f"{flag} {value}" for k, (flag, value) in given.items() if value is not None and recorded.get(k) != value]
+
+
+def join_job(args) -> bool:
+    """Joins the multi-process job that the flags, ``JAX_*`` variables or a detected cluster
+    describe (before any other JAX call); False on a lone host."""
+    try:
+        return distributed.initialize(args.coordinator, args.num_processes, args.process_id, join=args.distributed)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def task_splits(args, tokenizer) -> tuple[list[str], list]:
+    """``--task NAME=PATH``'s names and each task's ``(train, valid)`` (``valid`` from
+    --valid-fraction, or None), after checking the flags that --task changes."""
+    names, paths = zip(*(t.split("=", 1) if "=" in t else (t, "") for t in args.task))
+    bad = [t for t, name, path in zip(args.task, names, paths) if not name.isidentifier() or not path]
+    if bad:
+        raise UsageError(f"--task {bad[0]!r}: give NAME=PATH, NAME an identifier (letters, digits, _)")
+    if len(set(names)) < len(names):
+        raise UsageError(f"--task names must differ; given {', '.join(names)}")
+    refused = {"--data": args.data, "--valid": args.valid, "--loss-chunk": args.loss_chunk,
+               "--accumulate > 1": args.accumulate > 1, "--bias": args.bias not in (None, "none")}
+    refused = [flag for flag, given in refused.items() if given]
+    if refused:
+        raise UsageError(f"--task does not combine with {', '.join(refused)} (each task's data is its PATH, "
+                         "held out with --valid-fraction; its loss is a mean over its own rows of each step)")
+    if args.batch_size % (len(names) * jax.device_count()):
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {len(names)} tasks times "
+                         f"the {jax.device_count()} devices (each step takes batch-size / tasks rows of each task)")
+    splits = [data.load_splits(tokenizer, args.seq_len, [path], None, args.valid_fraction, args.seed) for path in paths]
+    for name, (train_set, _) in zip(names, splits):
+        if len(train_set) < args.batch_size // len(names):
+            raise UsageError(f"task {name} has {len(train_set)} training sequences of {args.seq_len} tokens, "
+                             f"fewer than its {args.batch_size // len(names)} rows of each batch")
+    return list(names), splits
+
+
+def finetune(args) -> int:
+    start_time = time.perf_counter()
+    join_job(args)
+    writer = distributed.is_writer()  # one process prints and writes what the job has one of
+
+    def say(text):
+        if writer:
+            print(text, file=sys.stderr)
+
+    out = checkpoint.writable_dir(args.out)
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=args.keep)
+    latest = ckpt.latest_step()
+    if args.resume and latest is None:
+        raise UsageError(f"--resume: no checkpoint in {ckpt.directory}")
+    if not args.resume and latest is not None:
+        raise UsageError(f"{ckpt.directory} already holds checkpoints up to step {latest}; "
+                         "pass --resume to continue that run, or choose another --out")
+
+    if args.batch_size % (args.accumulate * jax.device_count()):
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
+                         f"times the {jax.device_count()} devices the batch is split over")
+    if args.fsdp and jax.device_count() % args.fsdp:
+        raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
+    from jlora.models import layers
+
+    base_model, params, tokenizer, config = common.load_base(args.base, args.dtype, args.quantize)
+    base_params = params  # this host's whole copy, unstacked: the sample before training reads it
+    model = base_model.clone(scan=args.scan, remat=args.remat)
+    # The scanned layers' name ("layers", "h"): params and adapters train stacked along it, and are
+    # unstacked again for sampling, merging and export.
+    stacked = model.layer_name if args.scan else None
+    if args.seq_len > model.max_length:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
+    names, splits = task_splits(args, tokenizer) if args.task else ([], [])
+    train_set, valid_set = splits[0] if splits else data.load_splits(
+        tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
+    if not names and len(train_set) < args.batch_size:
+        raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
+                         f"fewer than one batch of {args.batch_size}")
+    config_train = train.TrainConfig(
+        learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, schedule=args.schedule,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
+        accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
+        loss_chunk=args.loss_chunk or 0,
+    )
+    metadata = {
+        "base": common.base_identity(args.base, params, args.quantize),
+        "train": dataclasses.asdict(config_train),
+        "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
+        "model": {"scan": stacked},
+    }
+    if names:
+        metadata |= {"tasks": names, "data": {"train": dict(zip(names, (t.split("=", 1)[1] for t in args.task))),
+                                              "seq_len": args.seq_len}}
+    params = layers.stack_layers(params, stacked) if stacked else params
+    mesh = train.mesh(fsdp=args.fsdp or 1)
+    if args.resume:
+        try:
+            state, saved, damaged = ckpt.restore_intact(expect={"base": common.base_identity(args.base, params, args.quantize)}, base=params)
+        except checkpoint.CheckpointError as error:
+            raise UsageError(f"--resume: {error}") from None
+        for report in damaged:
+            say(f"warning: skipped a damaged checkpoint: {report}")
+        conflicts = resume_conflicts(args, saved.get("adapter") or {})
+        if conflicts:
+            raise UsageError(f"--resume continues the adapters in {ckpt.directory}, made with "
+                             f"{saved.get('adapter')}; drop {', '.join(conflicts)}")
+        say(f"resuming from step {int(state.step)} in {ckpt.directory}")
+        metadata["adapter"] = saved.get("adapter")
+        if (saved.get("tasks") or []) != names:
+            raise UsageError(f"--resume: the checkpoint trained "
+                             f"{'tasks ' + ', '.join(saved['tasks']) if saved.get('tasks') else 'one dataset'}; "
+                             "give the same --task flags (or none) to continue it")
+        if (saved.get("model") or {}).get("scan") != stacked:
+            raise UsageError(f"--resume: the checkpoint was trained {'with' if not stacked else 'without'} --scan; "
+                             f"{'pass' if not stacked else 'drop'} --scan to continue it")
+        if saved.get("train") != metadata["train"]:
+            say(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
+                "the resumed run will not equal an uninterrupted one")
+        params, adapters = jlora.combine(params, state.trainable)
+        adapters = jlora.multi.take(adapters, 0) if names else adapters  # each task's adapter splits the base alike
+        frozen, _ = jlora.split(params, adapters, metadata["adapter"].get("bias", "none"))
+    else:
+        method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
+        options = common.adapter_options(args)
+        adapters = adapter.kind(method).create(base_params, **options)
+        adapters = layers.stack_layers(adapters, stacked) if stacked else adapters
+        metadata["adapter"] = {"method": method, "options": options, "bias": bias}
+        frozen, trainable = jlora.split(params, adapters, bias)
+        if names:  # one adapter per task, each initialized as a run on that task alone would be
+            trainable = trainable._replace(adapters=jlora.stack([adapters] * len(names)))
+        state = train.init_state(trainable, config_train)
+    say(jlora.count_params(params, adapters, metadata["adapter"].get("bias", "none")))
+    if names:
+        say(f"{len(names)} tasks, one such adapter each: {', '.join(names)}")
+    frozen = train.shard_fsdp(frozen, mesh) if args.fsdp is not None else train.replicate(frozen, mesh)
+    state = train.shard_state(state, frozen, mesh)
+    start = int(state.step)
+
+    evaluate = train.make_eval(model.apply)
+    report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count(),
+              "processes": jax.process_count()}
+    if args.sample_tokens and start == 0 and writer:
+        report["sample_before"] = sample(base_model, jlora.dequantize(base_params), tokenizer, args)
+        say(f"sample before: {args.prompt}{report['sample_before']}")
+
+    def validation(state):
+        params, adapters = jlora.combine(frozen, state.trainable)
+        if names:
+            return {f"valid_perplexity/{name}": train.perplexity(evaluate, params, jlora.multi.take(adapters, i), valid,
+                                                                 args.batch_size // len(names), args.eval_batches, mesh=mesh)
+                    for i, (name, (_, valid)) in enumerate(zip(names, splits))}
+        return {"valid_perplexity": train.perplexity(evaluate, params, adapters, valid_set, args.batch_size,
+                                                     args.eval_batches, mesh=mesh)}
+
+    progress = Progress(args.max_steps, start, args.batch_size * args.seq_len)
+
+    def log(entry):
+        if "loss" in entry:
+            progress.update(entry["step"], entry["loss"])
+        else:
+            when = "before" if entry["step"] == 0 else "after" if entry["step"] == args.max_steps else f"at step {entry['step']}"
+            for key, value in entry.items():
+                if key.startswith("valid_perplexity"):
+                    print(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}", file=sys.stderr)
+
+    step_fn = (train.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head)
+               if args.loss_chunk else train.make_step(model.apply, config_train, tasks=len(names)))
+    rows = distributed.process_rows(args.batch_size, train.batch_sharding(mesh))  # this process's share
+
+    def batch_at(k):
+        if not names:
+            return data.batch_at(train_set, args.batch_size, args.seed, k, rows=rows)
+        per = args.batch_size // len(names)  # each task's rows, shuffled as a run on that task alone
+        parts = [data.batch_at(t, per, args.seed, k) for t, _ in splits]
+        whole = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        return {key: v[rows] for key, v in (whole | {"adapter_ids": np.repeat(np.arange(len(names)), per)}).items()}
+    train_began = time.perf_counter()
+    try:
+        result = loop.fit(
+            lambda state, batch: step_fn(state, frozen, batch), state,
+            lambda k: train.shard_batch(batch_at(k), mesh),
+            max_steps=args.max_steps, checkpointer=ckpt, metadata=metadata, save_every=args.save_every,
+            evaluate=validation if valid_set is not None else None, history_path=out / "history.jsonl", log=log,
+        )
+    except loop.LossNotFinite as error:
+        print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
+        return 1
+    except loop.SaveFailed as error:
+        print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
+        return 1
+    except loop.Interrupted as interrupt:
+        print(f"\ninterrupted after step {interrupt.step}; {saved_note(interrupt.last_saved, ckpt)}", file=sys.stderr)
+        return 130
+    train_seconds = time.perf_counter() - train_began
+
+    # The frozen base did not change: this host's copy plus the trained arrays (gathered where they
+    # are split across processes) is the whole model, and no shard of the base is fetched.
+    params, adapters = jlora.combine(params, distributed.fetch(result.state.trainable))
+    tasks = [jlora.multi.take(adapters, i) for i in range(len(names))] or [adapters]
+    if stacked:
+        params, tasks = layers.unstack_layers(params, stacked), [layers.unstack_layers(a, stacked) for a in tasks]
+    if not writer:
+        return 0
+    evaluated = [h for h in result.history if any(k.startswith("valid_perplexity") for k in h)]
+    for key in (k for k in evaluated[-1] if k.startswith("valid_perplexity")) if evaluated else ():
+        report[f"{key}_before"] = evaluated[0][key] if evaluated[0]["step"] == 0 else None
+        report[f"{key}_after"] = evaluated[-1][key]
+    from jlora.models.export import save_hf
+
+    for name, task_adapters in zip(names, tasks):  # each task's own merged model
+        save_hf(out / "tasks" / name / "merged", jlora.merge(params, task_adapters), config)
+        print(f"task {name}: merged export {out / 'tasks' / name / 'merged'}", file=sys.stderr)
+    merged = jlora.merge(params, tasks[0])
+    if args.sample_tokens:
+        report["sample_after"] = sample(base_model, merged, tokenizer, args)
+        print(f"sample after{f' (task {names[0]})' if names else ''}: {args.prompt}{report['sample_after']}", file=sys.stderr)
+    try:
+        loop.plot_history(result.history, out / "loss.png")
+    except ImportError as error:
+        print(f"note: no loss plot: {error}", file=sys.stderr)
+    if not names:
+        save_hf(out / "merged", merged, config)
+    checkpoint_bytes = checkpoint.dir_bytes(ckpt.directory / str(ckpt.latest_step()))
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a quantised base: its codes and scales
+    steps_run = args.max_steps - start
+    report |= {
+        "steps": args.max_steps, "steps_this_run": steps_run, "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(steps_run * args.batch_size * args.seq_len / max(train_seconds, 1e-9), 1),
+        "checkpoint_bytes": checkpoint_bytes, "base_bytes": base_bytes,
+        "total_seconds": round(time.perf_counter() - start_time, 1),
+    }
+    (out / "run.json").write_text(json.dumps(report, indent=2))
+    print(f"checkpoint: {ckpt.directory / str(ckpt.latest_step())} ({common.human_bytes(checkpoint_bytes)}; "
+          f"base model {common.human_bytes(base_bytes)})\nmerged export: {out / 'tasks/*/merged' if names else out / 'merged'}\nloss curve: {out / 'loss.png'}",
+          file=sys.stderr)
+    return 0
+
+
+def saved_note(last_saved, ckpt) -> str:
+    if last_saved is None:
+        return f"no checkpoint was written yet in {ckpt.directory}"
+    return f"the last checkpoint is step {last_saved} in {ckpt.directory}; continue with --resume"
+
+
+def sample(model, params, tokenizer, args) -> str:
+    from jlora.models import complete
+
+    return complete(model, params, tokenizer, args.prompt, args.sample_tokens)

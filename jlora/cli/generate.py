@@ -1,0 +1,81 @@
+"""``jlora generate`` and ``jlora eval``: a base, or base + a run's adapters, continuing a prompt or scoring text."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+import jlora
+from jlora import checkpoint, data, train
+from jlora.cli import DEFAULT_BASE, UsageError, common
+
+
+def generate_many(args) -> int:
+    """The prompt continued by each checkpoint's adapters, all in one batch (one sequence per
+    checkpoint) on one copy of the base: ``jlora.stack`` and per-example ``adapter_ids``."""
+    from jlora.models import generate
+
+    checkpoints = [checkpoint.Checkpointer(common.run_dir_checkpoints(path)) for path in args.checkpoint]
+    bases = {ckpt.metadata()["base"]["name"] for ckpt in checkpoints}
+    if args.base is None and len(bases) > 1:
+        raise UsageError(f"the checkpoints were trained on different bases ({', '.join(sorted(bases))}); "
+                         "one batch runs on one base")
+    name = args.base or bases.pop()
+    model, params, tokenizer, _ = common.load_base(name, args.dtype)
+    trees = []
+    for path, ckpt in zip(args.checkpoint, checkpoints):
+        state, saved = ckpt.restore(expect={"base": common.base_identity(ckpt.metadata()["base"]["name"], params)}, base=params)
+        if jax.tree.leaves(state.trainable.base):
+            raise UsageError(f"{path} also trains base weights (--bias), which one shared base cannot hold per "
+                             "sequence; generate with it alone")
+        trees.append(common.pick_task(state.trainable.adapters, saved, args.task, path))
+    try:
+        stacked = jlora.stack(trees)
+    except ValueError as error:
+        raise UsageError(f"these checkpoints cannot share one batch: {error}") from None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tokenizer.encode(prompt)
+    if not ids or len(ids) >= model.max_length:
+        raise UsageError(f"the prompt is {len(ids)} tokens; it needs 1 to {model.max_length - 1}")
+    new = min(args.max_new_tokens, model.max_length - len(ids))
+    adapted = jlora.adapt(model.apply)
+    n = len(trees)
+    out = generate(lambda v, tokens, cache: adapted(v["params"], v["adapters"], tokens, cache, adapter_ids=v["ids"]),
+                   dict(params=params, adapters=stacked, ids=jnp.arange(n)), jnp.tile(jnp.array([ids]), (n, 1)),
+                   model.init_cache(n, len(ids) + new), max_new_tokens=new, eos_id=tokenizer.eos_id,
+                   temperature=args.temperature, rng=jax.random.key(args.seed))
+    for path, row in zip(args.checkpoint, out):
+        print(f"==> {path} <==\n{prompt}{tokenizer.decode(row[len(ids):].tolist(), skip_special_tokens=True)}")
+    return 0
+
+
+def generate_cmd(args) -> int:
+    if args.checkpoint and len(args.checkpoint) > 1:
+        return generate_many(args)
+    if args.checkpoint:
+        model, params, tokenizer, _, adapters, _ = common.load_run(args.checkpoint[0], args.base, args.dtype, args.quantize, task=args.task)
+        params = jlora.merge(params, adapters)  # merged once: no extra latency per token
+    else:
+        model, params, tokenizer, _ = common.load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize)
+        params = jlora.dequantize(params)  # generation runs on the dequantised weights
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    from jlora.models import complete
+
+    print(prompt + complete(model, params, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed))
+    return 0
+
+
+def eval_cmd(args) -> int:
+    if args.checkpoint:
+        model, params, tokenizer, _, adapters, _ = common.load_run(args.checkpoint, args.base, args.dtype, args.quantize, task=args.task)
+    else:
+        (model, params, tokenizer, _), adapters = common.load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize), None
+    dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
+    ppl = train.perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
+    print(json.dumps({"perplexity": ppl, "sequences": min(len(dataset), args.batch_size * args.max_batches)}))
+    return 0
