@@ -116,38 +116,41 @@ def measure(step, args) -> dict:
     return stats | {"memory_gib_no_hoist": unhoisted["memory_gib"], "temp_gib_no_hoist": unhoisted["temp_gib"]}
 
 
-def step_tflops(name, remat, batch, seq):
+def step_tflops(name, remat, batch, seq, attention_block=None):
     """TFLOPs of one LoRA step of the whole model. `cost_analysis` counts a scan's body once, so this
     compiles the unrolled model at 1 and 2 layers and extrapolates linearly (every layer is the same)."""
     flops = []
     for layers in (1, 2):
-        step, args = abstract_lora_step(llama(name, False, remat, layers), batch, seq)
+        step, args = abstract_lora_step(llama(name, False, remat, layers, attention_block=attention_block), batch, seq)
         flops.append(compiled_stats(step.lower(*args).compile())["tflops"])
     return flops[0] + (SHAPES[name]["num_hidden_layers"] - 1) * (flops[1] - flops[0])
 
 
-def llama(name, scan, remat, layers=None, param_dtype=jnp.bfloat16):
+def llama(name, scan, remat, layers=None, param_dtype=jnp.bfloat16, attention_block=None):
     sizes = SHAPES[name] | ({"num_hidden_layers": layers} if layers else {})
-    return Llama(LlamaConfig(**sizes), dtype=jnp.bfloat16, param_dtype=param_dtype, scan=scan, remat=remat)
+    return Llama(LlamaConfig(**sizes), dtype=jnp.bfloat16, param_dtype=param_dtype, scan=scan, remat=remat,
+                 attention_block=attention_block)
 
 
-# The combinations compiled by default (about 15 min on a shared 2-core CPU); --all compiles every
+# The combinations compiled by default (about 20 min on a shared 2-core CPU); --all compiles every
 # remat x scan combination (the unrolled 7B/8B steps take several minutes each to compile here).
-PLAN = [("llama-3.2-1b", True, "none"), ("llama-3.2-1b", True, "dots"), ("llama-3.2-1b", True, "full"),
-        ("llama-3.2-1b", False, "full"), ("llama-3.1-8b", True, "dots"), ("llama-3.1-8b", True, "full"),
-        ("qwen2.5-7b", True, "full")]
+# The fourth field is the attention block (queries at a time; None: all at once).
+PLAN = [("llama-3.2-1b", True, "none", None), ("llama-3.2-1b", True, "dots", None), ("llama-3.2-1b", True, "full", None),
+        ("llama-3.2-1b", False, "full", None), ("llama-3.2-1b", True, "full", 512), ("llama-3.1-8b", True, "dots", None),
+        ("llama-3.1-8b", True, "full", None), ("llama-3.1-8b", True, "full", 512), ("qwen2.5-7b", True, "full", None),
+        ("qwen2.5-7b", True, "full", 512)]
 FULL_FINETUNE = ["llama-3.2-1b", "llama-3.1-8b"]
 
 
 def scale_rows(plan, full_finetune, batch, seq):
     """One dict per LoRA row of `plan` and per full fine-tuning model, yielded as each is measured."""
     tflops = {}
-    for name, scan, remat in plan:
-        if (name, remat) not in tflops:
-            tflops[name, remat] = step_tflops(name, remat, batch, seq)
-        row = {"model": name, "kind": "lora", "scan": scan, "remat": remat,
-               **measure(*abstract_lora_step(llama(name, scan, remat), batch, seq)),
-               "step_tflops": tflops[name, remat]}
+    for name, scan, remat, block in plan:
+        if (name, remat, block) not in tflops:
+            tflops[name, remat, block] = step_tflops(name, remat, batch, seq, block)
+        row = {"model": name, "kind": "lora", "scan": scan, "remat": remat, "attention_block": block,
+               **measure(*abstract_lora_step(llama(name, scan, remat, attention_block=block), batch, seq)),
+               "step_tflops": tflops[name, remat, block]}
         print(json.dumps(row), flush=True)
         yield row
     for name in full_finetune:
@@ -240,8 +243,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="only these models")
     parser.add_argument("--all", action="store_true", help="every remat x scan combination, not just PLAN")
-    parser.add_argument("--rows", nargs="*", metavar="MODEL:SCAN:REMAT",
-                        help="these LoRA rows instead of PLAN, e.g. llama-3.1-8b:on:full")
+    parser.add_argument("--rows", nargs="*", metavar="MODEL:SCAN:REMAT[:BLOCK]",
+                        help="these LoRA rows instead of PLAN, e.g. llama-3.1-8b:on:full:512")
     parser.add_argument("--full-finetune", nargs="*", choices=sorted(SHAPES), help=f"default {FULL_FINETUNE}")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
@@ -255,9 +258,10 @@ def main(argv=None):
     host = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.devices()[0].platform}
     if args.rows is not None:
-        plan = [(m, scan == "on", r) for m, scan, r in (row.split(":") for row in args.rows)]
+        plan = [(m, scan == "on", r, int(block[0]) if block else None)
+                for m, scan, r, *block in (row.split(":") for row in args.rows)]
     else:
-        plan = [(m, scan, r) for m in SHAPES for scan in (True, False) for r in ("none", "dots", "full")] if args.all else PLAN
+        plan = [(m, scan, r, None) for m in SHAPES for scan in (True, False) for r in ("none", "dots", "full")] if args.all else PLAN
     models = args.models or list(SHAPES)
     full = FULL_FINETUNE if args.full_finetune is None else args.full_finetune
     saved = json.loads(args.json.read_text()) if args.append and args.json.exists() else {}
@@ -282,10 +286,10 @@ def main(argv=None):
 
 
 def report(rows, depth, gpt2):
-    print(f"\n{'model':<14}{'step':<6}{'scan':<6}{'remat':<7}{'GiB':>8}{'GiB*':>8}{'TFLOP':>9}{'compile s':>11}"
+    print(f"\n{'model':<14}{'step':<6}{'scan':<6}{'remat':<7}{'block':>6}{'GiB':>8}{'GiB*':>8}{'TFLOP':>9}{'compile s':>11}"
           "   (GiB*: without the CPU's hoisted float32 weight copies)")
     for r in rows:
-        print(f"{r['model']:<14}{r['kind']:<6}{str(r['scan']):<6}{r['remat']:<7}{r['memory_gib']:>8.2f}"
+        print(f"{r['model']:<14}{r['kind']:<6}{str(r['scan']):<6}{r['remat']:<7}{str(r.get('attention_block') or '-'):>6}{r['memory_gib']:>8.2f}"
               f"{r['memory_gib_no_hoist']:>8.2f}{r.get('step_tflops', float('nan')):>9.1f}{r['compile_s']:>11.1f}")
     for text, gib in PUBLISHED.items():
         print(f"published: {text}: {gib} GiB")

@@ -105,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", action="store_true", help="stack the layers with nn.scan (compile time independent of depth)")
     p.add_argument("--remat", choices=["none", "dots", "full"], default="none",
                    help="recompute activations in the backward pass: none, the matmul outputs kept (dots), or all (full)")
+    p.add_argument("--attention-block", type=COUNT, metavar="N",
+                   help="compute attention N queries at a time, never holding the [batch, heads, seq, seq] scores "
+                        "(long sequences; default: all at once)")
     p.add_argument("--loss-chunk", type=COUNT, help="apply the output head this many positions at a time in the loss, "
                    "never holding the full [batch, seq, vocab] logits")
     p.add_argument("--seed", type=NONNEGATIVE, default=0)

@@ -111,7 +111,7 @@ def finetune(args) -> int:
 
     base_model, params, tokenizer, config = common.load_base(args.base, args.dtype, args.quantize)
     base_params = params  # this host's whole copy, unstacked: the sample before training reads it
-    model = base_model.clone(scan=args.scan, remat=args.remat)
+    model = base_model.clone(scan=args.scan, remat=args.remat, attention_block=args.attention_block)
     # The scanned layers' name ("layers", "h"): params and adapters train stacked along it, and are
     # unstacked again for sampling, merging and export.
     stacked = model.layer_name if args.scan else None

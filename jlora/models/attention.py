@@ -45,7 +45,7 @@ def extend(layer_cache, keys, values, positions):
     return all_keys, all_values, key_positions, {"key": all_keys, "value": all_values}
 
 
-def causal_attention(queries, keys, values, query_positions, key_positions, window=None):
+def causal_attention(queries, keys, values, query_positions, key_positions, window=None, block=None):
     """Softmax attention where a query sees only keys at its own or earlier positions.
 
     Grouped-query attention falls out of the shapes: query head h uses key/value head
@@ -57,10 +57,14 @@ def causal_attention(queries, keys, values, query_positions, key_positions, wind
       query_positions: int [T]; key_positions: int [S].
       window: if given, a query sees only keys fewer than `window` positions back (Mistral's sliding
         window, Hugging Face's `kv_idx > q_idx - sliding_window`).
+      block: if given and T > block, the queries go `block` at a time (see `blocked_attention`): the
+        same values, without a [B, H, T, S] score matrix.
 
     Returns:
       [B, T, H * D] in the dtype of `values`.
     """
+    if block is not None and queries.shape[1] > block:
+        return blocked_attention(queries, keys, values, query_positions, key_positions, window, block)
     batch, length, heads, head_dim = queries.shape
     kv_heads = keys.shape[2]
     grouped = queries.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
@@ -73,3 +77,26 @@ def causal_attention(queries, keys, values, query_positions, key_positions, wind
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", weights, values)
     return out.reshape(batch, length, heads * head_dim)
+
+
+def blocked_attention(queries, keys, values, query_positions, key_positions, window, block):
+    """`causal_attention`, `block` queries at a time, each block recomputed in the backward pass.
+
+    The scores of all T queries against all S keys, [B, H, T, S] in float32 plus the softmax and
+    their gradients, are what a long sequence's step spends most memory on (1 GiB a tensor for 32
+    heads at 2 x 2048). Here one block's exist at a time, forward and backward: the backward pass
+    keeps only each block's queries and recomputes its scores (`jax.checkpoint`). The FLOPs are
+    the dense version's plus one more score computation.
+    """
+    batch, length, heads, head_dim = queries.shape
+    blocks = -(-length // block)
+    pad = blocks * block - length  # padded queries repeat the last position; their rows are dropped
+    queries = jnp.pad(queries, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, blocks, block, heads, head_dim)
+    positions = jnp.pad(query_positions, (0, pad), mode="edge").reshape(blocks, block)
+
+    @jax.checkpoint
+    def one_block(query_block, position_block):
+        return causal_attention(query_block, keys, values, position_block, key_positions, window)
+
+    out = jax.lax.map(lambda xs: one_block(*xs), (queries.swapaxes(0, 1), positions))
+    return out.swapaxes(0, 1).reshape(batch, blocks * block, heads * head_dim)[:, :length]

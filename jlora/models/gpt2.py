@@ -76,6 +76,7 @@ class Attention(nn.Module):
     config: GPT2Config
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention_block: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache):
@@ -85,7 +86,7 @@ class Attention(nn.Module):
         query, key, value = jnp.split(dense(3 * config.n_embd, name="c_attn")(x), 3, axis=-1)
         heads = lambda t: t.reshape(batch, length, config.n_head, config.head_dim)
         keys, values, key_positions, layer_cache = attention.extend(layer_cache, heads(key), heads(value), positions)
-        y = attention.causal_attention(heads(query), keys, values, positions, key_positions)
+        y = attention.causal_attention(heads(query), keys, values, positions, key_positions, block=self.attention_block)
         return dense(config.n_embd, name="c_proj")(y), layer_cache
 
 
@@ -105,12 +106,13 @@ class Block(nn.Module):
     config: GPT2Config
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention_block: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = partial(nn.LayerNorm, epsilon=self.config.layer_norm_epsilon, **kw)
-        h, layer_cache = Attention(self.config, name="attn", **kw)(norm(name="ln_1")(x), positions, layer_cache)
+        h, layer_cache = Attention(self.config, name="attn", attention_block=self.attention_block, **kw)(norm(name="ln_1")(x), positions, layer_cache)
         x = x + h
         x = x + MLP(self.config, name="mlp", **kw)(norm(name="ln_2")(x))
         return x, layer_cache
@@ -126,13 +128,15 @@ class GPT2(nn.Module):
     `model.head(variables, hidden)` their logits.
 
     `scan=True` stacks the blocks' params under `h/` with a leading layer axis (convert a loaded tree
-    with `jlora.models.layers.stack_layers(variables, "h")`); `remat` is "none", "dots" or "full".
+    with `jlora.models.layers.stack_layers(variables, "h")`); `remat` is "none", "dots" or "full";
+    `attention_block` computes attention that many queries at a time (`attention.blocked_attention`).
     """
     config: GPT2Config
     dtype: jnp.dtype = jnp.float32  # compute dtype
     param_dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    attention_block: int | None = None
     layer_name = "h"  # where the layers' params sit: `h_{i}/...`, or `h/...` when scanned
 
     @nn.compact
@@ -148,7 +152,7 @@ class GPT2(nn.Module):
         new_cache = {}
         names = ["h"] if self.scan else [f"h_{i}" for i in range(config.n_layer)]
         for name in names:
-            x, new_cache[name] = block(config, name=name, **kw)(x, positions, None if cache is None else cache[name])
+            x, new_cache[name] = block(config, name=name, attention_block=self.attention_block, **kw)(x, positions, None if cache is None else cache[name])
         x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, name="ln_f", **kw)(x)
         if hidden:
             return x

@@ -303,6 +303,7 @@ class Attention(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention_block: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache):
@@ -323,7 +324,8 @@ class Attention(nn.Module):
         key = rope(key, positions, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
         value = value.reshape(batch, length, c.num_key_value_heads, c.head_dim)
         keys, values, key_positions, layer_cache = attention.extend(layer_cache, key, value, positions)
-        y = attention.causal_attention(query, keys, values, positions, key_positions, window=c.sliding_window)
+        y = attention.causal_attention(query, keys, values, positions, key_positions, window=c.sliding_window,
+                                         block=self.attention_block)
         return dense(c.hidden_size, name="o_proj")(y), layer_cache
 
 
@@ -345,12 +347,13 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention_block: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = partial(RMSNorm, self.config.rms_norm_eps, unit_offset=self.config.norm_unit_offset, **kw)
-        h, layer_cache = Attention(self.config, name="self_attn", **kw)(
+        h, layer_cache = Attention(self.config, name="self_attn", attention_block=self.attention_block, **kw)(
             norm(name="input_layernorm")(x), positions, layer_cache)
         x = x + h
         x = x + MLP(self.config, name="mlp", **kw)(norm(name="post_attention_layernorm")(x))
@@ -367,13 +370,16 @@ class Llama(nn.Module):
     `model.head(variables, hidden)` their logits (for a loss that never holds all the logits at once).
 
     `scan=True` stacks the layers' params under `layers/` with a leading layer axis (convert a loaded
-    tree with `jlora.models.layers.stack_layers`); `remat` is "none", "dots" or "full" (see `layers.repeat`).
+    tree with `jlora.models.layers.stack_layers`); `remat` is "none", "dots" or "full" (see `layers.repeat`);
+    `attention_block` (say 512) computes attention that many queries at a time, for long sequences
+    (`jlora.models.attention.blocked_attention`).
     """
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype
     param_dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    attention_block: int | None = None
     layer_name = "layers"  # where the layers' params sit: `layers_{i}/...`, or `layers/...` when scanned
 
     @nn.compact
@@ -390,7 +396,7 @@ class Llama(nn.Module):
         new_cache = {}
         names = ["layers"] if self.scan else [f"layers_{i}" for i in range(c.num_hidden_layers)]
         for name in names:
-            x, new_cache[name] = block(c, name=name, **kw)(x, positions, None if cache is None else cache[name])
+            x, new_cache[name] = block(c, name=name, attention_block=self.attention_block, **kw)(x, positions, None if cache is None else cache[name])
         x = RMSNorm(c.rms_norm_eps, unit_offset=c.norm_unit_offset, name="norm", **kw)(x)
         if hidden:
             return x

@@ -1,6 +1,7 @@
 """Scanned and rematerialised layers (jlora/models/layers.py): the same numbers as the unrolled model,
 params/adapters/caches converted between the two layouts without loss, and less compiled memory."""
 
+import dataclasses
 import functools
 
 import jax
@@ -95,6 +96,37 @@ def test_remat_lowers_the_compiled_memory_of_a_lora_step():
     none, dots, full = memory("none"), memory("dots"), memory("full")
     assert full < dots < none, (none, dots, full)
     assert full < 0.5 * none, (none, full)
+
+
+def test_blocked_attention_equals_dense_in_values_and_gradients_and_holds_no_full_score_matrix():
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=40)
+    model = Llama(config)
+    tokens = jax.random.randint(jax.random.key(0), (2, 100), 0, 64)  # 100: the last block is padded
+    variables = model.init(jax.random.key(1), tokens[:, :1])
+    adapters = trained(jlora.init(variables, rank=4, targets=LLAMA_LINEAR, key=jax.random.key(2)))
+    want_loss, want_grads = lora_loss(model)(adapters, variables, tokens)
+    blocked = model.clone(attention_block=32)
+    assert_trees_close(blocked.apply(variables, tokens), model.apply(variables, tokens), tol=1e-5)
+    loss, grads = lora_loss(blocked)(adapters, variables, tokens)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_trees_close(grads, want_grads, tol=5e-5)  # float32 sums over 200 positions in another order
+
+    # Compiled memory of the LoRA gradient at T=1024: the dense step holds [B, H, T, T] float32 scores
+    # (8 MiB here) several times over; the blocked one a [B, H, 128, T] block at a time.
+    long = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+    config = dataclasses.replace(config, max_position_embeddings=1024, sliding_window=None)
+
+    def temp_bytes(block):
+        model = Llama(config, scan=True, remat="full", attention_block=block)
+        v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+        a = jax.eval_shape(lambda v: jlora.init(v, 4, targets=LLAMA_LINEAR, stack_axes=1), v)
+        grad = jax.jit(jax.grad(lambda a, v, t: jnp.sum(jlora.adapt(model.apply)(v, a, t)[..., 0])))
+        return grad.lower(a, v, long).compile().memory_analysis().temp_size_in_bytes
+
+    scores = 2 * 4 * 1024 * 1024 * 4
+    dense, blocked = temp_bytes(None), temp_bytes(128)
+    assert dense > 2 * scores and blocked < scores, (dense, blocked, scores)
 
 
 def test_bad_layer_settings_are_refused_by_name():
