@@ -11,6 +11,7 @@ A kind registers itself by subclassing with a name, ``class LoRA(Adapter, name="
 from __future__ import annotations
 
 import abc
+import importlib
 import dataclasses
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ from jlora import paths
 
 #: Every adapter kind by its name, filled by the kinds as their modules are imported.
 KINDS: dict[str, type[Adapter]] = {}
+BUNDLED = ("lora", "dora", "ia3")  # the kinds jlora ships, modules of the same names
 
 
 class Adapter(abc.ABC):
@@ -100,6 +102,8 @@ class Adapter(abc.ABC):
 
 def kind(name: str) -> type[Adapter]:
     """The adapter kind registered as ``name``; ValueError naming the known ones otherwise."""
+    for module in BUNDLED:  # they register on import; a program may not have imported them yet
+        importlib.import_module(f"jlora.{module}")
     if name not in KINDS:
         raise ValueError(f"unknown adapter kind {name!r}; known kinds: {', '.join(sorted(KINDS))}")
     return KINDS[name]
@@ -254,7 +258,3 @@ def refuse_near_zero(values, what: str) -> None:
             f"value with |v| < {MIN_INVERTIBLE:g} cannot recover the weight; keep the params from before the merge"
         )
 
-
-# The bundled kinds register themselves on import; load them with the protocol, so that KINDS is
-# whole whichever module a program imports first.
-from jlora import dora, ia3, lora  # noqa: E402,F401  (after Adapter: they subclass it)

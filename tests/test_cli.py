@@ -336,6 +336,6 @@ def test_help_does_not_import_jax_and_the_method_choices_are_the_adapter_kinds()
 
     from jlora import adapter
 
-    assert cli.METHODS == sorted(adapter.KINDS)
+    assert cli.METHODS == sorted(adapter.BUNDLED)
     probe = "import sys; from jlora import cli; cli.parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax')))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
