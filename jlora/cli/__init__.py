@@ -25,7 +25,7 @@ DEFAULT_BASE = "smollm2-135m"
 DEFAULT_METHOD = "lora"
 DEFAULT_PROMPT = "ROMEO:\n"
 DTYPES = ["bfloat16", "float32"]
-METHODS = ["dora", "ia3", "lora"]  # jlora.adapter.KINDS (a test keeps them equal)
+METHODS = ["dora", "ia3", "lora"]  # jlora.adapter.BUNDLED (a test keeps them equal)
 QUANTIZE = ["gguf", "int4", "int8", "nf4"]
 # The flags that choose adapters (each kind's `init_options` picks its own); on --resume they come
 # from the checkpoint.
@@ -56,6 +56,12 @@ COUNT, SIZE, NONNEGATIVE = number(int, 1), number(int, 1), number(int, 0)
 POSITIVE, SHARE = number(float, 0, above=True), number(float, 0, 1)
 
 
+def methods() -> list[str]:
+    """The bundled adapter kinds, and any other a program registered before building the parser."""
+    registry = sys.modules.get("jlora.adapter")
+    return sorted(set(METHODS) | set(registry.KINDS if registry else ()))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = top.add_subparsers(dest="command", required=True)
@@ -77,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of --data: one adapter per task, trained on PATH, all in one run on one base (repeat)")
     p.add_argument("--valid", nargs="+", help="validation files (default: the corpus's held-out plays)")
     p.add_argument("--valid-fraction", type=number(float, 0, 1, above=True), help="hold out this share of --data instead of --valid")
-    p.add_argument("--method", choices=METHODS, help=f"adapter kind (default {DEFAULT_METHOD})")
+    p.add_argument("--method", choices=methods(), help=f"adapter kind (default {DEFAULT_METHOD})")
     p.add_argument("--rank", type=COUNT, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=POSITIVE, help="lora_alpha (default: rank, so scaling 1)")
     p.add_argument("--rslora", dest="use_rslora", action="store_true", default=None, help="scaling alpha/sqrt(rank)")
