@@ -30,6 +30,7 @@ import optax
 
 import jlora
 from jlora import train
+from jlora.models import layers
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 
@@ -53,6 +54,9 @@ PUBLISHED = {
     "torchtune Llama 3.1 8B QLoRA, same setting (peak)": 7.4,
 }
 GIB = 2**30
+# Positions of the head applied at a time in the loss: [batch x 128, vocab] float32 logits, 125 MiB
+# for 128k vocabularies at batch 2 (512 positions: 501 MiB, with the softmax and its gradient 1.5 GiB).
+LOSS_CHUNK = 128
 
 
 def compiled_stats(compiled) -> dict:
@@ -66,9 +70,9 @@ def compiled_stats(compiled) -> dict:
             "temp_gib": memory.temp_size_in_bytes / GIB, "tflops": cost["flops"] / 1e12}
 
 
-def abstract_lora_step(model, batch, seq, rank=16, targets=LINEAR, loss_chunk=512):
+def abstract_lora_step(model, batch, seq, rank=16, targets=LINEAR, loss_chunk=None):
     """`(step, args)`: the jitted LoRA train step and abstract `(state, frozen, batch)` to lower it for."""
-    config = train.TrainConfig(batch_size=batch, loss_chunk=loss_chunk)
+    config = train.TrainConfig(batch_size=batch, loss_chunk=loss_chunk or LOSS_CHUNK)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     stack_axes = 1 if model.scan else 0
     adapters = jax.eval_shape(
@@ -81,12 +85,12 @@ def abstract_lora_step(model, batch, seq, rank=16, targets=LINEAR, loss_chunk=51
     return step, (state, frozen, data)
 
 
-def abstract_full_step(model, batch, seq, loss_chunk=512):
+def abstract_full_step(model, batch, seq, loss_chunk=None):
     """The full fine-tuning step (every weight trains, AdamW state in the params' dtype) and its abstract args."""
     tx = optax.adamw(1e-5)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     opt_state = jax.eval_shape(tx.init, params)
-    loss = train.make_loss(functools.partial(model.apply, hidden=True), model.head, loss_chunk)
+    loss = train.make_loss(functools.partial(model.apply, hidden=True), model.head, loss_chunk or LOSS_CHUNK)
 
     def step(params, opt_state, data):
         value, grads = jax.value_and_grad(
@@ -173,7 +177,9 @@ def depth_rows(batch, seq):
 
 def gpt2_rows(reps):
     """bench_adapt's setting (GPT-2 small, batch 4x128, r=8 on c_attn/c_proj/c_fc, float32, AdamW):
-    LoRA with each remat policy against full fine-tuning without remat, compiled memory and step time."""
+    LoRA with each remat policy against full fine-tuning without remat, compiled memory and step time.
+    The remat rows scan the layers: unrolled, XLA's CPU compiler undoes the recomputation (the
+    compiled memory of an unrolled step is the same with remat none, dots or full; row `unrolled`)."""
     config = GPT2Config(n_positions=1024)
     batch, seq = 4, 128
     targets = ["c_attn", "c_proj", "c_fc"]
@@ -181,16 +187,17 @@ def gpt2_rows(reps):
     data = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "loss_mask": jnp.ones((batch, seq), jnp.float32)}
     params = jax.jit(GPT2(config).init)(jax.random.key(0), tokens[:, :1])
     rows, runs = [], {}
-    for remat in ("none", "dots", "full"):
-        model = GPT2(config, remat=remat)
+    for remat, scan in (("none", False), ("full", False), ("none", True), ("dots", True), ("full", True)):
+        model = GPT2(config, remat=remat, scan=scan)
         tconfig = train.TrainConfig(batch_size=batch)
         adapters = jlora.init(params, 8, targets=targets)
-        frozen, trainable = jlora.split(params, adapters)
+        stacked = (layers.stack_layers(params, "h"), layers.stack_layers(adapters, "h")) if scan else (params, adapters)
+        frozen, trainable = jlora.split(*stacked)
         step = train.make_step(model.apply, tconfig)
         state = train.init_state(trainable, tconfig)
         start = time.perf_counter()
         compiled = step.lower(state, frozen, data).compile()
-        rows.append({"model": "gpt2-small", "kind": "lora", "remat": remat, **compiled_stats(compiled),
+        rows.append({"model": "gpt2-small", "kind": "lora", "remat": remat, "scan": scan, **compiled_stats(compiled),
                      "compile_s": time.perf_counter() - start})
         live = {"state": state}
 
@@ -198,13 +205,13 @@ def gpt2_rows(reps):
             live["state"], metrics = compiled(live["state"], frozen, data)
             jax.block_until_ready(metrics)
 
-        runs[f"lora_{remat}"] = run
+        runs[f"lora_{remat}_{scan}"] = run
     tx = optax.adamw(1e-4)
     full = jax.jit(functools.partial(full_step_unchunked, GPT2(config), tx), donate_argnums=(0, 1))
     opt_state = tx.init(params)
     start = time.perf_counter()
     compiled = full.lower(params, opt_state, data).compile()
-    rows.append({"model": "gpt2-small", "kind": "full", "remat": "none", **compiled_stats(compiled),
+    rows.append({"model": "gpt2-small", "kind": "full", "remat": "none", "scan": False, **compiled_stats(compiled),
                  "compile_s": time.perf_counter() - start})
     live_full = {"args": (jax.tree.map(jnp.copy, params), opt_state)}
 
@@ -212,10 +219,10 @@ def gpt2_rows(reps):
         *live_full["args"], value = compiled(*live_full["args"], data)
         jax.block_until_ready(value)
 
-    runs["full_none"] = run_full
+    runs["full_none_False"] = run_full
     times = time_alternating(runs, reps)
     for row in rows:
-        row["median_s"] = statistics.median(times[f"{row['kind']}_{row['remat']}"])
+        row["median_s"] = statistics.median(times[f"{row['kind']}_{row['remat']}_{row['scan']}"])
         print(json.dumps(row), flush=True)
     return rows
 
@@ -299,7 +306,7 @@ def report(rows, depth, gpt2):
     if gpt2:
         full = next(r for r in gpt2 if r["kind"] == "full")
         for r in gpt2:
-            print(f"gpt2-small {r['kind']:<5}remat {r['remat']:<5}{r['memory_gib'] * 1024:>8.0f} MiB "
+            print(f"gpt2-small {r['kind']:<5}remat {r['remat']:<5}{'scan' if r['scan'] else 'unrolled':<9}{r['memory_gib'] * 1024:>8.0f} MiB "
                   f"{r['memory_gib'] / full['memory_gib']:>6.3f}x full  {r['median_s']:.3f} s/step "
                   f"{r['median_s'] / full['median_s']:.2f}x full")
 
