@@ -71,13 +71,13 @@ def render(messages: Sequence[dict], tokenizer: Any) -> tuple[str, list[tuple[in
       >>> [text[start:end] for start, end in spans]
       ['Yo<|im_end|>']
     """
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False)
+    text = _apply(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False)
+        prompt = _apply(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _apply(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (through.startswith(prompt) and text.startswith(through)):
             raise ValueError(
                 f"the chat template renders the conversation before messages[{i}] (an assistant message) "
@@ -109,3 +109,13 @@ def tokenize(messages: Sequence[dict], tokenizer: Any) -> tuple[np.ndarray, np.n
     for start, end in spans:
         is_assistant |= (starts >= start) & (starts < end)
     return np.asarray(ids, dtype=np.int32), is_assistant
+
+
+def _apply(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    """The template's text, its Jinja errors (an undefined ``messages[0]`` of an empty prefix, say) as ValueError."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
+    except TemplateError as error:
+        raise ValueError(f"chat template error ({type(error).__name__}): {error}") from None

@@ -151,3 +151,11 @@ def test_template_errors_name_the_line(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}, {"messages": [{"role": "assistant", "content": "a"}]}])
     with pytest.raises(ValueError, match=r"chat\.jsonl:2: chat template error: roles must alternate"):
         data.load_jsonl(path, tokenizer, 64)
+
+
+def test_jinja_errors_of_a_template_are_value_errors_naming_the_line(tmp_path):
+    # Rendering the empty prefix before an opening assistant message reads messages[0] of an empty list.
+    tokenizer = byte_tokenizer("{% if messages[0]['role'] == 'system' %}{% endif %}" + SMOLLM2_TEMPLATE)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}, {"messages": [{"role": "assistant", "content": "a"}]}])
+    with pytest.raises(ValueError, match=r"chat\.jsonl:2: chat template error \(UndefinedError\): .*no element 0"):
+        data.load_jsonl(path, tokenizer, 64)
