@@ -159,3 +159,31 @@ def test_jinja_errors_of_a_template_are_value_errors_naming_the_line(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}, {"messages": [{"role": "assistant", "content": "a"}]}])
     with pytest.raises(ValueError, match=r"chat\.jsonl:2: chat template error \(UndefinedError\): .*no element 0"):
         data.load_jsonl(path, tokenizer, 64)
+
+
+# TRL's ChatML with {% generation %}: what transformers' return_assistant_tokens_mask learns.
+CHATML_GENERATION = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("template", [CHATML_GENERATION, SMOLLM2_TEMPLATE], ids=["generation-tags", "smollm2"])
+def test_ids_and_mask_equal_transformers_apply_chat_template(tmp_path, template):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = byte_tokenizer(template)
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": "<|im_end|>"}))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = Tokenizer.from_hf_dir(tmp_path)  # the template read from tokenizer_config.json
+    for messages in [TWO_TURNS, TWO_TURNS[1:3], [TWO_TURNS[1], {"role": "assistant", "content": ""}]]:
+        ids, is_assistant = chat.tokenize(messages, ours)
+        expected = theirs.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=template == CHATML_GENERATION)
+        assert ids.tolist() == list(expected["input_ids"])
+        if template == CHATML_GENERATION:  # the {% generation %} span: content + <|im_end|>, as jlora.chat marks
+            assert is_assistant.astype(int).tolist() == list(expected["assistant_masks"])

@@ -165,5 +165,19 @@ class Tokenizer:
 @functools.lru_cache(maxsize=8)
 def _compiled(chat_template, environment):
     """The template compiled once: a chat dataset renders it several times per conversation."""
-    # The same environment settings as transformers, so templates render identically.
-    return environment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
+    from jinja2.ext import Extension, loopcontrols
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}`, rendered as its body. Templates written for
+        transformers' `return_assistant_tokens_mask` mark assistant turns with it; jlora finds the
+        turns by rendering prefixes (`jlora.chat`), so the tag only has to parse."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    # The same environment settings and extensions as transformers, so templates render identically.
+    return environment(trim_blocks=True, lstrip_blocks=True,
+                       extensions=[Generation, loopcontrols]).from_string(chat_template)
