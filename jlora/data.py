@@ -1,4 +1,4 @@
-"""Training data: text or prompt/completion pairs, tokenized into fixed-length arrays and batched.
+"""Training data: text, prompt/completion pairs, chats or Alpaca instructions, tokenized into fixed-length arrays and batched.
 
 Everything here is numpy and works with any tokenizer that has ``encode(str) -> list[int]`` and
 ``eos_id`` / ``bos_id`` attributes (either may be ``None``). ``encode`` is expected not to add
@@ -7,6 +7,8 @@ special tokens itself; this module adds them:
 - each document or example starts with ``bos_id`` (left out when it is ``None`` or equal to
   ``eos_id``, as in GPT-2, where one token marks both ends and would otherwise appear twice);
 - each ends with ``eos_id`` (left out when it is ``None``).
+
+Chat records are the exception: the chat template writes their special tokens (see :mod:`jlora.chat`).
 
 A :class:`Dataset` holds three ``[N, seq_len]`` arrays: ``tokens`` (inputs), ``targets`` (the next
 token at each position) and ``loss_mask`` (float32, 1 where the target counts towards the loss).
