@@ -1,4 +1,4 @@
-"""Training data: text or prompt/completion pairs, tokenized into fixed-length arrays and batched.
+"""Training data: text, prompt/completion pairs, chats or Alpaca instructions, tokenized into fixed-length arrays and batched.
 
 Everything here is numpy and works with any tokenizer that has ``encode(str) -> list[int]`` and
 ``eos_id`` / ``bos_id`` attributes (either may be ``None``). ``encode`` is expected not to add
@@ -7,6 +7,8 @@ special tokens itself; this module adds them:
 - each document or example starts with ``bos_id`` (left out when it is ``None`` or equal to
   ``eos_id``, as in GPT-2, where one token marks both ends and would otherwise appear twice);
 - each ends with ``eos_id`` (left out when it is ``None``).
+
+Chat records are the exception: the chat template writes their special tokens (see :mod:`jlora.chat`).
 
 A :class:`Dataset` holds three ``[N, seq_len]`` arrays: ``tokens`` (inputs), ``targets`` (the next
 token at each position) and ``loss_mask`` (float32, 1 where the target counts towards the loss).
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from jlora import chat
 
 CORPUS_DIR = Path(__file__).parent / "corpus" / "shakespeare"
 
@@ -115,11 +120,15 @@ def pack_text(paths: Paths, tokenizer: Any, seq_len: int) -> Dataset:
     """
     _check_seq_len(seq_len)
     paths = _as_paths(paths)
-    stream = np.concatenate([_document(_read_text(p), tokenizer) for p in paths])
+    return _pack([_document(_read_text(p), tokenizer) for p in paths], seq_len, _names(paths))
+
+
+def _pack(documents: list[np.ndarray], seq_len: int, names: str) -> Dataset:
+    stream = np.concatenate(documents)
     needed = seq_len + 1
     if len(stream) < needed:
         raise ValueError(
-            f"{_names(paths)}: {len(stream)} tokens in total, need at least {needed} "
+            f"{names}: {len(stream)} tokens in total, need at least {needed} "
             f"for one sequence of seq_len={seq_len} (seq_len + 1 tokens)"
         )
     rows = (len(stream) - 1) // seq_len
@@ -129,21 +138,36 @@ def pack_text(paths: Paths, tokenizer: Any, seq_len: int) -> Dataset:
 
 
 def load_jsonl(paths: Paths, tokenizer: Any, seq_len: int) -> Dataset:
-    """Tokenize prompt/completion pairs, one example per row, loss on the completion only.
+    """Tokenize JSONL records: one example per row, loss on what the model should write.
 
-    Each non-blank line is a JSON object with string fields ``prompt`` and ``completion`` (or
-    ``input`` and ``output``). The example is ``[bos] + encode(prompt) + encode(completion) +
-    [eos]``, truncated to ``seq_len + 1`` tokens, shifted into tokens/targets and padded to
-    ``seq_len`` with ``eos_id`` (or 0 when there is none). ``loss_mask`` is 1 exactly where the
-    target is a completion token (the final eos included): 0 on the prompt and on padding.
+    Each non-blank line is a JSON object of one of these shapes (other keys are ignored); every
+    line of a file has the same shape, and files of different shapes may be loaded together:
+
+    - ``{"prompt", "completion"}`` (or ``{"input", "output"}``): ``[bos] + encode(prompt) +
+      encode(completion) + [eos]``, loss on the completion and the eos.
+    - ``{"messages": [{"role", "content"}, ...]}``: the conversation rendered with the tokenizer's
+      chat template, loss on each assistant message's content and end-of-turn token, not on its
+      role header (see :mod:`jlora.chat`).
+    - ``{"instruction", "input" (optional), "output"}`` (Alpaca): with a chat template, a user
+      message (the instruction, then a blank line and the input when there is one) answered by an
+      assistant message of the output; without one, :data:`ALPACA_PROMPT`'s text as the prompt and
+      the output as the completion. Loss on the output only.
+    - ``{"text"}``: documents, packed like :func:`pack_text` packs files (loss on every token).
+
+    An example longer than ``seq_len + 1`` tokens is truncated (its start kept, loss on the part
+    that fits; a warning counts them), one whose first loss token does not fit is an error. Shorter
+    ones are padded to ``seq_len`` with ``eos_id`` (or 0 when there is none), loss 0 on padding.
+    Examples are not packed several to a row: the models attend causally over the whole row (no
+    segment ids), so a packed example would see the ones before it.
 
     Args:
       paths: one ``.jsonl`` file or a list of them, read as UTF-8.
-      tokenizer: has ``encode(str) -> list[int]``, ``eos_id`` and ``bos_id``.
+      tokenizer: has ``encode(str) -> list[int]``, ``eos_id`` and ``bos_id``; for chat records also
+        ``apply_chat_template`` and ``encode_with_offsets`` (``jlora.models.Tokenizer``).
       seq_len: length of each row.
 
     Returns:
-      A :class:`Dataset` with one row per example, in file order.
+      A :class:`Dataset`: each file's rows in file order, one per example (text records: packed).
 
     Example:
       >>> import tempfile, types
@@ -155,24 +179,80 @@ def load_jsonl(paths: Paths, tokenizer: Any, seq_len: int) -> Dataset:
       ([97, 98, 99, 100, 256, 256], [98, 99, 100, 256, 256, 256], [0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
     """
     _check_seq_len(seq_len)
-    pad_id = 0 if tokenizer.eos_id is None else tokenizer.eos_id
-    tokens, targets, masks = [], [], []
+    parts = []
     for path in _as_paths(paths):
-        for line_number, prompt, completion in _read_pairs(path):
+        shape, records = _read_records(path)
+        if shape == "text":
+            parts.append(_pack([_document(text, tokenizer) for _, text in records], seq_len, str(path)))
+        else:
+            parts.append(_example_rows(path, shape, records, tokenizer, seq_len))
+    return Dataset(*(np.concatenate([getattr(part, name) for part in parts])
+                     for name in ("tokens", "targets", "loss_mask")))
+
+
+# The prompt of Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca), with and without an input.
+ALPACA_PROMPT = {
+    True: ("Below is an instruction that describes a task, paired with an input that provides further "
+           "context. Write a response that appropriately completes the request.\n\n"
+           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+    False: ("Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
+}
+
+
+def _example_rows(path: Path, shape: str, records: list, tokenizer: Any, seq_len: int) -> Dataset:
+    """One row per record of a prompt/completion, chat or instruction file."""
+    templated = getattr(tokenizer, "chat_template", None) is not None
+    if shape == "chat" and not templated:
+        raise ValueError(f"{path}: chat ('messages') records need a tokenizer with a chat template, and this "
+                         "one has none; write them as prompt/completion records instead")
+    pad_id = 0 if tokenizer.eos_id is None else tokenizer.eos_id
+    tokens, targets, masks, truncated = [], [], [], 0
+    for line_number, record in records:
+        if shape == "instruction" and templated:
+            shape_now, record = "chat", {"messages": _alpaca_messages(record)}
+        else:
+            shape_now = shape
+        if shape_now == "chat":
+            try:
+                ids, is_target = chat.tokenize(record["messages"], tokenizer)
+            except ValueError as error:
+                raise ValueError(f"{path}:{line_number}: {error}") from None
+            first = int(np.argmax(is_target))
+        else:
+            prompt, completion = _alpaca_pair(record) if shape == "instruction" else record
             prompt_ids = _document(prompt, tokenizer, eos=False)
-            completion_ids = _document(completion, tokenizer, bos=False)
-            ids = np.concatenate([prompt_ids, completion_ids])[: seq_len + 1]
-            is_completion = np.arange(len(ids)) >= len(prompt_ids)
-            if not is_completion[1:].any():
-                raise ValueError(
-                    f"{path}:{line_number}: prompt is {len(prompt_ids)} tokens, so no completion "
-                    f"token fits in seq_len={seq_len}; raise seq_len or shorten the prompt"
-                )
-            pad = seq_len - (len(ids) - 1)
-            tokens.append(np.pad(ids[:-1], (0, pad), constant_values=pad_id))
-            targets.append(np.pad(ids[1:], (0, pad), constant_values=pad_id))
-            masks.append(np.pad(is_completion[1:], (0, pad)))
+            ids = np.concatenate([prompt_ids, _document(completion, tokenizer, bos=False)])
+            is_target = np.arange(len(ids)) >= len(prompt_ids)
+            first = len(prompt_ids)
+        if not is_target.any():
+            raise ValueError(f"{path}:{line_number}: the chat template wrote no assistant token to learn")
+        if first > seq_len:  # the first target is ids[first], at row position first - 1
+            before = " (the conversation before the first assistant token)" if shape_now == "chat" else ""
+            raise ValueError(
+                f"{path}:{line_number}: prompt is {first} tokens{before}, so no completion token fits in "
+                f"seq_len={seq_len}; raise seq_len or shorten the prompt"
+            )
+        truncated += len(ids) > seq_len + 1
+        ids, is_target = ids[: seq_len + 1], is_target[: seq_len + 1]
+        pad = seq_len - (len(ids) - 1)
+        tokens.append(np.pad(ids[:-1], (0, pad), constant_values=pad_id))
+        targets.append(np.pad(ids[1:], (0, pad), constant_values=pad_id))
+        masks.append(np.pad(is_target[1:], (0, pad)))
+    if truncated:
+        warnings.warn(f"{path}: {truncated} of {len(records)} examples are longer than seq_len + 1 = "
+                      f"{seq_len + 1} tokens; each was cut to its first {seq_len + 1}", stacklevel=3)
     return Dataset(np.stack(tokens), np.stack(targets), np.stack(masks).astype(np.float32))
+
+
+def _alpaca_messages(record: dict) -> list[dict]:
+    content = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": record["output"]}]
+
+
+def _alpaca_pair(record: dict) -> tuple[str, str]:
+    prompt = ALPACA_PROMPT[bool(record.get("input"))].format(**{"input": "", **record})
+    return prompt, record["output"]
 
 
 def load(paths: Paths, tokenizer: Any, seq_len: int) -> Dataset:
@@ -380,8 +460,20 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_pairs(path: Path) -> Iterator[tuple[int, str, str]]:
-    """Yields ``(line_number, prompt, completion)`` for each non-blank line, counting from 1."""
+# Each record shape: the keys that name it (any one present) and the string fields it needs.
+SHAPES = {
+    "chat": (("messages",), ("messages",)),
+    "instruction": (("instruction",), ("instruction", "output")),
+    "prompt/completion": (("prompt", "completion"), ("prompt", "completion")),
+    "text": (("text",), ("text",)),
+}
+
+
+def _read_records(path: Path) -> tuple[str, list[tuple[int, Any]]]:
+    """The file's record shape and its ``(line_number, record)`` for each non-blank line, counting
+    from 1: a text record as its string, a prompt/completion one as a ``(prompt, completion)`` pair,
+    chat and instruction records as the checked dict."""
+    shape, first, records = None, None, []
     for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -391,13 +483,52 @@ def _read_pairs(path: Path) -> Iterator[tuple[int, str, str]]:
             raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{line_number}: expected a JSON object, got {line[:60]!r}")
-        keys = ("prompt", "completion") if "prompt" in record else ("input", "output")
-        if not all(isinstance(record.get(key), str) for key in keys):
+        this = _shape(record)
+        if this is None:
             raise ValueError(
-                f"{path}:{line_number}: expected string fields 'prompt' and 'completion' "
-                f"(or 'input' and 'output'), got keys {sorted(record)}"
+                f"{path}:{line_number}: a record holds 'text', 'prompt' and 'completion' (or 'input' and "
+                f"'output'), 'messages', or 'instruction' and 'output'; got keys {sorted(record)}"
             )
-        yield line_number, record[keys[0]], record[keys[1]]
+        if shape is None:
+            shape, first = this, line_number
+        elif this != shape:
+            raise ValueError(
+                f"{path}:{line_number}: {_a(this)} record, but line {first} is {_a(shape)} record; "
+                "one file holds one record shape (put the others in a file of their own)"
+            )
+        records.append((line_number, _checked(record, shape, f"{path}:{line_number}")))
+    return shape, records
+
+
+def _a(shape: str) -> str:
+    return f"{'an' if shape[0] in 'aeiou' else 'a'} {shape}"
+
+
+def _shape(record: dict) -> str | None:
+    if "input" in record and "output" in record and "instruction" not in record:
+        return "prompt/completion"  # the older spelling of a prompt/completion pair
+    return next((name for name, (keys, _) in SHAPES.items() if any(k in record for k in keys)), None)
+
+
+def _checked(record: dict, shape: str, where: str) -> Any:
+    if shape == "chat":
+        try:
+            chat.check_messages(record["messages"])
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        return record
+    if shape == "prompt/completion":
+        keys = ("prompt", "completion") if "prompt" in record or "completion" in record else ("input", "output")
+        if not all(isinstance(record.get(key), str) for key in keys):
+            raise ValueError(f"{where}: expected string fields 'prompt' and 'completion' "
+                             f"(or 'input' and 'output'), got keys {sorted(record)}")
+        return record[keys[0]], record[keys[1]]
+    needed = SHAPES[shape][1] + (("input",) if shape == "instruction" and "input" in record else ())
+    wrong = [key for key in needed if not isinstance(record.get(key), str)]
+    if wrong:
+        raise ValueError(f"{where}: {shape} records need string fields {', '.join(map(repr, needed))}; "
+                         f"{', '.join(f'{k!r} is {type(record.get(k)).__name__}' for k in wrong)}")
+    return record["text"] if shape == "text" else record
 
 
 def _as_paths(paths: Paths) -> list[Path]:

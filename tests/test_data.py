@@ -90,7 +90,8 @@ def test_jsonl_masks_prompt_and_padding(tmp_path):
 
 def test_jsonl_truncates_and_skips_blank_lines(tmp_path):
     path = write(tmp_path / "pairs.jsonl", '\n{"prompt": "ab", "completion": "cdef"}\n\n')
-    dataset = data.load_jsonl(path, BYTES, seq_len=3)  # a b c d | e f EOS cut off
+    with pytest.warns(UserWarning, match=r"pairs\.jsonl: 1 of 1 examples are longer than seq_len \+ 1 = 4 tokens"):
+        dataset = data.load_jsonl(path, BYTES, seq_len=3)  # a b c d | e f EOS cut off
     np.testing.assert_array_equal(dataset.tokens, [[97, 98, 99]])
     np.testing.assert_array_equal(dataset.targets, [[98, 99, 100]])
     np.testing.assert_array_equal(dataset.loss_mask, [[0, 1, 1]])
@@ -102,6 +103,63 @@ def test_jsonl_bos_is_prompt_and_pad_is_zero_without_eos(tmp_path):
     np.testing.assert_array_equal(dataset.tokens, [[257, 97, 0, 0]])
     np.testing.assert_array_equal(dataset.targets, [[97, 98, 0, 0]])
     np.testing.assert_array_equal(dataset.loss_mask, [[0, 1, 0, 0]])
+
+
+def test_alpaca_records_without_a_chat_template_use_the_alpaca_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Add.", "input": "1+1", "output": "2"},
+        {"instruction": "Greet.", "output": "Hi"},
+        {"instruction": "Greet.", "input": "", "output": "Yo"},  # an empty input is no input, as in Alpaca
+    ])
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\n\n"
+                  "### Instruction:\nAdd.\n\n### Input:\n1+1\n\n### Response:\n")
+    without = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+               "the request.\n\n### Instruction:\nGreet.\n\n### Response:\n")
+    seq_len = len(with_input) + 1
+    dataset = data.load_jsonl(path, BYTES, seq_len)
+    for row, (prompt, output) in enumerate([(with_input, "2"), (without, "Hi"), (without, "Yo")]):
+        ids = list((prompt + output).encode()) + [256]
+        np.testing.assert_array_equal(dataset.tokens[row], (ids[:-1] + [256] * seq_len)[:seq_len])
+        np.testing.assert_array_equal(dataset.targets[row], (ids[1:] + [256] * seq_len)[:seq_len])
+        expected = [0.0] * (len(prompt) - 1) + [1.0] * (len(output) + 1)  # the output and its eos
+        np.testing.assert_array_equal(dataset.loss_mask[row], (expected + [0.0] * seq_len)[:seq_len])
+
+
+def test_text_records_are_packed_like_text_files(tmp_path):
+    records = write_jsonl(tmp_path / "docs.jsonl", [{"text": "abc"}, {"text": "de", "source": "ignored"}])
+    files = [write(tmp_path / "a.txt", "abc"), write(tmp_path / "b.txt", "de")]
+    from_records, from_files = data.load_jsonl(records, BYTES, 3), data.pack_text(files, BYTES, 3)
+    for name in ("tokens", "targets", "loss_mask"):
+        np.testing.assert_array_equal(getattr(from_records, name), getattr(from_files, name))
+
+
+def test_files_of_different_shapes_load_together_in_file_order(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "completion": "b"}])
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "cdefg"}])
+    dataset = data.load([pairs, docs], BYTES, 3)
+    np.testing.assert_array_equal(dataset.tokens, [[97, 98, 256], [99, 100, 101]])
+    np.testing.assert_array_equal(dataset.loss_mask, [[1, 1, 0], [1, 1, 1]])  # b and eos; every text token
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"instruction": "a"}, r"bad\.jsonl:1: instruction records need string fields 'instruction', 'output'; 'output' is NoneType"),
+    ({"instruction": "a", "input": 3, "output": "b"}, r"bad\.jsonl:1: .* 'input' is int"),
+    ({"messages": []}, r"bad\.jsonl:1: 'messages' must be a non-empty list"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, r"bad\.jsonl:1: messages\[0\] has role 'bot'; expected one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": ["a"]}]}, r"bad\.jsonl:1: messages\[0\]\['content'\] is list, expected a string"),
+    ({"messages": [{"role": "user"}]}, r"bad\.jsonl:1: messages\[0\] must be an object with 'role' and 'content'"),
+    ({"messages": [{"role": "user", "content": "a"}]}, r"bad\.jsonl:1: the conversation has no assistant message"),
+])
+def test_bad_instruction_and_chat_records_name_file_and_line(tmp_path, record, message):
+    with pytest.raises(ValueError, match=message):
+        data.load_jsonl(write_jsonl(tmp_path / "bad.jsonl", [record]), BYTES, 8)
+
+
+def test_chat_records_need_a_chat_template(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "assistant", "content": "a"}]}])
+    with pytest.raises(ValueError, match=r"chat\.jsonl: chat \('messages'\) records need a tokenizer with a chat template"):
+        data.load_jsonl(path, BYTES, 8)
 
 
 def test_load_dispatches_on_suffix(tmp_path):
@@ -239,7 +297,8 @@ def test_too_short_text_says_how_many_tokens(tmp_path):
         ("{not json", r"bad\.jsonl:2: not valid JSON"),
         ('["a", "b"]', r"bad\.jsonl:2: expected a JSON object"),
         ('{"prompt": "a"}', r"bad\.jsonl:2: expected string fields .* got keys \['prompt'\]"),
-        ('{"text": "a"}', r"bad\.jsonl:2: expected string fields .* got keys \['text'\]"),
+        ('{"answer": "a"}', r"bad\.jsonl:2: a record holds 'text', 'prompt' .* got keys \['answer'\]"),
+        ('{"text": "a"}', r"bad\.jsonl:2: a text record, but line 1 is a prompt/completion record; one file holds"),
         ('{"prompt": "a", "completion": 3}', r"bad\.jsonl:2: expected string fields"),
     ],
 )

@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, allow_abbrev=False)
         p.add_argument("--base", default=DEFAULT_BASE if name == "finetune" else None, help=base_help)
         p.add_argument("--dtype", choices=DTYPES, default="float32")
+        p.add_argument("--config", metavar="FILE", help="read flags from a .yaml or .toml file (keys: the flag names, "
+                       "e.g. max_steps: 200); flags given here override it")
         p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a GGUF "
                        "base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: the checkpoint's, else none)")
         if name in ("generate", "eval", "merge", "export-peft"):
@@ -156,7 +158,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("peft_dir")
     p.add_argument("out", help="an empty directory for the checkpoint")
     p.set_defaults(run="export:import_peft_cmd")
+    top.commands = sub.choices  # each command's parser by name, for --config
     return top
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The command line's arguments; with ``--config FILE``, the file's values under the flags given.
+
+    A value that the file gives and the command line does not is the file's; a repeatable flag
+    (``--task``, ``--checkpoint``) given on the command line replaces the file's list.
+    """
+    top = parser()
+    args = top.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    from jlora.cli import config
+
+    command = top.commands[args.command]
+    try:
+        late = config.apply(command, config.read(args.config), args.config)
+    except ValueError as error:
+        command.error(str(error))
+    args = top.parse_args(argv)
+    for dest, value in late.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    return args
 
 
 # Errors that mean bad input or a refused setting, not a bug: one line, exit status 2.
@@ -165,7 +192,7 @@ EXPECTED = (UsageError, ValueError, NotImplementedError, FileNotFoundError, NotA
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         module, name = args.run.split(":")
         return getattr(importlib.import_module(f"jlora.cli.{module}"), name)(args)

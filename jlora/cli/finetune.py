@@ -14,6 +14,7 @@ import numpy as np
 import jlora
 from jlora import adapter, checkpoint, data, distributed, loop, train
 from jlora.cli import DEFAULT_METHOD, ADAPTER_FLAGS, UsageError, common
+from jlora.cli import config as cli_config  # `config` is the model's config below
 
 
 class Progress:
@@ -135,6 +136,8 @@ def finetune(args) -> int:
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
         "model": {"scan": stacked},
     }
+    if writer:  # every flag's final value: `jlora finetune --config OUT/config.yaml` runs this again
+        (out / "config.yaml").write_text(cli_config.dump(args), encoding="utf-8")
     if names:
         metadata |= {"tasks": names, "data": {"train": dict(zip(names, (t.split("=", 1)[1] for t in args.task))),
                                               "seq_len": args.seq_len}}

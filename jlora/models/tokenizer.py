@@ -1,5 +1,6 @@
 """A small tokenizer wrapper over the `tokenizers` library, built from a GGUF's vocabulary or a HF directory."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -49,6 +50,23 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_with_offsets(self, text):
+        """Token ids of `text` as the chat template wrote it (no BOS added) and each token's character span.
+
+        Returns:
+          `(ids, offsets)`: lists of equal length; `text[start:end]` is what token `ids[k]` came from,
+          for `(start, end) = offsets[k]` (a character cut in two by a byte-level split is in both).
+
+        Example:
+          >>> from tokenizers import models
+          >>> tokenizer = Tokenizer(Backend(models.WordLevel({"hi": 0, "there": 1}, unk_token="hi")))
+          >>> tokenizer.backend.pre_tokenizer = pre_tokenizers.Whitespace()
+          >>> tokenizer.encode_with_offsets("hi there")
+          ([0, 1], [(0, 2), (3, 8)])
+        """
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(span) for span in encoding.offsets]
+
     def decode(self, ids, skip_special_tokens=False):
         """The text of `ids` (a list or 1-D array of ints)."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -68,9 +86,7 @@ class Tokenizer:
         def raise_exception(message):
             raise ValueError(f"chat template error: {message}")
 
-        # The same environment settings as transformers, so templates render identically.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
+        template = _compiled(self.chat_template, ImmutableSandboxedEnvironment)
         token = lambda i: None if i is None else self.backend.id_to_token(i)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=token(self.bos_id), eos_token=token(self.eos_id),
@@ -144,3 +160,24 @@ class Tokenizer:
         if (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text()
         return cls(backend, bos_id=special_id("bos"), eos_id=special_id("eos"), chat_template=template)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(chat_template, environment):
+    """The template compiled once: a chat dataset renders it several times per conversation."""
+    from jinja2.ext import Extension, loopcontrols
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}`, rendered as its body. Templates written for
+        transformers' `return_assistant_tokens_mask` mark assistant turns with it; jlora finds the
+        turns by rendering prefixes (`jlora.chat`), so the tag only has to parse."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    # The same environment settings and extensions as transformers, so templates render identically.
+    return environment(trim_blocks=True, lstrip_blocks=True,
+                       extensions=[Generation, loopcontrols]).from_string(chat_template)
