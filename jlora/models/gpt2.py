@@ -164,7 +164,7 @@ class GPT2(nn.Module):
     def head(self, variables, x):
         """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`."""
         embedding = variables["params"]["wte"]["embedding"]
-        return jnp.dot(x.astype(self.dtype), embedding.T.astype(self.dtype)).astype(jnp.float32)
+        return jnp.einsum("...c,vc->...v", x.astype(self.dtype), embedding.astype(self.dtype)).astype(jnp.float32)
 
     def init_cache(self, batch_size, max_length):
         """An empty cache for `batch_size` rows of at most `max_length` positions (prompt + new tokens)."""

@@ -412,8 +412,10 @@ class Llama(nn.Module):
     def head(self, variables, x):
         """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`."""
         params = variables["params"]
-        kernel = params["embed_tokens"]["embedding"].T if self.config.tie_word_embeddings else params["lm_head"]["kernel"]
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
+        x = x.astype(self.dtype)
+        if self.config.tie_word_embeddings:  # contract with the [V, C] table as it is: no transposed copy
+            return jnp.einsum("...c,vc->...v", x, params["embed_tokens"]["embedding"].astype(self.dtype)).astype(jnp.float32)
+        return jnp.dot(x, params["lm_head"]["kernel"].astype(self.dtype)).astype(jnp.float32)
 
     def init_cache(self, batch_size, max_length):
         """An empty cache for `batch_size` rows of at most `max_length` positions (prompt + new tokens)."""
