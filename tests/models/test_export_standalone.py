@@ -13,32 +13,11 @@ import pytest
 import jlora
 from helpers import trained
 from jlora.models import Tokenizer, complete, export, llama
-from tiny import random_variables
+from tiny import random_variables, tiny_tokenizer
 
-CHAT = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXTS = ["ROMEO: But soft, what light", "In 2024, 12345 apples", "naïve café 🙂\n\tx = 1",
          "<|im_start|>user\nHi<|im_end|>\n", "  two  spaces, then <|endoftext|> and more"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Juliet?"}]
-
-
-def tiny_tokenizer(add_bos=False):
-    """A byte-level BPE of ~300 ids learned from a few lines, with ChatML special tokens at ids 0-2.
-
-    One that adds BOS adds <|endoftext|>, as a text starting with BOS already gets none from jlora but
-    another from transformers.
-    """
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["ROMEO: But soft, what light through yonder window breaks?",
-                                 "JULIET: O Romeo, Romeo, wherefore art thou Romeo?"] * 20, trainer)
-    return Tokenizer(backend, bos_id=0 if add_bos else 1, eos_id=2, add_bos=add_bos, chat_template=CHAT)
 
 
 def smollm2_tokenizer():
