@@ -233,7 +233,8 @@ def save_tokenizer(directory, tokenizer, *, model_max_length=None) -> Path:
 
     tokenizer.json is jlora's own `tokenizers` pipeline (`tokenizer.backend`), so AutoTokenizer builds a fast
     tokenizer that encodes every text to the ids `tokenizer.encode` gives, special tokens written in the text
-    included. A tokenizer that adds BOS (`add_bos`, as Llama 3 GGUFs ask) gets a post-processor that adds it.
+    included. A tokenizer that adds BOS (`add_bos`, as Llama 3 GGUFs ask) gets a post-processor that adds it
+    (to every text: one that already starts with BOS gets a second there, where jlora adds none).
     tokenizer_config.json names the generic `PreTrainedTokenizerFast` (read by transformers 4 and 5 alike),
     the special tokens and the chat template, which renders as `tokenizer.apply_chat_template` does.
 
@@ -247,7 +248,7 @@ def save_tokenizer(directory, tokenizer, *, model_max_length=None) -> Path:
 
     Example:
       >>> import tempfile, transformers
-      >>> from tokenizers import Tokenizer as Backend, models, pre_tokenizers, decoders
+      >>> from tokenizers import Tokenizer as Backend, models
       >>> from jlora.models import Tokenizer
       >>> backend = Backend(models.BPE({"a": 0, "b": 1, "ab": 2, "<end>": 3}, [("a", "b")]))
       >>> backend.add_special_tokens(["<end>"])
