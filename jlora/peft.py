@@ -205,7 +205,9 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
         (PEFT would not get them).
       model_config: the base's ``GPT2Config`` or ``LlamaConfig`` (as ``jlora.models.load`` returns it).
       out_dir: created if needed; its adapter_config.json and adapter_model.safetensors are replaced.
-      base_model_name_or_path: recorded for PEFT (the hub name or directory of the base).
+      base_model_name_or_path: recorded for PEFT, whose ``AutoPeftModelForCausalLM`` loads the base from it: a
+        hub id, or a directory (an absolute path; a relative one is read from the working directory).
+        ``jlora.models.export.base_source(name).reference`` gives it for a base jlora loads.
       use_rslora: LoRA only: write rsLoRA's alpha (scaling = alpha / √r), for training on in PEFT with rsLoRA.
 
     Returns:
@@ -257,6 +259,7 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    export.readable(out_dir / WEIGHTS_FILE)  # safetensors leaves 0600
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 

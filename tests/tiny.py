@@ -89,3 +89,29 @@ def to_torch(x):
     import torch
 
     return torch.tensor(np.asarray(x, np.float32))
+
+
+# ---- a tiny tokenizer, for exports that must stand alone ----
+
+CHAT = (  # ChatML, as SmolLM2 and Qwen use
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_tokenizer(add_bos=False):
+    """A byte-level BPE of ~300 ids learned from a few lines, with ChatML special tokens at ids 0-2.
+
+    One that adds BOS adds <|endoftext|>, as a text starting with BOS already gets none from jlora but
+    another from transformers.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["ROMEO: But soft, what light through yonder window breaks?",
+                                 "JULIET: O Romeo, Romeo, wherefore art thou Romeo?"] * 20, trainer)
+    return jlora.models.Tokenizer(backend, bos_id=0 if add_bos else 1, eos_id=2, add_bos=add_bos, chat_template=CHAT)

@@ -27,6 +27,7 @@ DEFAULT_PROMPT = "ROMEO:\n"
 DTYPES = ["bfloat16", "float32"]
 METHODS = ["dora", "ia3", "lora"]  # jlora.adapter.BUNDLED (a test keeps them equal)
 QUANTIZE = ["gguf", "int4", "int8", "nf4"]
+MERGED = ["none", "bf16", "float32"]  # --merged: the merged export's dtype, or none
 # The flags that choose adapters (each kind's `init_options` picks its own); on --resume they come
 # from the checkpoint.
 ADAPTER_FLAGS = {"targets": "--targets", "rank": "--rank", "alpha": "--alpha", "use_rslora": "--rslora"}
@@ -125,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the before/after samples")
     p.add_argument("--sample-tokens", type=NONNEGATIVE, default=40)
     p.add_argument("--out", default="runs/jlora")
+    p.add_argument("--merged", choices=MERGED, default="bf16", help="dtype of the merged model written to OUT/merged "
+                   "(with tokenizer and model card; none: skip it, the adapter checkpoint alone is kept)")
     p.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
     p.set_defaults(run="finetune:finetune")
 
@@ -152,6 +155,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("checkpoint")
         p.add_argument("out", help="a new or empty directory")
         p.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
+        if name == "merge":
+            p.add_argument("--save-dtype", choices=MERGED[1:], default="bf16",
+                           help="dtype of the weights written (--dtype is the one the base is loaded and merged in)")
+        if name == "export-peft":
+            p.add_argument("--with-base", nargs="?", const="", metavar="DIR",
+                           help="also write the exact base weights trained on (dequantised, float32, HF layout) to DIR "
+                                "(default OUT/base) and name it as the adapter's base_model_name_or_path")
         p.set_defaults(run=run)
 
     p = command("import-peft", "turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint", f"model name or path (default {DEFAULT_BASE})")
@@ -193,6 +203,7 @@ EXPECTED = (UsageError, ValueError, NotImplementedError, FileNotFoundError, NotA
 
 def main(argv=None) -> int:
     args = parse(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the model card
     try:
         module, name = args.run.split(":")
         return getattr(importlib.import_module(f"jlora.cli.{module}"), name)(args)

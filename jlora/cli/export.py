@@ -1,34 +1,93 @@
-"""``jlora merge``, ``export-peft`` and ``import-peft``: a run's adapters out as a merged model or a PEFT adapter, and back."""
+"""``jlora merge``, ``export-peft`` and ``import-peft``: a run's adapters out as a merged model or a PEFT adapter, and back.
+
+Both exports stand alone: the tokenizer files, a generation config (merge) and a README.md model card are
+written with the weights, so transformers and PEFT load them with nothing else.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import jlora
 from jlora import adapter, checkpoint, train
 from jlora.cli import DEFAULT_BASE, UsageError, common
 
 
-def merge_cmd(args) -> int:
-    from jlora.models.export import save_hf
+def run_report(checkpoint_path) -> dict:
+    """The run.json `jlora finetune` left beside the checkpoints (perplexities, command line), or {}."""
+    checkpoints = common.run_dir_checkpoints(checkpoint_path)
+    path = checkpoints.parent / "run.json"
+    if checkpoints.name != "checkpoints" or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a card without those facts beats a refused export
 
-    model, params, _, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
-    out = common.prepare_out(args.out, args.overwrite, args.base or metadata["base"]["name"])
-    save_hf(out, jlora.merge(params, adapters), config)
-    print(f"merged weights written to {args.out}", file=sys.stderr)
+
+def card_facts(metadata, report, task=None) -> dict:
+    """The :func:`jlora.models.export.model_card` arguments a run's checkpoint metadata and run.json give."""
+    options = (metadata.get("adapter") or {}).get("options") or {}
+    data = (metadata.get("data") or {}).get("train")
+    key = "valid_perplexity" + (f"/{task}" if task else "")
+    if isinstance(data, dict):  # a --task run: NAME -> PATH
+        data = data.get(task)
+    before, after = report.get(f"{key}_before"), report.get(f"{key}_after")
+    return {"use_rslora": bool(options.get("use_rslora")), "quantize": metadata["base"].get("quantize"),
+            "data": data, "steps": metadata.get("step"), "command": report.get("command"),
+            "perplexity": (before, after) if before is not None or after is not None else None}
+
+
+def save_merged(out, merged, adapters, config, tokenizer, base, dtype, facts) -> Path:
+    """``merged`` (``jlora.merge(params, adapters)``) written to ``out`` in ``dtype`` with tokenizer,
+    generation config and a model card describing ``adapters``."""
+    from jlora.models import export
+
+    export.save_hf(out, merged, config, dtype=dtype, tokenizer=tokenizer)
+    card = export.model_card(kind="merged", base=export.base_source(base), where=out, adapters=adapters,
+                             dtype=export.SAVE_DTYPES[dtype], **facts)
+    export.save_model_card(out, card)
+    return Path(out)
+
+
+def merge_cmd(args) -> int:
+    model, params, tokenizer, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
+    base = args.base or metadata["base"]["name"]
+    out = common.prepare_out(args.out, args.overwrite, base)
+    save_merged(out, jlora.merge(params, adapters), adapters, config, tokenizer, base, args.save_dtype,
+                card_facts(metadata, run_report(args.checkpoint), args.task))
+    print(f"merged model ({args.save_dtype}, with tokenizer) written to {args.out}", file=sys.stderr)
     return 0
 
 
 def export_peft_cmd(args) -> int:
     import jlora.peft
+    from jlora.models import export
 
-    model, params, _, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
-    options = (metadata.get("adapter") or {}).get("options") or {}
-    out = common.prepare_out(args.out, args.overwrite, args.base or metadata["base"]["name"])
-    out = jlora.peft.export_peft(adapters, config, out, base_model_name_or_path=metadata["base"]["name"],
-                                 use_rslora=bool(options.get("use_rslora")))
-    print(f"PEFT adapter written to {out}", file=sys.stderr)
+    model, params, tokenizer, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
+    base = args.base or metadata["base"]["name"]
+    out = common.prepare_out(args.out, args.overwrite, base)
+    source = export.base_source(base)
+    facts = card_facts(metadata, run_report(args.checkpoint), args.task)
+    reference, base_copy = source.reference, None
+    if args.with_base is not None:
+        # Absolute: PEFT reads a relative base_model_name_or_path from the working directory, not the adapter's.
+        base_copy = (Path(args.with_base).expanduser() if args.with_base else out / "base").resolve()
+        if base_copy.is_dir() and any(base_copy.iterdir()) and not args.overwrite:
+            raise UsageError(f"--with-base: {base_copy} already holds files; pass --overwrite to replace them")
+        export.save_hf(base_copy, jlora.dequantize(params), config, dtype="float32", tokenizer=tokenizer)
+        export.save_model_card(base_copy, f"# {source.name}, as jlora trained on it\n\nThe base weights of the "
+                               f"adapter in {out.resolve()}, dequantised to float32 in Hugging Face's layout.\n")
+        reference = str(base_copy)
+    out = jlora.peft.export_peft(adapters, config, out, base_model_name_or_path=reference,
+                                 use_rslora=facts["use_rslora"])
+    export.save_tokenizer(out, tokenizer, model_max_length=export.context_length(config))
+    export.save_model_card(out, export.model_card(kind="peft", base=source, where=out, adapters=adapters,
+                                                  base_copy=base_copy, **facts))
+    print(f"PEFT adapter written to {out} (base_model_name_or_path: {reference})", file=sys.stderr)
     return 0
 
 

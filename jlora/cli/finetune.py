@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shlex
 import sys
 import time
 
@@ -255,10 +256,13 @@ def finetune(args) -> int:
     for key in (k for k in evaluated[-1] if k.startswith("valid_perplexity")) if evaluated else ():
         report[f"{key}_before"] = evaluated[0][key] if evaluated[0]["step"] == 0 else None
         report[f"{key}_after"] = evaluated[-1][key]
-    from jlora.models.export import save_hf
+    from jlora.cli import export
 
-    for name, task_adapters in zip(names, tasks):  # each task's own merged model
-        save_hf(out / "tasks" / name / "merged", jlora.merge(params, task_adapters), config)
+    report["command"] = "jlora " + shlex.join(map(str, getattr(args, "argv", [])))  # for cards and `jlora merge`
+    for name, task_adapters in zip(names, tasks) if args.merged != "none" else ():
+        # each task's own merged model, with tokenizer and model card
+        export.save_merged(out / "tasks" / name / "merged", jlora.merge(params, task_adapters), task_adapters, config,
+                           tokenizer, args.base, args.merged, export.card_facts(metadata | {"step": args.max_steps}, report, name))
         print(f"task {name}: merged export {out / 'tasks' / name / 'merged'}", file=sys.stderr)
     merged = jlora.merge(params, tasks[0])
     if args.sample_tokens:
@@ -268,8 +272,9 @@ def finetune(args) -> int:
         loop.plot_history(result.history, out / "loss.png")
     except ImportError as error:
         print(f"note: no loss plot: {error}", file=sys.stderr)
-    if not names:
-        save_hf(out / "merged", merged, config)
+    if not names and args.merged != "none":
+        export.save_merged(out / "merged", merged, tasks[0], config, tokenizer, args.base, args.merged,
+                           export.card_facts(metadata | {"step": args.max_steps}, report))
     checkpoint_bytes = checkpoint.dir_bytes(ckpt.directory / str(ckpt.latest_step()))
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a quantised base: its codes and scales
     steps_run = args.max_steps - start
@@ -280,8 +285,9 @@ def finetune(args) -> int:
         "total_seconds": round(time.perf_counter() - start_time, 1),
     }
     (out / "run.json").write_text(json.dumps(report, indent=2))
+    merged_at = "none (--merged none)" if args.merged == "none" else out / "tasks/*/merged" if names else out / "merged"
     print(f"checkpoint: {ckpt.directory / str(ckpt.latest_step())} ({common.human_bytes(checkpoint_bytes)}; "
-          f"base model {common.human_bytes(base_bytes)})\nmerged export: {out / 'tasks/*/merged' if names else out / 'merged'}\nloss curve: {out / 'loss.png'}",
+          f"base model {common.human_bytes(base_bytes)})\nmerged export: {merged_at}\nloss curve: {out / 'loss.png'}",
           file=sys.stderr)
     return 0
 
