@@ -57,6 +57,9 @@ GIB = 2**30
 # Positions of the head applied at a time in the loss: [batch x 128, vocab] float32 logits, 125 MiB
 # for 128k vocabularies at batch 2 (512 positions: 501 MiB, with the softmax and its gradient 1.5 GiB).
 LOSS_CHUNK = 128
+# Vocabulary entries at a time in each chunk's cross entropy: the head's weight is read 16k rows at a
+# time, so the CPU's float32 conversion of a bf16 head is 128 MiB (at 2048 wide), not the whole 1 GiB.
+VOCAB_BLOCK = 16384
 
 
 def compiled_stats(compiled) -> dict:
@@ -72,14 +75,15 @@ def compiled_stats(compiled) -> dict:
 
 def abstract_lora_step(model, batch, seq, rank=16, targets=LINEAR, loss_chunk=None):
     """`(step, args)`: the jitted LoRA train step and abstract `(state, frozen, batch)` to lower it for."""
-    config = train.TrainConfig(batch_size=batch, loss_chunk=loss_chunk or LOSS_CHUNK)
+    config = train.TrainConfig(batch_size=batch, loss_chunk=loss_chunk or LOSS_CHUNK, loss_vocab_block=VOCAB_BLOCK)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     stack_axes = 1 if model.scan else 0
     adapters = jax.eval_shape(
         lambda v: jlora.init(v, rank, targets=targets, stack_axes=stack_axes, key=jax.random.key(1)), variables)
     frozen, trainable = jlora.split(variables, adapters)
     state = jax.eval_shape(lambda t: train.init_state(t, config), trainable)
-    step = train.make_step(functools.partial(model.apply, hidden=True), config, head_fn=model.head)
+    step = train.make_step(functools.partial(model.apply, hidden=True), config, head_fn=model.head,
+                           vocab_size=model.config.vocab_size)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = {"tokens": tokens, "targets": tokens, "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
     return step, (state, frozen, data)
@@ -90,7 +94,8 @@ def abstract_full_step(model, batch, seq, loss_chunk=None):
     tx = optax.adamw(1e-5)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     opt_state = jax.eval_shape(tx.init, params)
-    loss = train.make_loss(functools.partial(model.apply, hidden=True), model.head, loss_chunk or LOSS_CHUNK)
+    loss = train.make_loss(functools.partial(model.apply, hidden=True), model.head, loss_chunk or LOSS_CHUNK,
+                           VOCAB_BLOCK, model.config.vocab_size)
 
     def step(params, opt_state, data):
         value, grads = jax.value_and_grad(

@@ -12,6 +12,7 @@ then spans ``jax.devices()`` of all of them and each host feeds only its own row
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -44,12 +45,13 @@ class TrainConfig:
     lora_plus_ratio: float | None = None
     seed: int = 0
     loss_chunk: int = 0  # positions per chunk of the cross entropy with a head_fn (0: the whole sequence)
+    loss_vocab_block: int = 0  # vocabulary entries at a time in the chunked cross entropy (0: all at once)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
         for name, low in (("max_steps", 1), ("batch_size", 1), ("accumulate", 1), ("warmup_steps", 0), ("seed", 0),
-                          ("loss_chunk", 0)):
+                          ("loss_chunk", 0), ("loss_vocab_block", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -101,16 +103,22 @@ def lm_loss(logits, targets, loss_mask):
     return (ce * mask).sum() / jnp.maximum(count, 1.0), count
 
 
-def chunked_lm_loss(head_fn, hidden, targets, loss_mask, chunk: int):
+def chunked_lm_loss(head_fn, hidden, targets, loss_mask, chunk: int, vocab_block: int = 0, vocab_size: int = 0):
     """:func:`lm_loss` of ``head_fn(hidden)``, ``chunk`` positions at a time, never holding the
     ``[batch, seq, vocab]`` logits: each chunk's logits live inside a ``jax.checkpoint``ed scan step,
     so the backward pass recomputes them chunk by chunk too.
 
     Args:
-      head_fn: ``hidden [B, t, C] -> logits [B, t, V]`` (the model's output head).
+      head_fn: ``hidden [B, t, C] -> logits [B, t, V]`` (the model's output head); with
+        ``vocab_block``, ``head_fn(hidden, start, size)`` gives the logits of entries
+        ``start .. start + size - 1`` only (``model.head``'s ``vocab`` slice).
       hidden: final hidden states ``[B, T, C]``.
       targets, loss_mask: ``[B, T]``.
       chunk: positions per chunk (> 0); T is padded up to a multiple with masked positions.
+      vocab_block: if > 0, each chunk's cross entropy also goes ``vocab_block`` vocabulary entries
+        at a time (:func:`blocked_cross_entropy`): neither the chunk's logits nor a whole copy of
+        the head's weight (XLA's CPU backend converts a bf16 one to float32 for its dot) exists.
+      vocab_size: V, needed with ``vocab_block``.
 
     Returns:
       ``(mean loss over masked positions, their count)``, equal to :func:`lm_loss` of the full logits.
@@ -125,6 +133,8 @@ def chunked_lm_loss(head_fn, hidden, targets, loss_mask, chunk: int):
     batch, length = targets.shape
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of positions, got {chunk!r}")
+    if vocab_block and not 0 < vocab_block <= vocab_size:
+        raise ValueError(f"vocab_block {vocab_block} must be in 1..vocab_size ({vocab_size})")
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
     widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -134,12 +144,57 @@ def chunked_lm_loss(head_fn, hidden, targets, loss_mask, chunk: int):
     @jax.checkpoint
     def chunk_loss(total, xs):
         h, t, m = xs
-        ce = optax.softmax_cross_entropy_with_integer_labels(head_fn(h).astype(jnp.float32), t)
+        if vocab_block:
+            ce = blocked_cross_entropy(functools.partial(head_fn, h), t, vocab_size, vocab_block)
+        else:
+            ce = optax.softmax_cross_entropy_with_integer_labels(head_fn(h).astype(jnp.float32), t)
         return total + (ce * m).sum(), None
 
     total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
     count = mask.sum()
     return total / jnp.maximum(count, 1.0), count
+
+
+def blocked_cross_entropy(logits_of, targets, vocab_size: int, block: int):
+    """Softmax cross entropy over ``vocab_size`` classes, ``block`` logits at a time (an online
+    logsumexp), each block recomputed in the backward pass.
+
+    Args:
+      logits_of: ``logits_of(start, size) -> [..., size]``, the logits of classes ``start ..
+        start + size - 1``; ``start`` is traced.
+      targets: int ``[...]``.
+      vocab_size, block: ``0 < block <= vocab_size``; the last block is shifted to end at
+        ``vocab_size`` and its classes already seen are masked out.
+
+    Returns:
+      ``[...]`` float32, ``optax.softmax_cross_entropy_with_integer_labels`` of the full logits.
+
+    Example:
+      >>> logits = jnp.array([[2.0, -1.0, 0.5, 3.0, 0.0]])
+      >>> blocked = blocked_cross_entropy(lambda s, n: jax.lax.dynamic_slice_in_dim(logits, s, n, 1), jnp.array([3]), 5, 2)
+      >>> bool(jnp.allclose(blocked, optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([3]))))
+      True
+    """
+    blocks = -(-vocab_size // block)
+
+    @jax.checkpoint
+    def step(carry, index):
+        top, total, picked = carry
+        first = index * block  # this block's first class not yet seen
+        start = jnp.minimum(first, vocab_size - block)
+        classes = start + jnp.arange(block)
+        logits = jnp.where(classes >= first, logits_of(start, block).astype(jnp.float32), -jnp.inf)
+        new_top = jax.lax.stop_gradient(jnp.maximum(top, logits.max(-1)))
+        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(-1)
+        here = (targets >= first) & (targets < first + block)
+        at = jnp.clip(targets - start, 0, block - 1)[..., None]
+        picked = picked + jnp.where(here, jnp.take_along_axis(logits, at, axis=-1)[..., 0], 0.0)
+        return (new_top, total, picked), None
+
+    shape = targets.shape
+    start = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape))
+    (top, total, picked), _ = jax.lax.scan(step, start, jnp.arange(blocks))
+    return top + jnp.log(total) - picked
 
 
 def init_state(trainable, config: TrainConfig, tx=None) -> TrainState:
@@ -151,20 +206,25 @@ def init_state(trainable, config: TrainConfig, tx=None) -> TrainState:
     )
 
 
-def make_loss(apply_fn: Callable, head_fn: Callable | None = None, loss_chunk: int = 0) -> Callable:
+def make_loss(apply_fn: Callable, head_fn: Callable | None = None, loss_chunk: int = 0, vocab_block: int = 0,
+              vocab_size: int = 0) -> Callable:
     """``loss(params, tokens, targets, loss_mask) -> (mean loss, count)`` of a base model, the
     function :func:`make_step` gives to ``jlora.adapt``, so adapters on the head train too.
 
     Without ``head_fn``, ``apply_fn(params, tokens)`` returns logits. With it, ``apply_fn`` returns
     the final hidden states and ``head_fn(params, hidden) -> logits`` is applied ``loss_chunk``
-    positions at a time (:func:`chunked_lm_loss`; 0 means the whole sequence in one chunk).
+    positions at a time (:func:`chunked_lm_loss`; 0 means the whole sequence in one chunk), and with
+    ``vocab_block`` (``vocab_size`` the head's width) that many vocabulary entries at a time:
+    ``head_fn(params, hidden, vocab=(start, size))``.
     """
     if head_fn is None:
         return lambda params, tokens, targets, mask: lm_loss(apply_fn(params, tokens), targets, mask)
 
     def loss(params, tokens, targets, mask):
         hidden = apply_fn(params, tokens)
-        return chunked_lm_loss(lambda h: head_fn(params, h), hidden, targets, mask, loss_chunk or tokens.shape[1])
+        head = (lambda h, start, size: head_fn(params, h, vocab=(start, size))) if vocab_block else (
+            lambda h: head_fn(params, h))
+        return chunked_lm_loss(head, hidden, targets, mask, loss_chunk or tokens.shape[1], vocab_block, vocab_size)
 
     return loss
 
@@ -180,14 +240,16 @@ def task_loss(logits, targets, loss_mask, adapter_ids, tasks: int):
     return (sums / jnp.maximum(counts, 1.0)).sum(), counts.sum()
 
 
-def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callable | None = None, tasks: int = 0):
+def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callable | None = None, tasks: int = 0,
+              vocab_size: int = 0):
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``apply_fn(params, tokens) -> logits`` is the base model; it runs through the factored
     ``jlora.adapt``. With ``head_fn``, ``apply_fn`` returns final hidden states instead (e.g.
     ``partial(model.apply, hidden=True)`` with ``head_fn=model.head``) and the loss applies the head
     ``config.loss_chunk`` positions at a time, so the full float32 logits never exist (see
-    :func:`make_loss`). The batch dict holds ``tokens``, ``targets`` and ``loss_mask`` of shape
+    :func:`make_loss`; ``config.loss_vocab_block`` also splits the vocabulary, of ``vocab_size``
+    entries). The batch dict holds ``tokens``, ``targets`` and ``loss_mask`` of shape
     ``[batch_size, seq_len]``; with ``accumulate`` k it is split into k micro-batches whose
     gradients are averaged before one update. Adapter gradients, the optimizer state and the loss
     are float32 whatever the base's dtype (adapters are made float32).
@@ -201,7 +263,10 @@ def make_step(apply_fn: Callable, config: TrainConfig, tx=None, head_fn: Callabl
         raise ValueError(f"make_step with tasks={tasks} takes neither head_fn (loss_chunk) nor accumulate "
                          f"{config.accumulate} > 1: a micro-batch or chunk would mix the tasks' means")
     tx = tx or make_optimizer(config)
-    adapted = jlora.adapt(make_loss(apply_fn, head_fn, config.loss_chunk), dropout=config.dropout)
+    if config.loss_vocab_block and (head_fn is None or not vocab_size):
+        raise ValueError("loss_vocab_block needs make_step's head_fn and vocab_size (the head's width)")
+    loss = make_loss(apply_fn, head_fn, config.loss_chunk, config.loss_vocab_block, vocab_size)
+    adapted = jlora.adapt(loss, dropout=config.dropout)
     per_example = jlora.adapt(apply_fn, dropout=config.dropout)
 
     def loss_fn(trainable, frozen, batch, rng):

@@ -154,6 +154,26 @@ def test_chunked_loss_equals_the_full_loss_with_lora_on_the_head(kind, head):
     assert chunked(variables, adapters, *batch)[1] == 13
 
 
+@pytest.mark.parametrize("kind, head", [("llama", "lm_head"), ("gpt2", "wte")])
+def test_vocab_blocked_loss_equals_the_full_loss_in_value_and_gradients(kind, head):
+    """64 vocabulary entries 10 at a time: the last block is shifted back and its repeats masked."""
+    model, variables, tokens = jax_model(kind)
+    targets = LLAMA_LINEAR if kind == "llama" else GPT2_LINEAR
+    adapters = trained(jlora.init(variables, rank=4, targets=targets, key=jax.random.key(1)))
+    batch = (tokens, jnp.roll(tokens, -1, axis=1), jnp.ones(tokens.shape).at[0, :3].set(0))
+    full = jlora.adapt(train.make_loss(model.apply), strict=True)
+    blocked = jlora.adapt(train.make_loss(functools.partial(model.apply, hidden=True), model.head, 3, vocab_block=10,
+                                          vocab_size=64), strict=True)
+    grad = lambda loss: jax.jit(jax.value_and_grad(lambda a: loss(variables, a, *batch)[0]))(adapters)
+    (want, want_grads), (got, got_grads) = grad(full), grad(blocked)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert_trees_close(got_grads, want_grads, tol=1e-6)
+    with pytest.raises(ValueError, match="vocab_block 65 must be in 1..vocab_size \\(64\\)"):
+        train.chunked_lm_loss(model.head, tokens[..., None], tokens, jnp.ones(tokens.shape), 3, 65, 64)
+    with pytest.raises(ValueError, match="loss_vocab_block needs make_step's head_fn and vocab_size"):
+        train.make_step(model.apply, train.TrainConfig(loss_vocab_block=8))
+
+
 def test_step_with_a_chunked_head_equals_the_step_without(setup):
     model, _, frozen, trainable, batch = setup
     config = train.TrainConfig(max_steps=3, batch_size=8, loss_chunk=5)

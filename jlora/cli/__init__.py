@@ -119,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
                         "(long sequences; default: all at once)")
     p.add_argument("--loss-chunk", type=COUNT, help="apply the output head this many positions at a time in the loss, "
                    "never holding the full [batch, seq, vocab] logits")
+    p.add_argument("--loss-vocab-block", type=COUNT, metavar="N",
+                   help="with --loss-chunk: also N vocabulary entries at a time (an online softmax), never holding "
+                        "a chunk's full logits (large vocabularies; default: all at once)")
     p.add_argument("--seed", type=NONNEGATIVE, default=0)
     p.add_argument("--eval-batches", type=COUNT, default=8, help="validation batches before and after")
     p.add_argument("--save-every", type=COUNT, default=50)

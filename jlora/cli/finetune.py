@@ -107,6 +107,8 @@ def finetune(args) -> int:
     if args.batch_size % (args.accumulate * jax.device_count()):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
                          f"times the {jax.device_count()} devices the batch is split over")
+    if args.loss_vocab_block and not args.loss_chunk:
+        raise UsageError("--loss-vocab-block splits the chunks of --loss-chunk; give --loss-chunk too")
     if args.fsdp and jax.device_count() % args.fsdp:
         raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
     from jlora.models import layers
@@ -129,7 +131,7 @@ def finetune(args) -> int:
         learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
         accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
-        loss_chunk=args.loss_chunk or 0,
+        loss_chunk=args.loss_chunk or 0, loss_vocab_block=args.loss_vocab_block or 0,
     )
     metadata = {
         "base": common.base_identity(args.base, params, args.quantize),
@@ -214,7 +216,8 @@ def finetune(args) -> int:
                 if key.startswith("valid_perplexity"):
                     print(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}", file=sys.stderr)
 
-    step_fn = (train.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head)
+    step_fn = (train.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head,
+                               vocab_size=config.vocab_size)
                if args.loss_chunk else train.make_step(model.apply, config_train, tasks=len(names)))
     rows = distributed.process_rows(args.batch_size, train.batch_sharding(mesh))  # this process's share
 

@@ -15,6 +15,7 @@ import dataclasses
 from functools import partial
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jlora.models import attention, layers
@@ -161,9 +162,11 @@ class GPT2(nn.Module):
             return logits
         return logits, {**new_cache, "index": start + tokens.shape[1]}
 
-    def head(self, variables, x):
-        """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`."""
+    def head(self, variables, x, vocab=None):
+        """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`;
+        with `vocab=(start, size)`, of those `size` entries only (`start` may be traced)."""
         embedding = variables["params"]["wte"]["embedding"]
+        embedding = embedding if vocab is None else jax.lax.dynamic_slice_in_dim(embedding, *vocab, axis=0)
         return jnp.einsum("...c,vc->...v", x.astype(self.dtype), embedding.astype(self.dtype)).astype(jnp.float32)
 
     def init_cache(self, batch_size, max_length):

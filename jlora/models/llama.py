@@ -409,13 +409,18 @@ class Llama(nn.Module):
             return logits
         return logits, {**new_cache, "index": start + tokens.shape[1]}
 
-    def head(self, variables, x):
-        """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`."""
+    def head(self, variables, x, vocab=None):
+        """Float32 logits of final hidden states `x` [..., C] from `apply(variables, tokens, hidden=True)`;
+        with `vocab=(start, size)`, of those `size` entries only (`start` may be traced)."""
         params = variables["params"]
         x = x.astype(self.dtype)
         if self.config.tie_word_embeddings:  # contract with the [V, C] table as it is: no transposed copy
-            return jnp.einsum("...c,vc->...v", x, params["embed_tokens"]["embedding"].astype(self.dtype)).astype(jnp.float32)
-        return jnp.dot(x, params["lm_head"]["kernel"].astype(self.dtype)).astype(jnp.float32)
+            table = params["embed_tokens"]["embedding"]
+            table = table if vocab is None else jax.lax.dynamic_slice_in_dim(table, *vocab, axis=0)
+            return jnp.einsum("...c,vc->...v", x, table.astype(self.dtype)).astype(jnp.float32)
+        kernel = params["lm_head"]["kernel"]
+        kernel = kernel if vocab is None else jax.lax.dynamic_slice_in_dim(kernel, *vocab, axis=1)
+        return jnp.dot(x, kernel.astype(self.dtype)).astype(jnp.float32)
 
     def init_cache(self, batch_size, max_length):
         """An empty cache for `batch_size` rows of at most `max_length` positions (prompt + new tokens)."""
