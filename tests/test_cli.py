@@ -94,7 +94,7 @@ def test_generate_runs_several_checkpoints_in_one_batch(tmp_path, capsys):
     for out, lr in zip(runs, ["1e-2", "3e-2"]):
         assert run("finetune", "--max-steps", 1, "--lr", lr, "--out", out, *SMALL) == 0
     capsys.readouterr()
-    flags = ["--prompt", "ROMEO:", "--max-new-tokens", 6]
+    flags = ["--prompt", "ROMEO:", "--max-new-tokens", 6, "--temperature", 0]  # one key draws a whole batch
     alone = []
     for out in runs:
         assert run("generate", "--checkpoint", out, *flags) == 0
@@ -339,3 +339,101 @@ def test_help_does_not_import_jax_and_the_method_choices_are_the_adapter_kinds()
     assert cli.METHODS == sorted(adapter.BUNDLED)
     probe = "import sys; from jlora import cli; cli.parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax')))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+# ---- sampling, chat, help texts, no empty output folders ----
+
+
+def test_every_flag_of_every_command_has_help_and_shows_its_default_once():
+    top = cli.parser()
+    commands = next(a for a in top._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    assert set(commands) == {"finetune", "generate", "chat", "eval", "merge", "export-peft", "import-peft"}
+    assert top.allow_abbrev is False
+    for name, command in commands.items():
+        assert command.allow_abbrev is False, name
+        formatter = command._get_formatter()
+        for action in command._actions:
+            assert action.help and action.help.strip(), f"{name} {action.dest} has no help"
+            text = formatter._get_help_string(action) % {"default": action.default}
+            assert text.count("default") <= 1, f"{name} {action.dest}: {text}"
+            if action.option_strings and action.dest != "help" and not any(action.default is v for v in (None, False)):
+                assert f"(default: {action.default!r})" in text or f"(default: {action.default})" in text, text
+    # The base of a checkpoint command is the checkpoint's: the help says so, and names no unused default.
+    for name in ("merge", "export-peft"):
+        base = next(a for a in commands[name]._actions if a.dest == "base")
+        assert base.default is None and base.help.endswith("(default: the base the checkpoint records)")
+
+
+@pytest.mark.parametrize("argv", [["finetune", "--max-step", 5], ["generate", "--temp", 0], ["chat", "--checkpo", "x"],
+                                  ["eval", "--max-batch", 1], ["merge", "a", "b", "--over"]])
+def test_abbreviated_flags_are_errors_in_every_command(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        run(*argv)
+    flag = next(a for a in argv if str(a).startswith("--"))
+    assert exited.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+class Typed:
+    """stdin fed line by line; `after_each` runs when a reply is done and the next line is read."""
+
+    def __init__(self, lines, after_each):
+        self.lines, self.after_each, self.read = list(lines), after_each, 0
+
+    def isatty(self):
+        return False
+
+    def readline(self):
+        if self.read:
+            self.after_each()
+        self.read += 1
+        return self.lines.pop(0) if self.lines else ""
+
+
+def test_chat_replies_as_generate_does_and_compiles_once(monkeypatch, capsys):
+    import importlib
+    import sys
+
+    generation = importlib.import_module("jlora.models.generate")
+    prompts = ["ROMEO:", "JULIET, my love, where art thou?"]  # 3 and 11 tokens: one prompt bucket
+    flags = ["--max-new-tokens", 6, "--temperature", 0]
+    expected = []
+    for prompt in prompts:
+        assert run("generate", "--prompt", prompt, *flags) == 0
+        expected.append(capsys.readouterr().out[len(prompt):])
+    compiles = []
+    monkeypatch.setattr(sys, "stdin", Typed([p + "\n" for p in prompts], lambda: compiles.append(
+        (generation._prefill._cache_size(), generation._decode._cache_size()))))
+    assert run("chat", "--no-template", "--context", 64, *flags) == 0
+    assert capsys.readouterr().out == "".join(expected)
+    assert len(compiles) == 2 and compiles[0] == compiles[1]  # the second prompt compiled nothing
+
+
+def test_finetune_samples_with_the_sampling_flags(tmp_path, capsys):
+    flags = ["--temperature", 1.5, "--top-k", 50, "--top-p", 0.95, "--repetition-penalty", 1.3, "--seed", 3]
+    assert run("finetune", "--max-steps", 1, "--out", tmp_path / "run", *SMALL, *flags) == 0
+    before = json.loads((tmp_path / "run" / "run.json").read_text())["sample_before"]
+    capsys.readouterr()
+    assert run("generate", "--max-new-tokens", 4, *flags) == 0
+    assert capsys.readouterr().out == cli.DEFAULT_PROMPT + before + "\n"
+    assert run("generate", "--max-new-tokens", 4, *flags[:-1], 4) == 0  # another seed, another sample
+    assert capsys.readouterr().out != cli.DEFAULT_PROMPT + before + "\n"
+
+
+def test_failed_commands_leave_no_new_empty_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "run"
+    assert run("finetune", "--out", out, "--data", tmp_path / "missing.txt", *SMALL) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert run("finetune", "--out", out, "--base", tmp_path / "no-such-model", *SMALL) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "new").exists()
+    # In an existing folder: what the command made goes, what was there stays.
+    kept = tmp_path / "kept"
+    (kept / "empty-before").mkdir(parents=True)
+    assert run("finetune", "--out", kept, "--data", tmp_path / "missing.txt", *SMALL) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["empty-before"]
+    (tmp_path / "not-a-run").mkdir()
+    for bad in (tmp_path / "no-such-run", tmp_path / "not-a-run"):
+        assert run("merge", bad, tmp_path / "merged" / "here") == 2
+        capsys.readouterr()
+        assert not (tmp_path / "merged").exists()

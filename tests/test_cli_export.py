@@ -41,7 +41,8 @@ def run(*argv):
 
 def jlora_generate(run_dir, capsys, *base):
     capsys.readouterr()
-    assert run("generate", "--checkpoint", run_dir, "--prompt", PROMPT, "--max-new-tokens", NEW, *base) == 0
+    greedy = ["--temperature", 0, "--repetition-penalty", 1]  # transformers' generate(do_sample=False)
+    assert run("generate", "--checkpoint", run_dir, "--prompt", PROMPT, "--max-new-tokens", NEW, *greedy, *base) == 0
     return capsys.readouterr().out[:-1]  # print's newline
 
 

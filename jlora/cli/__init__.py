@@ -6,6 +6,7 @@ batches, ``jlora.train`` steps, ``jlora.checkpoint`` saves adapters.
     jlora finetune --max-steps 100 --out runs/shakespeare
     jlora generate --checkpoint runs/shakespeare --prompt "ROMEO:"
     jlora generate --checkpoint runs/a --checkpoint runs/b --prompt "ROMEO:"   # both in one batch
+    jlora chat --checkpoint runs/shakespeare --no-template    # one prompt per line of stdin, one compile
     jlora eval --checkpoint runs/shakespeare --data play.txt
     jlora finetune --task a=a.txt --task b=b.txt --out runs/ab     # one adapter per dataset, one base
     jlora eval --checkpoint runs/ab --task a --data a.txt
@@ -18,6 +19,7 @@ import argparse
 import importlib
 import math
 import sys
+from pathlib import Path
 
 # Only argparse at import time, so `jlora --help` answers at once; each command imports JAX and its
 # module (jlora.cli.finetune, .generate, .export) when it runs.
@@ -63,54 +65,91 @@ def methods() -> list[str]:
     return sorted(set(METHODS) | set(registry.KINDS if registry else ()))
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    sub = top.add_subparsers(dest="command", required=True)
+def probability(text):
+    """An argparse type: a number > 0 and <= 1."""
+    value = number(float, 0, above=True)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: it must be > 0 and <= 1")
+    return value
 
-    def command(name, help, base_help):
-        p = sub.add_parser(name, help=help, allow_abbrev=False)
-        p.add_argument("--base", default=DEFAULT_BASE if name == "finetune" else None, help=base_help)
-        p.add_argument("--dtype", choices=DTYPES, default="float32")
+
+class Help(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help when it has a default worth showing (not None, False or
+    a default the text already describes)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        return text if not shown or "default" in text else f"{text} (default: %(default)s)"
+
+
+def sampling_flags(p, what, temperature):
+    """--temperature, --top-k, --top-p, --repetition-penalty and --seed for `what`."""
+    p.add_argument("--temperature", type=number(float, 0), default=temperature,
+                   help=f"divide the logits of {what} by this before sampling; 0: greedy, always the most likely token")
+    p.add_argument("--top-k", type=NONNEGATIVE, default=0, help="sample among the k most likely tokens only; 0: all")
+    p.add_argument("--top-p", type=probability, default=0.9,
+                   help="sample among the most likely tokens whose probabilities add up to this (nucleus); 1: all")
+    p.add_argument("--repetition-penalty", type=POSITIVE, default=1.1,
+                   help="divide the logit of each token already in the prompt or reply by this (multiply if negative), "
+                        "as transformers' repetition_penalty; 1: off")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                  formatter_class=Help)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, base_help, quantize=True):
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False, formatter_class=Help)
+        p.add_argument("--base", default=DEFAULT_BASE if name in ("finetune", "import-peft") else None,
+                       help=f"the base model: a name, a GGUF file or a Hugging Face directory{base_help}")
+        p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the base's weights and compute")
         p.add_argument("--config", metavar="FILE", help="read flags from a .yaml or .toml file (keys: the flag names, "
                        "e.g. max_steps: 200); flags given here override it")
-        p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a GGUF "
-                       "base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: the checkpoint's, else none)")
-        if name in ("generate", "eval", "merge", "export-peft"):
+        if quantize:
+            p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a "
+                           "GGUF base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: what the checkpoint's run used, "
+                           "else none)" if name != "finetune" else "keep the frozen base in 4 or 8 bits (QLoRA); "
+                           "gguf: a GGUF base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: none)")
+        if name in ("generate", "chat", "eval", "merge", "export-peft"):
             p.add_argument("--task", metavar="NAME", help="of a checkpoint trained with --task: this task's adapter")
         return p
 
-    from_checkpoint = f"model name or path (default: the checkpoint's base, else {DEFAULT_BASE})"
-    p = command("finetune", "fine-tune adapters on text or prompt/completion JSONL", f"model name or path (default {DEFAULT_BASE})")
+    with_checkpoint = f" (default: the base the checkpoint records; without --checkpoint, {DEFAULT_BASE})"
+    p = command("finetune", "fine-tune adapters on text or prompt/completion JSONL", "")
     p.add_argument("--data", nargs="+", help="training .txt or .jsonl files (default: bundled Shakespeare)")
     p.add_argument("--task", action="append", metavar="NAME=PATH",
                    help="instead of --data: one adapter per task, trained on PATH, all in one run on one base (repeat)")
     p.add_argument("--valid", nargs="+", help="validation files (default: the corpus's held-out plays)")
-    p.add_argument("--valid-fraction", type=number(float, 0, 1, above=True), help="hold out this share of --data instead of --valid")
-    p.add_argument("--method", choices=methods(), help=f"adapter kind (default {DEFAULT_METHOD})")
-    p.add_argument("--rank", type=COUNT, help="LoRA rank r (default 8)")
-    p.add_argument("--alpha", type=POSITIVE, help="lora_alpha (default: rank, so scaling 1)")
-    p.add_argument("--rslora", dest="use_rslora", action="store_true", default=None, help="scaling alpha/sqrt(rank)")
+    p.add_argument("--valid-fraction", type=number(float, 0, 1, above=True),
+                   help="hold out this share of --data instead of --valid")
+    p.add_argument("--method", choices=methods(), help=f"adapter kind (default: {DEFAULT_METHOD})")
+    p.add_argument("--rank", type=COUNT, help="LoRA rank r (default: 8)")
+    p.add_argument("--alpha", type=POSITIVE, help="lora_alpha (default: the rank, so scaling 1)")
+    p.add_argument("--rslora", dest="use_rslora", action="store_true", default=None,
+                   help="scale by alpha/sqrt(rank) instead of alpha/rank")
     p.add_argument("--targets", help="comma-separated module names or a regex (default: the kind's)")
-    p.add_argument("--bias", choices=["none", "all", "lora_only"], help="base biases that train (default none)")
-    p.add_argument("--max-steps", type=COUNT, default=100)
-    p.add_argument("--batch-size", type=SIZE, default=4)
-    p.add_argument("--seq-len", type=number(int, 2), default=128)
+    p.add_argument("--bias", choices=["none", "all", "lora_only"], help="base biases that train (default: none)")
+    p.add_argument("--max-steps", type=COUNT, default=100, help="optimizer steps in all (a resumed run counts its earlier ones)")
+    p.add_argument("--batch-size", type=SIZE, default=4, help="sequences per step")
+    p.add_argument("--seq-len", type=number(int, 2), default=128, help="tokens per training sequence")
     p.add_argument("--accumulate", type=COUNT, default=1, help="micro-batches per step")
-    p.add_argument("--lr", type=POSITIVE, default=1e-3)
-    p.add_argument("--warmup", type=NONNEGATIVE, default=10)
-    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=NONNEGATIVE, default=10, help="steps of linear warm-up to --lr")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="decay of the learning rate after warm-up")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay of the adapters")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="global norm clip (0: none)")
     p.add_argument("--dropout", type=SHARE, default=0.0, help="LoRA dropout")
-    p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: B's learning rate over A's")
+    p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: B's learning rate over A's (default: 1, plain LoRA)")
     p.add_argument("--fsdp", nargs="?", const=0, type=COUNT, metavar="N",
                    help="shard the frozen base over every device, or over groups of N devices (a copy per group)")
     p.add_argument("--distributed", action=argparse.BooleanOptionalAction,
                    help="join a multi-process job (default: when JAX_COORDINATOR_ADDRESS is set or JAX detects "
                         "SLURM, Open MPI, Kubernetes or a Cloud TPU slice); --no-distributed: run alone")
-    p.add_argument("--coordinator", help="host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=COUNT, help="processes in the job (default $JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=NONNEGATIVE, help="this process's index (default $JAX_PROCESS_ID)")
+    p.add_argument("--coordinator", help="host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=COUNT, help="processes in the job (default: $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=NONNEGATIVE, help="this process's index (default: $JAX_PROCESS_ID)")
     p.add_argument("--scan", action="store_true", help="stack the layers with nn.scan (compile time independent of depth)")
     p.add_argument("--remat", choices=["none", "dots", "full"], default="none",
                    help="recompute activations in the backward pass: none, the matmul outputs kept (dots), or all (full)")
@@ -118,44 +157,58 @@ def parser() -> argparse.ArgumentParser:
                    help="compute attention N queries at a time, never holding the [batch, heads, seq, seq] scores "
                         "(long sequences; default: all at once)")
     p.add_argument("--loss-chunk", type=COUNT, help="apply the output head this many positions at a time in the loss, "
-                   "never holding the full [batch, seq, vocab] logits")
+                   "never holding the full [batch, seq, vocab] logits (default: all at once)")
     p.add_argument("--loss-vocab-block", type=COUNT, metavar="N",
                    help="with --loss-chunk: also N vocabulary entries at a time (an online softmax), never holding "
                         "a chunk's full logits (large vocabularies; default: all at once)")
-    p.add_argument("--seed", type=NONNEGATIVE, default=0)
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the adapters' init, data order, dropout and samples")
     p.add_argument("--eval-batches", type=COUNT, default=8, help="validation batches before and after")
-    p.add_argument("--save-every", type=COUNT, default=50)
+    p.add_argument("--save-every", type=COUNT, default=50, help="steps between checkpoints")
     p.add_argument("--keep", type=COUNT, default=3, help="checkpoints to keep (at least 1)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the before/after samples")
-    p.add_argument("--sample-tokens", type=NONNEGATIVE, default=40)
-    p.add_argument("--out", default="runs/jlora")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt for the before/after samples (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--sample-tokens", type=NONNEGATIVE, default=40, help="tokens in each sample (0: no samples)")
+    sampling_flags(p, "the before/after samples", 0.7)
+    p.add_argument("--out", default="runs/jlora", help="run directory: checkpoints, merged model, history, loss plot")
     p.add_argument("--merged", choices=MERGED, default="bf16", help="dtype of the merged model written to OUT/merged "
                    "(with tokenizer and model card; none: skip it, the adapter checkpoint alone is kept)")
     p.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
     p.set_defaults(run="finetune:finetune")
 
-    p = command("generate", "continue a prompt with the base or base + adapters", from_checkpoint)
+    p = command("generate", "continue a prompt with the base or base + adapters", with_checkpoint)
     p.add_argument("--checkpoint", action="append",
                    help="a run directory or its checkpoints/; repeat it to run several in one batch, one sequence each")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the text to continue (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=NONNEGATIVE, default=60)
-    p.add_argument("--temperature", type=number(float, 0), default=0.0)
-    p.add_argument("--seed", type=NONNEGATIVE, default=0)
+    p.add_argument("--max-new-tokens", type=NONNEGATIVE, default=60, help="the most tokens to add")
+    sampling_flags(p, "each new token", 0.7)
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the sampling")
     p.set_defaults(run="generate:generate_cmd")
 
-    p = command("eval", "perplexity of the base or base + adapters on a file", from_checkpoint)
-    p.add_argument("--checkpoint")
+    p = command("chat", "talk to the base or base + adapters: one prompt per line of stdin, until end of input; "
+                "loaded and compiled once", with_checkpoint)
+    p.add_argument("--checkpoint", help="a run directory or its checkpoints/")
+    p.add_argument("--template", action=argparse.BooleanOptionalAction,
+                   help="keep the conversation in the model's chat template (default: when the model has one); "
+                        "--no-template: continue each line alone as plain text")
+    p.add_argument("--max-new-tokens", type=COUNT, default=200, help="the most tokens in each reply")
+    p.add_argument("--context", type=number(int, 2), default=2048,
+                   help="tokens of conversation and reply held at once (at most the model's); older turns are dropped")
+    sampling_flags(p, "each new token", 0.7)
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the sampling; every reply starts from it")
+    p.set_defaults(run="generate:chat_cmd")
+
+    p = command("eval", "perplexity of the base or base + adapters on a file", with_checkpoint)
+    p.add_argument("--checkpoint", help="a run directory or its checkpoints/ (default: the base alone)")
     p.add_argument("--data", nargs="+", help="text or JSONL files (default: the corpus's validation plays)")
-    p.add_argument("--seq-len", type=number(int, 2), default=128)
-    p.add_argument("--batch-size", type=SIZE, default=8)
-    p.add_argument("--max-batches", type=COUNT, default=16)
+    p.add_argument("--seq-len", type=number(int, 2), default=128, help="tokens per sequence")
+    p.add_argument("--batch-size", type=SIZE, default=8, help="sequences per batch")
+    p.add_argument("--max-batches", type=COUNT, default=16, help="the most batches to score")
     p.set_defaults(run="generate:eval_cmd")
 
     for name, help, run in (("merge", "write base + adapters as one Hugging Face safetensors model", "export:merge_cmd"),
                             ("export-peft", "write a checkpoint's adapters in PEFT's format", "export:export_peft_cmd")):
-        p = command(name, help, from_checkpoint)
-        p.add_argument("checkpoint")
+        p = command(name, help, " (default: the base the checkpoint records)", quantize=False)
+        p.add_argument("checkpoint", help="a run directory or its checkpoints/")
         p.add_argument("out", help="a new or empty directory")
         p.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
         if name == "merge":
@@ -167,8 +220,8 @@ def parser() -> argparse.ArgumentParser:
                                 "(default OUT/base) and name it as the adapter's base_model_name_or_path")
         p.set_defaults(run=run)
 
-    p = command("import-peft", "turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint", f"model name or path (default {DEFAULT_BASE})")
-    p.add_argument("peft_dir")
+    p = command("import-peft", "turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint", "", quantize=False)
+    p.add_argument("peft_dir", help="a directory with adapter_config.json and adapter_model.safetensors")
     p.add_argument("out", help="an empty directory for the checkpoint")
     p.set_defaults(run="export:import_peft_cmd")
     top.commands = sub.choices  # each command's parser by name, for --config
@@ -207,16 +260,42 @@ EXPECTED = (UsageError, ValueError, NotImplementedError, FileNotFoundError, NotA
 def main(argv=None) -> int:
     args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the model card
+    out = getattr(args, "out", None)
+    made = new_directories(out) if out else None
+    status = 1
     try:
         module, name = args.run.split(":")
-        return getattr(importlib.import_module(f"jlora.cli.{module}"), name)(args)
+        status = getattr(importlib.import_module(f"jlora.cli.{module}"), name)(args)
+        return status
     except EXPECTED as error:
         print(f"jlora {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return (status := 2)
     except KeyboardInterrupt:
         print(f"\njlora {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return (status := 130)
+    finally:
+        if made and status != 0:
+            remove_if_empty(made())
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def new_directories(path):
+    """A function that lists the directories made since this call where a command writes to ``path``:
+    ``path`` and its parents that do not exist yet, or, when ``path`` is a directory already, those
+    that appear in it. Deepest first."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        before = set(path.iterdir())
+        return lambda: [p for p in path.iterdir() if p not in before and p.is_dir()]
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    return lambda: missing
+
+
+def remove_if_empty(directories):
+    """Removes each of ``directories`` that holds no file (only empty directories, if any), so a failed
+    command leaves no empty output folder behind; never a file, nor a directory that holds one."""
+    for directory in directories:
+        if not directory.is_dir() or any(not p.is_dir() for p in directory.rglob("*")):
+            continue
+        for inner in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            inner.rmdir()
+        directory.rmdir()

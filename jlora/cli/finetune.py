@@ -302,6 +302,7 @@ def saved_note(last_saved, ckpt) -> str:
 
 
 def sample(model, params, tokenizer, args) -> str:
+    from jlora.cli.generate import sampling
     from jlora.models import complete
 
-    return complete(model, params, tokenizer, args.prompt, args.sample_tokens)
+    return complete(model, params, tokenizer, args.prompt, args.sample_tokens, seed=args.seed, **sampling(args))

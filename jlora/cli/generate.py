@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -45,28 +46,65 @@ def generate_many(args) -> int:
     out = generate(lambda v, tokens, cache: adapted(v["params"], v["adapters"], tokens, cache, adapter_ids=v["ids"]),
                    dict(params=params, adapters=stacked, ids=jnp.arange(n)), jnp.tile(jnp.array([ids]), (n, 1)),
                    model.init_cache(n, len(ids) + new), max_new_tokens=new, eos_id=tokenizer.eos_id,
-                   temperature=args.temperature, rng=jax.random.key(args.seed))
+                   rng=jax.random.key(args.seed), **sampling(args))
     for path, row in zip(args.checkpoint, out):
         print(f"==> {path} <==\n{prompt}{tokenizer.decode(row[len(ids):].tolist(), skip_special_tokens=True)}")
     return 0
 
 
+def sampling(args) -> dict:
+    """The sampling flags as keywords of `jlora.models.generate` (and `complete`, `chat` with ``seed``)."""
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty)
+
+
+def load_merged(args, checkpoint_path):
+    """``(model, params, tokenizer)``: the base with a run's adapters merged in once (no extra latency
+    per token), or the base alone, dequantised (generation runs on the dequantised weights)."""
+    if checkpoint_path:
+        model, params, tokenizer, _, adapters, _ = common.load_run(checkpoint_path, args.base, args.dtype, args.quantize,
+                                                                   task=args.task)
+        return model, jlora.merge(params, adapters), tokenizer
+    model, params, tokenizer, _ = common.load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize)
+    return model, jlora.dequantize(params), tokenizer
+
+
 def generate_cmd(args) -> int:
     if args.checkpoint and len(args.checkpoint) > 1:
         return generate_many(args)
-    if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = common.load_run(args.checkpoint[0], args.base, args.dtype, args.quantize, task=args.task)
-        params = jlora.merge(params, adapters)  # merged once: no extra latency per token
-    else:
-        model, params, tokenizer, _ = common.load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize)
-        params = jlora.dequantize(params)  # generation runs on the dequantised weights
+    model, params, tokenizer = load_merged(args, args.checkpoint and args.checkpoint[0])
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     from jlora.models import complete
 
-    print(prompt + complete(model, params, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
-                            seed=args.seed))
+    print(prompt + complete(model, params, tokenizer, prompt, args.max_new_tokens, seed=args.seed, **sampling(args)))
+    return 0
+
+
+def chat_cmd(args) -> int:
+    """Replies to each line of stdin in turn, the model loaded, merged and compiled once."""
+    from jlora.models import chat
+
+    model, params, tokenizer = load_merged(args, args.checkpoint)
+    template = tokenizer.chat_template is not None if args.template is None else args.template
+    if template and tokenizer.chat_template is None:
+        raise UsageError(f"{args.base or 'this base'} has no chat template; pass --no-template to continue plain text")
+    interactive = sys.stdin.isatty()
+
+    def lines():
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            if line.strip():
+                yield line.rstrip("\n")
+
+    for reply in chat(model, params, tokenizer, lines(), args.max_new_tokens, template=template, context=args.context,
+                      seed=args.seed, **sampling(args)):
+        print(reply, flush=True)
     return 0
 
 

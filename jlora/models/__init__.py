@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jlora.models import gpt2, llama
 from jlora.models.checkpoint import CheckpointError, read_config, read_gguf
 from jlora.models.fetch import FetchError, fetch_smollm2
-from jlora.models.generate import complete, generate, sample_logits
+from jlora.models.generate import chat, complete, generate, penalize_repetition, sample_logits
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 from jlora.models.tokenizer import Tokenizer
@@ -117,5 +117,5 @@ def quantize_base(name_or_path, variables, config, mode, *, dtype=jnp.float32):
     return llama.keep_gguf_blocks(path, variables, config, dtype=dtype)
 
 
-__all__ = ["load", "quantize_base", "load_gguf", "load_hf_dir", "complete", "generate", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",
+__all__ = ["load", "quantize_base", "load_gguf", "load_hf_dir", "chat", "complete", "generate", "penalize_repetition", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",
            "Llama", "LlamaConfig", "CheckpointError", "FetchError", "fetch_smollm2", "KNOWN"]
