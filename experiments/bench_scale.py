@@ -145,9 +145,9 @@ def llama(name, scan, remat, layers=None, param_dtype=jnp.bfloat16, attention_bl
 # remat x scan combination (the unrolled 7B/8B steps take several minutes each to compile here).
 # The fourth field is the attention block (queries at a time; None: all at once).
 PLAN = [("llama-3.2-1b", True, "none", None), ("llama-3.2-1b", True, "dots", None), ("llama-3.2-1b", True, "full", None),
-        ("llama-3.2-1b", False, "full", None), ("llama-3.2-1b", True, "full", 512), ("llama-3.1-8b", True, "dots", None),
-        ("llama-3.1-8b", True, "full", None), ("llama-3.1-8b", True, "full", 512), ("qwen2.5-7b", True, "full", None),
-        ("qwen2.5-7b", True, "full", 512)]
+        ("llama-3.2-1b", False, "full", None), ("llama-3.2-1b", True, "full", 128), ("llama-3.1-8b", True, "dots", None),
+        ("llama-3.1-8b", True, "full", None), ("llama-3.1-8b", True, "full", 128), ("qwen2.5-7b", True, "full", None),
+        ("qwen2.5-7b", True, "full", 128)]
 FULL_FINETUNE = ["llama-3.2-1b", "llama-3.1-8b"]
 
 

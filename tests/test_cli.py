@@ -217,6 +217,8 @@ def test_bad_flags_are_one_line_errors_with_status_2(tmp_path, capsys, flags, me
     (["finetune", "--alpha", 8, "--rank", 600], "rank 600 for 'params/layers_0/self_attn/q_proj/kernel'"),
     (["generate", "--prompt", ""], "error: the prompt is empty"),
     (["finetune", "--method", "ia3", "--rank", 4], "--rank does not apply to --method ia3 (it takes --targets)"),
+    (["finetune", "--scan", "--quantize", "nf4"], "--scan does not combine with --quantize yet"),
+    (["finetune", "--loss-vocab-block", 1024], "--loss-vocab-block splits the chunks of --loss-chunk; give --loss-chunk too"),
 ])
 def test_refusals_from_the_library_are_one_line_errors(tmp_path, capsys, argv, message):
     extra = ["--out", tmp_path / "run", *SMALL] if argv[0] == "finetune" else ["--max-new-tokens", 2]
