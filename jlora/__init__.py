@@ -11,6 +11,7 @@
 """
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -32,7 +33,7 @@ __all__ = sorted(_NAMES) + sorted(_MODULES)
 def __getattr__(name):
     if name in _NAMES:
         value = getattr(importlib.import_module(f"jlora.{_NAMES[name]}"), name)
-    elif name in _MODULES:
+    elif name in _MODULES or importlib.util.find_spec(f"jlora.{name}") is not None:  # any submodule, as eagerly
         value = importlib.import_module(f"jlora.{name}")
     else:
         raise AttributeError(f"module 'jlora' has no attribute {name!r}")
