@@ -108,7 +108,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-chunk", type=COUNT, help="apply the output head this many positions at a time in the loss, "
                    "never holding the full [batch, seq, vocab] logits")
     p.add_argument("--seed", type=NONNEGATIVE, default=0)
-    p.add_argument("--eval-batches", type=COUNT, default=8, help="validation batches before and after")
+    p.add_argument("--eval-batches", type=COUNT, help="validate on this many batches of --batch-size sequences instead of --eval-tokens")
+    p.add_argument("--eval-tokens", type=COUNT, help="validate on this many tokens, in sequences spread over the "
+                   "validation data, the sample `jlora eval` scores by default (default 8192)")
+    p.add_argument("--eval-every", type=COUNT, metavar="N", help="also validate every N steps (default: before and "
+                   "after training only); RUN/best keeps the checkpoint of the lowest validation loss")
     p.add_argument("--save-every", type=COUNT, default=50)
     p.add_argument("--keep", type=COUNT, default=3, help="checkpoints to keep (at least 1)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the before/after samples")
@@ -130,9 +134,11 @@ def parser() -> argparse.ArgumentParser:
     p = command("eval", "perplexity of the base or base + adapters on a file", from_checkpoint)
     p.add_argument("--checkpoint")
     p.add_argument("--data", nargs="+", help="text or JSONL files (default: the corpus's validation plays)")
-    p.add_argument("--seq-len", type=number(int, 2), default=128)
+    p.add_argument("--seq-len", type=number(int, 2), help="tokens per sequence (default: the checkpoint's, else 128)")
     p.add_argument("--batch-size", type=SIZE, default=8)
-    p.add_argument("--max-batches", type=COUNT, default=16)
+    p.add_argument("--eval-tokens", type=COUNT, help="score this many tokens, in sequences spread over the data "
+                   "(default: what the checkpoint's run validated on, else 8192)")
+    p.add_argument("--max-batches", type=COUNT, help="score at most this many batches of the sample")
     p.set_defaults(run="generate:eval_cmd")
 
     for name, help, run in (("merge", "write base + adapters as one Hugging Face safetensors model", "export:merge_cmd"),
