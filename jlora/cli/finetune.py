@@ -234,12 +234,7 @@ def finetune(args) -> int:
         return ({f"valid_perplexity{suffix(n)}": ppl for n, ppl in found.items()}
                 | {f"valid_loss{suffix(n)}": math.log(ppl) for n, ppl in found.items()})
 
-    board = None
-    if writer:
-        try:
-            board = metrics.TensorBoard(out / "tensorboard", start=start)
-        except ImportError as error:
-            say(f"note: no TensorBoard files: {error}")
+    board = None  # opened just before the loop, closed after it
 
     def log(entry):
         if board is not None:
@@ -273,6 +268,11 @@ def finetune(args) -> int:
         return step_fn(state, frozen, batch)
 
     best = checkpoint.Checkpointer(out / "best", max_to_keep=1) if valid_set is not None else None
+    if writer:
+        try:
+            board = metrics.TensorBoard(out / "tensorboard", start=start)
+        except ImportError as error:
+            say(f"note: no TensorBoard files: {error}")
     train_began = time.perf_counter()
     try:
         result = loop.fit(
