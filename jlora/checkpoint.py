@@ -100,6 +100,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def delete(self, step: int) -> None:
+        """Removes the checkpoint of ``step`` (``jlora.fit`` drops a best checkpoint a fresh run replaces)."""
+        self.manager.delete(step)
+
     def save(self, state, metadata: dict | None = None) -> Path:
         """Writes ``state`` as step ``state.step``, with ``metadata`` plus what describes it: the
         step, jlora's version and, for a :class:`jlora.Trainable`, its structure (:func:`describe_trainable`)."""

@@ -7,8 +7,11 @@ closed over the frozen base, or a full fine-tuning step) from the state's step t
                        checkpointer=ckpt, save_every=50, evaluate=validation, eval_every=25)
 
 Every step and every evaluation becomes one history entry (a dict with ``step``), appended to
-``history_path`` as a JSON line as soon as it exists. A NaN loss or Ctrl-C stops the loop with an
-exception that names the last checkpoint, which is left intact for ``--resume``.
+``history_path`` as a JSON line as soon as it exists: a step's ``loss``, ``grad_norm`` and
+``learning_rate`` (what the step function returns), ``seconds`` and ``tokens_per_second``; an
+evaluation's values (``valid_perplexity``...). With ``best``, the state of the lowest validation
+loss is kept in a second checkpointer. A NaN loss or Ctrl-C stops the loop with an exception that
+names the last checkpoint, which is left intact for ``--resume``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ class FitResult(NamedTuple):
     state: Any
     history: list[dict]
     last_saved: int | None
+    best: dict | None = None  # the evaluation entry of the state kept in ``best``
+
+
+def validation_loss(entry: dict) -> float | None:
+    """The mean validation loss (nats per token) of an evaluation entry: the mean log of its
+    ``valid_perplexity*`` values (one per task); None for an entry without any.
+
+    Example:
+      >>> round(validation_loss({"step": 4, "valid_perplexity/a": 2.0, "valid_perplexity/b": 8.0}), 4)
+      1.3863
+    """
+    values = [math.log(v) for k, v in entry.items() if k.startswith("valid_perplexity")]
+    return sum(values) / len(values) if values else None
 
 
 def check_finite(step: int, metrics: dict) -> float:
@@ -88,6 +104,9 @@ def fit(
     history_path=None,
     log: Callable[[dict], None] | None = None,
     writer: bool | None = None,
+    tokens_per_step: int | None = None,
+    best=None,
+    best_of: Callable[[dict], float | None] = validation_loss,
 ) -> FitResult:
     """Runs ``step`` from ``start`` to ``max_steps``, checkpointing, evaluating and logging.
 
@@ -108,10 +127,18 @@ def fit(
       writer: whether this process writes ``history_path`` and calls ``log``; default: it is
         process 0 of its job (``jax.process_index() == 0``). Every process steps, evaluates and
         saves: those are collective.
+      tokens_per_step: token positions in one step's batch; each step's entry then holds
+        ``tokens_per_second`` (the first step's includes its compilation).
+      best: a second checkpointer (``max_to_keep=1``) that keeps the state whose evaluation has
+        the lowest ``best_of`` (the validation loss), with that entry as ``metadata["evaluation"]``.
+        Its steps after ``start`` (all of them on a fresh run) are dropped first, like the history's;
+        ``checkpointer`` then also saves at every evaluation, so a resume never starts before the
+        kept best and the best so far is the one ``best`` holds.
+      best_of: ``best_of(entry) -> float`` (lower is better) of an evaluation entry.
 
     Returns:
       :class:`FitResult`: the final state, the whole history (earlier entries of a resumed run
-      included) and the step of the last checkpoint.
+      included), the step of the last checkpoint, and the evaluation entry of the kept best.
 
     Raises:
       LossNotFinite: a step's loss is NaN or infinite (no checkpoint of that step is written).
@@ -134,6 +161,7 @@ def fit(
         log_file = Path(history_path).open("w")
         log_file.writelines(json.dumps(entry) + "\n" for entry in history)
         log_file.flush()
+    best_entry = _best_so_far(best, start) if best is not None else None
 
     def record(entry: dict):
         history.append(entry)
@@ -143,8 +171,27 @@ def fit(
         if log is not None and writer:
             log(entry)
 
+    def save(at: int):
+        nonlocal last_saved
+        try:
+            checkpointer.save(state, metadata)
+        except Exception as error:  # orbax wraps OSError (ENOSPC, EACCES) in its own types
+            raise SaveFailed(at, last_saved, error) from error
+        last_saved = at
+
     def run_eval(at: int):
-        record({"step": at, **{k: float(v) for k, v in evaluate(state).items()}})
+        nonlocal best_entry
+        entry = {"step": at, **{k: float(v) for k, v in evaluate(state).items()}}
+        record(entry)
+        score = best_of(entry) if best is not None else None
+        if score is not None and (best_entry is None or score < best_of(best_entry)):
+            if at in best.all_steps():  # an earlier run's, of other settings
+                best.delete(at)
+            try:
+                best.save(state, {**(metadata or {}), "evaluation": entry})
+            except Exception as error:
+                raise SaveFailed(at, last_saved, error) from error
+            best_entry = entry
 
     done = start
     try:
@@ -155,15 +202,16 @@ def fit(
             state, metrics = step(state, batches(k))
             loss = check_finite(k + 1, metrics)
             now, done = time.perf_counter(), k + 1
-            record({"step": done, **{name: float(v) for name, v in metrics.items()}, "loss": loss,
-                    "seconds": now - began})
-            if checkpointer is not None and (done == max_steps or (save_every and done % save_every == 0)):
-                try:
-                    checkpointer.save(state, metadata)
-                except Exception as error:  # orbax wraps OSError (ENOSPC, EACCES) in its own types
-                    raise SaveFailed(done, last_saved, error) from error
-                last_saved = done
-            if evaluate is not None and (done == max_steps or (eval_every and done % eval_every == 0)):
+            entry = {"step": done, **{name: float(v) for name, v in metrics.items()}, "loss": loss,
+                     "seconds": now - began}
+            if tokens_per_step:
+                entry["tokens_per_second"] = tokens_per_step / max(now - began, 1e-9)
+            record(entry)
+            evaluating = evaluate is not None and (done == max_steps or bool(eval_every and done % eval_every == 0))
+            if checkpointer is not None and (done == max_steps or (save_every and done % save_every == 0)
+                                             or (evaluating and best is not None)):
+                save(done)
+            if evaluating:
                 run_eval(done)
             began = time.perf_counter()  # a step's seconds leave out the saves and evaluations before it
     except LossNotFinite as error:
@@ -174,11 +222,45 @@ def fit(
     finally:
         if log_file is not None:
             log_file.close()
-    return FitResult(state, history, last_saved)
+    return FitResult(state, history, last_saved, best_entry)
 
 
-def plot_history(history: list[dict], path) -> None:
-    """Draws the training loss and the evaluated validation loss (log perplexity) of ``history`` to ``path``.
+def _best_so_far(best, start: int) -> dict | None:
+    """The evaluation entry ``best`` holds at or before ``start``, after dropping its later steps
+    (a fresh run, ``start`` 0, drops them all): they were measured on a path this run does not take."""
+    for kept in best.all_steps():
+        if kept > start or start == 0:
+            best.delete(kept)
+    latest = best.latest_step()
+    return None if latest is None else best.metadata(latest).get("evaluation")
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average of ``values``, bias-corrected so it starts at the first value
+    (TensorBoard's smoothing).
+
+    Example:
+      >>> [round(v, 3) for v in smooth([1.0, 0.0, 0.0], weight=0.5)]
+      [1.0, 0.333, 0.143]
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"weight must be in [0, 1), got {weight!r}")
+    out, average = [], 0.0
+    for k, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**k))
+    return out
+
+
+def plot_history(history: list[dict], path=None, smoothing: float = 0.9):
+    """Draws the training loss, raw (thin) and smoothed (:func:`smooth`), and the validation loss
+    (log perplexity) at the steps it was measured (markers only: nothing is drawn between them).
+
+    Args:
+      history: entries as :func:`fit` records them.
+      path: the image to write; None returns the open matplotlib figure instead (for a caller to
+        add to or inspect).
+      smoothing: the weight of the moving average of the training loss.
 
     Raises:
       ImportError: matplotlib is not installed (``pip install 'jlora[plot]'``).
@@ -187,20 +269,29 @@ def plot_history(history: list[dict], path) -> None:
         import matplotlib
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install 'jlora[plot]'") from None
-    matplotlib.use("Agg")
+    if path is not None:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    valid_points = [(h["step"], math.log(h["valid_perplexity"])) for h in history if "valid_perplexity" in h]
     if train_points:
-        ax.plot(*zip(*train_points), label="train loss", lw=1)
-    if valid_points:
-        ax.plot(*zip(*valid_points), "o-", label="validation loss")
+        steps, losses = zip(*train_points)
+        raw = ax.plot(steps, losses, lw=0.6, alpha=0.4, label="train loss")[0]
+        ax.plot(steps, smooth(list(losses), smoothing), lw=1.6, color=raw.get_color(),
+                label=f"train loss (EMA {smoothing:g})")
+    keys = sorted({k for h in history for k in h if k.startswith("valid_perplexity")})
+    for key in keys:
+        points = [(h["step"], math.log(h[key])) for h in history if key in h]
+        label = "validation loss" + key[len("valid_perplexity"):].replace("/", " of ")
+        ax.plot(*zip(*points), linestyle="none", marker="o", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("cross entropy (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return None

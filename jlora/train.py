@@ -73,7 +73,17 @@ class TrainState(NamedTuple):
 
 
 def schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warmup to ``learning_rate``, then cosine or linear decay to zero at ``max_steps``."""
+    """Linear warmup to ``learning_rate``, then cosine or linear decay to zero at ``max_steps``.
+
+    Step ``k`` (0-based) of ``w`` warmup steps runs at ``learning_rate * (k + 1) / w``: the first
+    step already trains (a warmup from 0 would spend it at rate 0), and step ``w - 1`` reaches the
+    full rate, where the decay starts.
+
+    Example:
+      >>> lr = schedule(TrainConfig(learning_rate=1.0, warmup_steps=4, max_steps=8, schedule="linear"))
+      >>> [round(float(lr(k)), 2) for k in range(8)]
+      [0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
     warmup = min(config.warmup_steps, config.max_steps - 1)
     decay_steps = max(config.max_steps - warmup, 1)
     decay = (
@@ -83,7 +93,8 @@ def schedule(config: TrainConfig) -> optax.Schedule:
     )
     if warmup == 0:
         return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), decay], [warmup])
+    rise = lambda k: config.learning_rate * jnp.minimum(k + 1, warmup) / warmup
+    return optax.join_schedules([rise, decay], [warmup])
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -311,6 +322,33 @@ def make_eval(apply_fn: Callable):
         return loss * count, count
 
     return jax.jit(evaluate)
+
+
+EVAL_TOKENS = 8192  # the default validation sample of `jlora finetune` and `jlora eval`: 64 sequences of 128
+
+
+def eval_sample(dataset: data.Dataset, tokens: int = EVAL_TOKENS) -> data.Dataset:
+    """The validation sample both ``jlora finetune`` and ``jlora eval`` score by default:
+    ``tokens // seq_len`` sequences (all of them if fewer) spread evenly over ``dataset``, in order,
+    so a corpus of several documents is sampled across all of them, not only from the first.
+
+    Args:
+      dataset: the held-out rows (``jlora.data.load_splits``'s ``valid``).
+      tokens: how many token positions to score; at least one sequence is taken.
+
+    Returns:
+      A :class:`jlora.data.Dataset` of the chosen rows.
+
+    Example:
+      >>> rows = np.arange(10, dtype=np.int32)[:, None].repeat(4, 1)  # 10 rows of 4 tokens
+      >>> sample = eval_sample(data.Dataset(rows, rows, np.ones(rows.shape, np.float32)), tokens=12)
+      >>> sample.tokens[:, 0].tolist()
+      [0, 3, 6]
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
+        raise ValueError(f"tokens must be a positive number of token positions, got {tokens!r}")
+    count = min(len(dataset), max(1, tokens // dataset.seq_len))
+    return data.Dataset(**dataset.rows(np.arange(count) * len(dataset) // count))
 
 
 def perplexity(evaluate, params, adapters, dataset, batch_size: int, max_batches: int | None = None,

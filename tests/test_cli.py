@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import checkpoint, cli, train
+from jlora import checkpoint, cli, metrics, train
 from jlora.cli import common
 
 pytestmark = pytest.mark.slow
@@ -46,6 +46,45 @@ def test_finetune_leaves_checkpoint_merged_export_and_plot(tmp_path, capsys):
     assert report["steps"] == 3 and report["checkpoint_bytes"] < report["base_bytes"] / 50
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+
+
+def test_periodic_evaluation_best_checkpoint_metrics_and_tensorboard(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("finetune", "--max-steps", 4, "--eval-every", 2, "--out", out, *SMALL) == 0
+    err = capsys.readouterr().err
+    for status in ("loading base smollm2-135m ...", "evaluating on 8 sequences ...", "compiling the train step ..."):
+        assert err.count(status) == (3 if status.startswith("evaluating") else 1), status
+    assert "validation perplexity at step 2:" in err and re.search(r"step 4/4  loss \d\.\d{4}  [\d,]+ tok/s  ETA 00:00\n", err)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    evals = [h for h in history if "valid_perplexity" in h]
+    steps = [h for h in history if "loss" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4] and [h["step"] for h in steps] == [1, 2, 3, 4]
+    assert all(h["valid_loss"] == pytest.approx(np.log(h["valid_perplexity"])) for h in evals)
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_second"):
+        assert all(np.isfinite(h[key]) and h[key] > 0 for h in steps), key
+    assert steps[0]["learning_rate"] == pytest.approx(1e-3)  # --warmup 1: the first step at the full rate, not 0
+
+    report = json.loads((out / "run.json").read_text())
+    best = min(evals, key=lambda h: h["valid_perplexity"])
+    assert report["best"] == best and report["eval_sequences"] == 8 and report["eval_tokens"] == 8 * 16
+    assert checkpoint.Checkpointer(out / "best").all_steps() == [best["step"]]
+    assert checkpoint.Checkpointer(out / "checkpoints").all_steps() == [2, 4]  # each evaluation's step is saved
+
+    # TensorBoard holds every number of the history, by step (as float32).
+    expected = {}
+    for entry in history:
+        for key, value in entry.items():
+            if key != "step":
+                expected.setdefault(key, []).append((entry["step"], float(np.float32(value))))
+    assert metrics.read_scalars(out / "tensorboard") == expected
+
+    # `jlora eval` of the run, all defaults, scores the sequences the run validated on.
+    assert run("eval", "--checkpoint", out) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["sequences"] == 8 and scored["seq_len"] == 16
+    assert scored["perplexity"] == pytest.approx(report["valid_perplexity_after"], rel=1e-5)
+    assert run("eval", "--checkpoint", out / "best") == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(best["valid_perplexity"], rel=1e-5)
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch, capsys):

@@ -23,29 +23,42 @@ def step(state, batch):
 
 
 class Saves:
-    """A stand-in checkpointer that records the steps it saved."""
+    """A stand-in checkpointer that records the steps it saved (and their metadata), keeping ``keep``."""
 
-    def __init__(self, steps=()):
-        self.steps = list(steps)
+    def __init__(self, steps=(), keep=None, metadata=None):
+        self.steps, self.keep, self.saved = list(steps), keep, dict(metadata or {})
 
     def latest_step(self):
         return self.steps[-1] if self.steps else None
 
+    def all_steps(self):
+        return list(self.steps)
+
     def save(self, state, metadata=None):
         self.steps.append(state.step)
+        self.saved[state.step] = metadata
+        if self.keep:
+            self.steps = self.steps[-self.keep:]
+
+    def metadata(self, step):
+        return self.saved[step]
+
+    def delete(self, step):
+        self.steps.remove(step)
 
 
 def test_fit_logs_every_step_and_evaluates_and_saves_on_cadence(tmp_path):
     saves, logged = Saves(), []
     result = loop.fit(step, State(0, 0.0), lambda k: k, max_steps=6, checkpointer=saves, save_every=4,
                       evaluate=lambda s: {"valid_perplexity": s.total}, eval_every=3,
-                      history_path=tmp_path / "history.jsonl", log=logged.append)
+                      history_path=tmp_path / "history.jsonl", log=logged.append, tokens_per_step=64)
     assert result.state == State(6, 15.0) and result.last_saved == 6 and saves.steps == [4, 6]
     steps = [(h["step"], "loss" in h) for h in result.history]
     assert steps == [(0, False), (1, True), (2, True), (3, True), (3, False), (4, True), (5, True), (6, True), (6, False)]
     assert [h["valid_perplexity"] for h in result.history if "valid_perplexity" in h] == [0.0, 3.0, 15.0]
     assert [h["loss"] for h in result.history if "loss" in h][:2] == [1.0, 0.5]
     assert all(h["learning_rate"] == 0.5 and h["seconds"] >= 0 for h in result.history if "loss" in h)
+    assert all(h["tokens_per_second"] == pytest.approx(64 / max(h["seconds"], 1e-9)) for h in result.history if "loss" in h)
     assert logged == result.history
     assert [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()] == result.history
 
@@ -102,3 +115,57 @@ def test_the_plot_draws_training_and_evaluated_points(tmp_path):
     loop.plot_history([{"step": 0, "valid_perplexity": 9.0}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
                        {"step": 2, "valid_perplexity": 5.0}], tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def perplexities(*values):
+    """An evaluate that returns ``values`` in turn as the validation perplexity."""
+    queue = list(values)
+    return lambda state: {"valid_perplexity": queue.pop(0)}
+
+
+def test_the_best_evaluation_is_kept_apart_and_checkpoints_follow_the_evaluations():
+    saves, best = Saves(), Saves(keep=1)
+    result = loop.fit(step, State(0, 0.0), lambda k: k, max_steps=6, checkpointer=saves, save_every=5,
+                      evaluate=perplexities(9.0, 7.0, 4.0, 6.0), eval_every=2, metadata={"run": "a"}, best=best)
+    assert saves.steps == [2, 4, 5, 6]  # every evaluation's step too, so a resume never starts before the best
+    assert best.steps == [4] and result.best == {"step": 4, "valid_perplexity": 4.0}
+    assert best.saved[4] == {"run": "a", "evaluation": {"step": 4, "valid_perplexity": 4.0}}
+
+
+def test_a_resumed_fit_keeps_the_best_so_far_and_drops_a_later_one():
+    earlier = {"evaluation": {"step": 2, "valid_perplexity": 3.0}}
+    best = Saves([2], keep=1, metadata={2: earlier})
+    result = loop.fit(step, State(2, 1.0), lambda k: k, max_steps=6, evaluate=perplexities(5.0, 2.0),
+                      eval_every=2, best=best)
+    assert best.steps == [6] and result.best == {"step": 6, "valid_perplexity": 2.0}  # 5.0 at step 4 is no better
+    future = Saves([2, 4], metadata={2: earlier, 4: {"evaluation": {"step": 4, "valid_perplexity": 1.0}}})
+    result = loop.fit(step, State(2, 1.0), lambda k: k, max_steps=4, evaluate=perplexities(5.0), best=future)
+    assert future.steps == [2] and result.best == earlier["evaluation"]  # step 4 was measured past the resume
+    fresh = Saves([0], metadata={0: {"evaluation": {"step": 0, "valid_perplexity": 1.0}}})
+    result = loop.fit(step, State(0, 0.0), lambda k: k, max_steps=1, evaluate=perplexities(8.0, 9.0), best=fresh)
+    assert fresh.steps == [0] and result.best == {"step": 0, "valid_perplexity": 8.0}  # an earlier run's is dropped
+
+
+def test_the_validation_loss_of_several_tasks_is_their_mean_log_perplexity():
+    assert loop.validation_loss({"step": 1, "valid_perplexity/a": math.e, "valid_perplexity/b": math.e**3}) == pytest.approx(2.0)
+    assert loop.validation_loss({"step": 1, "loss": 2.0}) is None
+
+
+def test_the_plot_marks_measured_evaluations_only_and_smooths_the_training_loss():
+    history = [{"step": 0, "valid_perplexity": 9.0}, {"step": 1, "loss": 3.0}, {"step": 2, "loss": 1.0},
+               {"step": 3, "loss": 2.0}, {"step": 3, "valid_perplexity": 5.0}]
+    fig = loop.plot_history(history, smoothing=0.5)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert sorted(lines) == ["train loss", "train loss (EMA 0.5)", "validation loss"]
+    valid = lines["validation loss"]
+    assert valid.get_linestyle() == "None" and valid.get_marker() == "o"  # nothing joins the two evaluations
+    assert list(valid.get_xdata()) == [0, 3] and list(valid.get_ydata()) == pytest.approx([math.log(9.0), math.log(5.0)])
+    assert list(lines["train loss"].get_ydata()) == [3.0, 1.0, 2.0]
+    # the averages 1.5, 1.25, 1.625 over the bias corrections 1 - 0.5^k
+    assert list(lines["train loss (EMA 0.5)"].get_ydata()) == pytest.approx([3.0, 5 / 3, 13 / 7])
+    __import__("matplotlib.pyplot").pyplot.close(fig)
+
+
+def test_smoothing_refuses_a_weight_outside_0_1():
+    with pytest.raises(ValueError, match=r"weight must be in \[0, 1\), got 1.0"):
+        loop.smooth([1.0], weight=1.0)

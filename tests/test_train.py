@@ -88,11 +88,33 @@ def test_loss_is_masked():
     np.testing.assert_allclose(loss, -(np.log(0.9) + np.log(0.1)) / 2, rtol=1e-6)
 
 
-def test_schedule_warms_up_then_decays_to_zero():
+def test_schedule_warms_up_from_the_first_step_then_decays_to_zero():
     lr = train.schedule(train.TrainConfig(learning_rate=1.0, warmup_steps=4, max_steps=14, schedule="linear"))
-    assert [float(lr(s)) for s in (0, 2, 4, 9, 14)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    assert [float(lr(s)) for s in (0, 1, 2, 3, 4, 9, 14)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.5, 0.0])
     cosine = train.schedule(train.TrainConfig(learning_rate=1.0, warmup_steps=0, max_steps=10))
     assert float(cosine(5)) == pytest.approx(0.5)
+
+
+def test_the_first_step_trains_at_a_positive_rate_and_reports_a_finite_grad_norm(setup):
+    model, params, frozen, trainable, batch = setup
+    config = train.TrainConfig(max_steps=10, warmup_steps=5, batch_size=8, learning_rate=1e-2, grad_clip=0.0)
+    state, metrics = run(model, frozen, trainable, batch, config, jax.devices()[:1])
+    assert float(metrics["learning_rate"]) == pytest.approx(1e-2 / 5)
+    adapted = jlora.adapt(train.make_loss(model.apply))
+    norm = optax.tree.norm(jax.grad(lambda t: adapted(*jlora.combine(frozen, t), batch["tokens"], batch["targets"],
+                                                      batch["loss_mask"])[0])(trainable))
+    assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.trainable, trainable))
+
+
+def test_the_eval_sample_spreads_over_the_whole_held_out_data():
+    rows = np.arange(100, dtype=np.int32)[:, None].repeat(16, 1)
+    dataset = jlora.data.Dataset(rows, rows, np.ones(rows.shape, np.float32))
+    assert train.eval_sample(dataset, tokens=5 * 16).tokens[:, 0].tolist() == [0, 20, 40, 60, 80]
+    assert train.eval_sample(dataset, tokens=15).tokens[:, 0].tolist() == [0]  # at least one sequence
+    assert len(train.eval_sample(dataset, tokens=10**6)) == 100  # all of it, each row once
+    with pytest.raises(ValueError, match="tokens must be a positive number of token positions, got 0"):
+        train.eval_sample(dataset, tokens=0)
 
 
 def test_frozen_base_never_changes_and_loss_drops(setup):

@@ -162,7 +162,11 @@ def parser() -> argparse.ArgumentParser:
                    help="with --loss-chunk: also N vocabulary entries at a time (an online softmax), never holding "
                         "a chunk's full logits (large vocabularies; default: all at once)")
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the adapters' init, data order, dropout and samples")
-    p.add_argument("--eval-batches", type=COUNT, default=8, help="validation batches before and after")
+    p.add_argument("--eval-batches", type=COUNT, help="validate on this many batches of --batch-size sequences instead of --eval-tokens")
+    p.add_argument("--eval-tokens", type=COUNT, help="validate on this many tokens, in sequences spread over the "
+                   "validation data, the sample `jlora eval` scores by default (default 8192)")
+    p.add_argument("--eval-every", type=COUNT, metavar="N", help="also validate every N steps (default: before and "
+                   "after training only); RUN/best keeps the checkpoint of the lowest validation loss")
     p.add_argument("--save-every", type=COUNT, default=50, help="steps between checkpoints")
     p.add_argument("--keep", type=COUNT, default=3, help="checkpoints to keep (at least 1)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt for the before/after samples (default: {DEFAULT_PROMPT!r})")
@@ -200,9 +204,11 @@ def parser() -> argparse.ArgumentParser:
     p = command("eval", "perplexity of the base or base + adapters on a file", with_checkpoint)
     p.add_argument("--checkpoint", help="a run directory or its checkpoints/ (default: the base alone)")
     p.add_argument("--data", nargs="+", help="text or JSONL files (default: the corpus's validation plays)")
-    p.add_argument("--seq-len", type=number(int, 2), default=128, help="tokens per sequence")
+    p.add_argument("--seq-len", type=number(int, 2), help="tokens per sequence (default: the checkpoint's, else 128)")
     p.add_argument("--batch-size", type=SIZE, default=8, help="sequences per batch")
-    p.add_argument("--max-batches", type=COUNT, default=16, help="the most batches to score")
+    p.add_argument("--eval-tokens", type=COUNT, help="score this many tokens, in sequences spread over the data "
+                   "(default: what the checkpoint's run validated on, else 8192)")
+    p.add_argument("--max-batches", type=COUNT, help="score at most this many batches of the sample")
     p.set_defaults(run="generate:eval_cmd")
 
     for name, help, run in (("merge", "write base + adapters as one Hugging Face safetensors model", "export:merge_cmd"),

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import shlex
+import math
 import sys
 import time
 
@@ -13,34 +14,53 @@ import jax
 import numpy as np
 
 import jlora
-from jlora import adapter, checkpoint, data, distributed, loop, train
+from jlora import adapter, checkpoint, data, distributed, loop, metrics, train
 from jlora.cli import DEFAULT_METHOD, ADAPTER_FLAGS, UsageError, common
 from jlora.cli import config as cli_config  # `config` is the model's config below
 
 
 class Progress:
-    """One status line: step, loss, tokens/s and ETA; a plain line every `every` steps off a TTY."""
+    """The run's progress on stderr: a tqdm bar with step, loss, tokens/s and ETA on a terminal,
+    else (a log file, a pipe) a plain line every ``every`` steps; :meth:`status` prints a line
+    between updates without breaking the bar. Rates and ETA count from the end of the first step,
+    which compiles."""
 
-    def __init__(self, total: int, start: int, tokens_per_step: int, every: int = 10):
-        self.total, self.start, self.tokens_per_step, self.every = total, start, tokens_per_step, every
-        self.began = None
-        self.tty = sys.stderr.isatty()
+    def __init__(self, total: int, tokens_per_step: int, every: int = 10, file=None):
+        self.total, self.tokens_per_step, self.every = total, tokens_per_step, every
+        self.file = file or sys.stderr
+        self.tty = self.file.isatty()
+        self.bar, self.first = None, None
+
+    def status(self, text: str):
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.file)  # clears the bar, prints, draws it again
 
     def update(self, step: int, loss: float):
+        from tqdm import tqdm
+
         now = time.perf_counter()
-        if self.began is None:  # the first step compiles; rates count from its end
-            self.began, self.first = now, step
-        done = step - self.first
-        rate = done / (now - self.began) if done else 0.0
-        eta = (self.total - step) / rate if rate else float("nan")
-        width = 24
-        filled = int(width * step / self.total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  loss {loss:.4f}  "
-                f"{rate * self.tokens_per_step:,.0f} tok/s  ETA {eta:.0f}s")
+        if self.first is None:
+            self.first = (step, now)
+        steps, seconds = step - self.first[0], now - self.first[1]
+        rate = steps / seconds if steps and seconds > 0 else None  # steps per second
+        speed = f"{rate * self.tokens_per_step:,.0f} tok/s" if rate else "- tok/s"
         if self.tty:
-            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
-        elif step % self.every == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
+            if self.bar is None:
+                self.bar = tqdm(total=self.total, initial=step, file=self.file, dynamic_ncols=True, smoothing=0.1,
+                                bar_format="{percentage:3.0f}%|{bar}| step {n}/{total} [{elapsed}<{remaining}{postfix}]")
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {speed}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            if step >= self.total:
+                self.close()
+        elif step % self.every == 0 or step == self.total or steps == 0:
+            eta = tqdm.format_interval((self.total - step) / rate) if rate else "?"
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {speed}  ETA {eta}", file=self.file, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def resume_conflicts(args, saved: dict) -> list[str]:
@@ -116,6 +136,7 @@ def finetune(args) -> int:
         raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
     from jlora.models import layers
 
+    say(f"loading base {args.base} ...")
     base_model, params, tokenizer, config = common.load_base(args.base, args.dtype, args.quantize)
     base_params = params  # this host's whole copy, unstacked: the sample before training reads it
     model = base_model.clone(scan=args.scan, remat=args.remat, attention_block=args.attention_block)
@@ -136,6 +157,12 @@ def finetune(args) -> int:
         accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
         loss_chunk=args.loss_chunk or 0, loss_vocab_block=args.loss_vocab_block or 0,
     )
+    # The validation sample (`jlora eval`'s default for this run, from metadata["eval"]): --eval-batches
+    # batches of the step's rows (of each task's), else --eval-tokens, spread over the held-out data.
+    eval_rows = args.batch_size // max(len(names), 1)
+    eval_tokens = args.eval_batches * eval_rows * args.seq_len if args.eval_batches else args.eval_tokens or train.EVAL_TOKENS
+    splits = [(t, v if v is None else train.eval_sample(v, eval_tokens)) for t, v in splits]
+    valid_set = valid_set if valid_set is None else train.eval_sample(valid_set, eval_tokens)
     metadata = {
         "base": common.base_identity(args.base, params, args.quantize),
         "train": dataclasses.asdict(config_train),
@@ -144,6 +171,7 @@ def finetune(args) -> int:
     }
     if writer:  # every flag's final value: `jlora finetune --config OUT/config.yaml` runs this again
         (out / "config.yaml").write_text(cli_config.dump(args), encoding="utf-8")
+    metadata["eval"] = {"tokens": eval_tokens, "seq_len": args.seq_len}
     if names:
         metadata |= {"tasks": names, "data": {"train": dict(zip(names, (t.split("=", 1)[1] for t in args.task))),
                                               "seq_len": args.seq_len}}
@@ -199,25 +227,34 @@ def finetune(args) -> int:
         report["sample_before"] = sample(base_model, jlora.dequantize(base_params), tokenizer, args)
         say(f"sample before: {args.prompt}{report['sample_before']}")
 
+    progress = Progress(args.max_steps, args.batch_size * args.seq_len)
+
     def validation(state):
+        if writer:
+            progress.status(f"evaluating on {len(splits[0][1]) if names else len(valid_set)} sequences"
+                            f"{' per task' if names else ''} ...")
         params, adapters = jlora.combine(frozen, state.trainable)
         if names:
-            return {f"valid_perplexity/{name}": train.perplexity(evaluate, params, jlora.multi.take(adapters, i), valid,
-                                                                 args.batch_size // len(names), args.eval_batches, mesh=mesh)
-                    for i, (name, (_, valid)) in enumerate(zip(names, splits))}
-        return {"valid_perplexity": train.perplexity(evaluate, params, adapters, valid_set, args.batch_size,
-                                                     args.eval_batches, mesh=mesh)}
+            found = {name: train.perplexity(evaluate, params, jlora.multi.take(adapters, i), valid, eval_rows, mesh=mesh)
+                     for i, (name, (_, valid)) in enumerate(zip(names, splits))}
+        else:
+            found = {"": train.perplexity(evaluate, params, adapters, valid_set, args.batch_size, mesh=mesh)}
+        suffix = lambda name: f"/{name}" if name else ""
+        return ({f"valid_perplexity{suffix(n)}": ppl for n, ppl in found.items()}
+                | {f"valid_loss{suffix(n)}": math.log(ppl) for n, ppl in found.items()})
 
-    progress = Progress(args.max_steps, start, args.batch_size * args.seq_len)
+    board = None  # opened just before the loop, closed after it
 
     def log(entry):
+        if board is not None:
+            board(entry)
         if "loss" in entry:
             progress.update(entry["step"], entry["loss"])
         else:
             when = "before" if entry["step"] == 0 else "after" if entry["step"] == args.max_steps else f"at step {entry['step']}"
             for key, value in entry.items():
                 if key.startswith("valid_perplexity"):
-                    print(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}", file=sys.stderr)
+                    progress.status(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}")
 
     step_fn = (train.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head,
                                vocab_size=config.vocab_size)
@@ -231,13 +268,28 @@ def finetune(args) -> int:
         parts = [data.batch_at(t, per, args.seed, k) for t, _ in splits]
         whole = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         return {key: v[rows] for key, v in (whole | {"adapter_ids": np.repeat(np.arange(len(names)), per)}).items()}
+
+    compiled = []
+
+    def step(state, batch):
+        if not compiled and writer:  # the first call traces and compiles: the longest silence of a run
+            progress.status("compiling the train step ...")
+        compiled.append(True)
+        return step_fn(state, frozen, batch)
+
+    best = checkpoint.Checkpointer(out / "best", max_to_keep=1) if valid_set is not None else None
+    if writer:
+        try:
+            board = metrics.TensorBoard(out / "tensorboard", start=start)
+        except ImportError as error:
+            say(f"note: no TensorBoard files: {error}")
     train_began = time.perf_counter()
     try:
         result = loop.fit(
-            lambda state, batch: step_fn(state, frozen, batch), state,
-            lambda k: train.shard_batch(batch_at(k), mesh),
+            step, state, lambda k: train.shard_batch(batch_at(k), mesh),
             max_steps=args.max_steps, checkpointer=ckpt, metadata=metadata, save_every=args.save_every,
-            evaluate=validation if valid_set is not None else None, history_path=out / "history.jsonl", log=log,
+            evaluate=validation if valid_set is not None else None, eval_every=args.eval_every,
+            history_path=out / "history.jsonl", log=log, tokens_per_step=args.batch_size * args.seq_len, best=best,
         )
     except loop.LossNotFinite as error:
         print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
@@ -248,6 +300,10 @@ def finetune(args) -> int:
     except loop.Interrupted as interrupt:
         print(f"\ninterrupted after step {interrupt.step}; {saved_note(interrupt.last_saved, ckpt)}", file=sys.stderr)
         return 130
+    finally:
+        progress.close()
+        if board is not None:
+            board.close()
     train_seconds = time.perf_counter() - train_began
 
     # The frozen base did not change: this host's copy plus the trained arrays (gathered where they
@@ -262,6 +318,10 @@ def finetune(args) -> int:
     for key in (k for k in evaluated[-1] if k.startswith("valid_perplexity")) if evaluated else ():
         report[f"{key}_before"] = evaluated[0][key] if evaluated[0]["step"] == 0 else None
         report[f"{key}_after"] = evaluated[-1][key]
+    if result.best is not None:  # the checkpoint in OUT/best: `jlora generate --checkpoint OUT/best`
+        report["best"] = {k: v for k, v in result.best.items() if k == "step" or k.startswith("valid_")}
+    report["eval_sequences"] = sum(len(v) for _, v in splits) if names else len(valid_set) if valid_set is not None else 0
+    report["eval_tokens"] = eval_tokens
     from jlora.cli import export
 
     report["command"] = "jlora " + shlex.join(map(str, getattr(args, "argv", [])))  # for cards and `jlora merge`

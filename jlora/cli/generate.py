@@ -109,11 +109,18 @@ def chat_cmd(args) -> int:
 
 
 def eval_cmd(args) -> int:
+    metadata = {}
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, _ = common.load_run(args.checkpoint, args.base, args.dtype, args.quantize, task=args.task)
+        model, params, tokenizer, _, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, args.quantize, task=args.task)
     else:
         (model, params, tokenizer, _), adapters = common.load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize), None
-    dataset = data.load(args.data, tokenizer, args.seq_len) if args.data else data.load_splits(tokenizer, args.seq_len)[1]
-    ppl = train.perplexity(train.make_eval(model.apply), params, adapters, dataset, args.batch_size, args.max_batches)
-    print(json.dumps({"perplexity": ppl, "sequences": min(len(dataset), args.batch_size * args.max_batches)}))
+    # By default the sample the run validated on (`jlora finetune`'s final perplexity), else the library's.
+    recorded = metadata.get("eval") or {}
+    seq_len = args.seq_len or recorded.get("seq_len") or (metadata.get("data") or {}).get("seq_len") or 128
+    tokens = args.eval_tokens or recorded.get("tokens") or train.EVAL_TOKENS
+    dataset = data.load(args.data, tokenizer, seq_len) if args.data else data.load_splits(tokenizer, seq_len)[1]
+    sample = train.eval_sample(dataset, tokens)
+    ppl = train.perplexity(train.make_eval(model.apply), params, adapters, sample, args.batch_size, args.max_batches)
+    sequences = min(len(sample), args.batch_size * (args.max_batches or len(sample)))
+    print(json.dumps({"perplexity": ppl, "sequences": sequences, "seq_len": seq_len}))
     return 0
