@@ -26,6 +26,8 @@ import optax
 import jlora
 from jlora import adapter, data, loop, models, train
 
+import host  # experiments/host.py: this script's directory is on sys.path
+
 RESULTS = Path(__file__).parent / "results"
 ATTENTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,7 +181,9 @@ def main(argv=None):
         results.append(result)
         print(f"{name:<18} ppl {result['valid_perplexity']:8.3f}  trainable {result['trainable_params']:>11,}  "
               f"step {result.get('median_step_s', 0):6.2f}s  memory {result.get('compiled_memory_mb', 0):7.0f} MB", flush=True)
-    report = {"table": args.table, "settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    report = {"table": args.table, "settings": {k: str(v) for k, v in vars(args).items()}, "host": host.facts(),
+              "results": results}
+    print("host: " + host.describe(report["host"]))
     if args.table == "methods":
         report["inference_latency_s"] = inference_latency(model, params, jlora.init(params, rank=8), args)
         print("inference latency (s):", report["inference_latency_s"])

@@ -2,7 +2,9 @@
 
 For each training step (loss, gradients, AdamW update) it prints XLA's FLOP count, the compiled
 memory (arguments + outputs + temporaries - aliased), and the median wall time over alternating
-repetitions, plus one forward pass for scale. Random weights: only shapes matter here.
+repetitions, plus one forward pass for scale, and each step's GFLOP/s as a fraction of a float32
+dense matmul [batch*seq, d] x [d, 4d] timed in the same alternating rounds (figures that travel
+between hosts; experiments/host.py). Random weights: only shapes matter here.
 
     python experiments/bench_adapt.py                 # GPT-2 small, batch 4x128, r=8, all linear layers
     python experiments/bench_adapt.py --targets c_attn
@@ -22,6 +24,8 @@ import optax
 
 import jlora
 from jlora.models.gpt2 import GPT2, GPT2Config
+
+import host  # experiments/host.py: this script's directory is on sys.path
 
 TARGETS = {"all": ["c_attn", "c_proj", "c_fc"], "c_attn": ["c_attn"]}
 
@@ -134,22 +138,45 @@ def main(argv=None):
     results, runs = {}, {}
     for name, (fn, state, n_state) in steps.items():
         results[name], runs[name] = compile_runner(fn, state, n_state, call_args(name, params, tokens))
-    for name, times in time_alternating(runs, args.reps).items():
-        results[name]["times_s"] = times
+    m, k, n = args.batch * args.seq, args.d, 4 * args.d
+    a, b = jnp.ones((m, k)), jnp.ones((k, n))
+    matmul = jax.jit(jnp.matmul)
+    repeat = 10
+
+    def matmuls():
+        for _ in range(repeat):
+            matmul(a, b).block_until_ready()
+
+    matmuls()
+    host_facts = host.facts()
+    for name, times in time_alternating({**runs, "matmul": matmuls}, args.reps).items():
+        if name != "matmul":
+            results[name]["times_s"] = times
+        else:
+            matmul_times = times
+    peak = {"shape": f"{m}x{k}x{n}", "repeat": repeat, "times_s": matmul_times,
+            "gflops_per_s": 2 * m * k * n * repeat / statistics.median(matmul_times) / 1e9}
 
     full, fwd = results["full_finetune"], results["forward"]
     full["median_s"] = statistics.median(full["times_s"])
     fwd["median_s"] = statistics.median(fwd["times_s"])
     print(f"\nGPT-2 shapes: {args.layers} layers, d={args.d}, vocab {args.vocab}, batch {args.batch}x{args.seq}, "
           f"r={args.rank}, targets {TARGETS[args.targets]}; {jax.devices()[0].platform}, {jax.device_count()} device(s)")
-    print(f"{'step':<15}{'GFLOP':>9}{'xFull':>8}{'memory MB':>11}{'xFull':>8}{'median s':>10}{'xFull':>8}{'xFwd':>7}")
+    print("host: " + host.describe(host_facts))
+    print(f"same-run dense f32 matmul {peak['shape']}: {peak['gflops_per_s']:.1f} GFLOP/s (median); "
+          "'of mm' = the step's GFLOP/s over it")
+    print(f"{'step':<15}{'GFLOP':>9}{'xFull':>8}{'memory MB':>11}{'xFull':>8}{'median s':>10}{'xFull':>8}{'xFwd':>7}"
+          f"{'GFLOP/s':>9}{'of mm':>7}")
     for name, r in results.items():
         r["median_s"] = statistics.median(r["times_s"])
+        r["gflops_per_s"] = r["gflops"] / r["median_s"]
+        r["matmul_fraction"] = r["gflops_per_s"] / peak["gflops_per_s"]
         print(f"{name:<15}{r['gflops']:>9.1f}{r['gflops'] / full['gflops']:>8.3f}{r['memory_mb']:>11.0f}"
               f"{r['memory_mb'] / full['memory_mb']:>8.3f}{r['median_s']:>10.3f}{r['median_s'] / full['median_s']:>8.3f}"
-              f"{r['median_s'] / fwd['median_s']:>7.2f}")
+              f"{r['median_s'] / fwd['median_s']:>7.2f}{r['gflops_per_s']:>9.1f}{r['matmul_fraction']:>7.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
+    args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "host": host_facts,
+                                          "matmul_peak": peak, "results": results}, indent=2))
     print(f"\nwrote {args.json}")
 
 

@@ -33,6 +33,8 @@ import jlora
 from jlora.models import generate
 from jlora.models.llama import Llama, LlamaConfig
 
+import host  # experiments/host.py: this script's directory is on sys.path
+
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                            rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
@@ -152,8 +154,10 @@ def main(argv=None):
     small, large = (compiled_bytes(stack_fn, params, jlora.stack(trees[:k]), tokens, ids0) for k in (1, n))
     per_adapter = {key: (large[key] - small[key]) / (n - 1) for key in small}
 
-    host = f"{jax.devices()[0].platform}, {jax.device_count()} device(s), JAX {jax.__version__}"
-    print(f"SmolLM2-135M shapes, LoRA r={args.rank} on {', '.join(args.targets)}, batch {B}; {host}")
+    host_facts = host.facts()
+    devices = f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"
+    print(f"SmolLM2-135M shapes, LoRA r={args.rank} on {', '.join(args.targets)}, batch {B}; {devices}; "
+          f"{host.describe(host_facts)}")
     print(f"\nforward, {B} x {args.seq} tokens (median of {args.reps})")
     for name, seconds in forward.items():  # ratios to the first row, "one adapter"
         print(f"  {name:24s} {seconds:8.3f} s  {tokens_per_run / seconds:9.0f} tok/s  "
@@ -168,7 +172,8 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps(dict(forward=forward, generation=generation, per_adapter=per_adapter,
                                              adapter_bytes=tree_bytes(trees[0]), base_bytes=tree_bytes(params),
-                                             settings=vars(args) | {"json": str(args.json)}), indent=1))
+                                             settings=vars(args) | {"json": str(args.json)}, host=host_facts),
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from jlora import train
 from jlora.models import layers
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
+
+from host import describe as describe_host, facts as host_facts  # experiments/host.py
 
 # Sizes from each model's config.json on the Hugging Face hub, written out. Rope scaling (Llama 3)
 # changes neither memory nor FLOPs, so the plain rotary embedding stands in for it.
@@ -267,8 +268,8 @@ def main(argv=None):
     parser.add_argument("--append", action="store_true", help="add to the rows already in --json")
     args = parser.parse_args(argv)
 
-    host = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "jax": jax.__version__, "backend": jax.devices()[0].platform}
+    host = {**host_facts(), "backend": jax.devices()[0].platform}
+    print("host: " + describe_host(host))
     if args.rows is not None:
         plan = [(m, scan == "on", r, int(block[0]) if block else None)
                 for m, scan, r, *block in (row.split(":") for row in args.rows)]

@@ -25,6 +25,8 @@ import jlora
 from jlora import train
 from jlora.models.llama import Llama, LlamaConfig
 
+import host  # experiments/host.py: this script's directory is on sys.path
+
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = {
     "smollm2-135m": (dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -92,7 +94,8 @@ def main(argv=None):
         plan, steps, chunk = MODELS, args.steps, 512
     rows = [throughput(name, sizes, *shape, steps, chunk, args.peak_tflops) for name, (sizes, shape) in plan.items()]
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"dry_run": args.dry_run, "peak_tflops": args.peak_tflops, "rows": rows}, indent=2))
+    args.json.write_text(json.dumps({"dry_run": args.dry_run, "peak_tflops": args.peak_tflops, "host": host.facts(),
+                                      "rows": rows}, indent=2))
     print(f"wrote {args.json}")
 
 

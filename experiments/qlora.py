@@ -27,6 +27,8 @@ import jlora
 from jlora import data, loop, models, train
 from jlora.quantize import nbytes
 
+import host  # experiments/host.py: this script's directory is on sys.path
+
 RESULTS = Path(__file__).parent / "results"
 GiB = 2**30
 
@@ -173,7 +175,8 @@ def main(argv=None):
                       flush=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(report, indent=2))  # each row as it finishes
-    report["host"] = f"{os.cpu_count()} CPUs, jax {jax.__version__}"
+    report["host"] = host.facts()
+    print("host: " + host.describe(report["host"]))
     report["total_seconds"] = time.perf_counter() - began
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
