@@ -164,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the adapters' init, data order, dropout and samples")
     p.add_argument("--eval-batches", type=COUNT, help="validate on this many batches of --batch-size sequences instead of --eval-tokens")
     p.add_argument("--eval-tokens", type=COUNT, help="validate on this many tokens, in sequences spread over the "
-                   "validation data, the sample `jlora eval` scores by default (default 8192)")
+                   "validation data: the sample `jlora eval` scores when given no --data (default: 8192)")
     p.add_argument("--eval-every", type=COUNT, metavar="N", help="also validate every N steps (default: before and "
                    "after training only); RUN/best keeps the checkpoint of the lowest validation loss")
     p.add_argument("--save-every", type=COUNT, default=50, help="steps between checkpoints")
