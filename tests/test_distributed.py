@@ -221,7 +221,7 @@ def test_finetune_as_two_processes_is_one_job_with_one_set_of_outputs(tmp_path):
     text.write_text("".join(f"ROMEO {i}: what light through yonder window breaks? It is the east.\n" for i in range(60)))
     argv = [sys.executable, "-m", "jlora.cli", "finetune", "--base", base, "--data", text, "--valid-fraction", "0.1",
             "--seq-len", "16", "--batch-size", "8", "--max-steps", "3", "--save-every", "2", "--warmup", "1",
-            "--eval-batches", "2", "--sample-tokens", "0", "--fsdp", "--lr", "1e-2"]
+            "--eval-batches", "2", "--sample-tokens", "0", "--fsdp", "--lr", "1e-2", "--merged", "float32"]
     port = free_port()
     job = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
     one, *two = launch(([*map(str, argv), "--out", str(tmp_path / "one")], job_env(4)),
