@@ -168,10 +168,10 @@ def finetune(args) -> int:
         "train": dataclasses.asdict(config_train),
         "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
         "model": {"scan": stacked},
+        "eval": {"tokens": eval_tokens, "seq_len": args.seq_len},
     }
     if writer:  # every flag's final value: `jlora finetune --config OUT/config.yaml` runs this again
         (out / "config.yaml").write_text(cli_config.dump(args), encoding="utf-8")
-    metadata["eval"] = {"tokens": eval_tokens, "seq_len": args.seq_len}
     if names:
         metadata |= {"tasks": names, "data": {"train": dict(zip(names, (t.split("=", 1)[1] for t in args.task))),
                                               "seq_len": args.seq_len}}
