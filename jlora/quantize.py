@@ -227,7 +227,17 @@ def default_targets(path: str, leaf) -> bool:
     return paths.is_floating_matrix(leaf) and path.rsplit("/", 1)[-1] not in paths.NOT_WEIGHTS
 
 
-def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int = -2, targets: paths.Target | None = None):
+def default_axis(path: str) -> int:
+    """The axis a weight's blocks run along by default: the axis it contracts with activations. A
+    Dense kernel ``(in, out)`` or ``(L, in, out)`` is used as ``x @ W``, so -2; an embedding table
+    ``[V, C]`` (a leaf named ``embedding``) is looked up by row and used as a tied head ``x @ E.T``,
+    so -1: each token's own row, as llama.cpp and bitsandbytes block it. Blocks along the vocabulary
+    would share one scale between a frequent token's large row and rare tokens' small ones."""
+    return -1 if path.rsplit("/", 1)[-1] == "embedding" else -2
+
+
+def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int | None = None,
+             targets: paths.Target | None = None):
     """The frozen base in 4 or 8 bits: the chosen weights become :class:`Quantized` leaves.
 
     ``jlora.init``, ``jlora.adapt``, ``jlora.split`` and ``jlora.merge`` take the result like any
@@ -237,8 +247,9 @@ def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int = -
       params: a parameter pytree.
       format: ``'nf4'`` (QLoRA, double-quantised scales), ``'int4'`` or ``'int8'`` (per channel).
       block_size: values per scale for ``nf4``/``int4`` (64 as in QLoRA); ``int8`` ignores it.
-      axis: the axis the blocks run along: -2 is a Dense kernel's input axis ``(in, out)``, also
-        for stacked ``(L, in, out)`` kernels, and an embedding's vocabulary axis.
+      axis: the axis the blocks run along, for every chosen weight. Default (None):
+        :func:`default_axis`, a Dense kernel's input axis (-2, also for stacked ``(L, in, out)``
+        kernels) and an embedding's feature axis (-1).
       targets: which weights (as :func:`jlora.paths.select` takes them). Default: every floating
         matrix, embeddings and output head included, but no leaf named ``bias`` or ``scale`` (norms
         and biases are vectors and stay as they are).
@@ -261,10 +272,11 @@ def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int = -
     if format not in QUANTIZE_FORMATS:
         raise ValueError(f"unknown quantisation format {format!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
     chosen = paths.select(params, default_targets if targets is None else targets)
+    axes = {path: default_axis(path) if axis is None else axis for path in chosen}
     for path, w in chosen.items():  # the checks, before any work
-        jax.eval_shape(functools.partial(quantize_array, format=format, block_size=block_size, axis=axis, path=path), w)
+        jax.eval_shape(functools.partial(quantize_array, format=format, block_size=block_size, axis=axes[path], path=path), w)
     # One compiled function for all the weights, rather than one per shape.
-    done = jax.jit(lambda ws: {p: quantize_array(w, format, block_size=block_size, axis=axis, path=p) for p, w in ws.items()})(chosen)
+    done = jax.jit(lambda ws: {p: quantize_array(w, format, block_size=block_size, axis=axes[p], path=p) for p, w in ws.items()})(chosen)
     return paths.map_with_path(lambda path, w: done.get(path, w), params)
 
 

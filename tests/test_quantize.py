@@ -71,6 +71,21 @@ def test_default_targets_skip_vectors_and_keep_dtype():
     assert jlora.dequantize(qparams)["attn"]["kernel"].dtype == jnp.bfloat16
 
 
+def test_embedding_rows_get_their_own_scales():
+    # Token rows of very different norms (frequent vs rare tokens): blocks along each row keep every
+    # row's relative error at the format's; blocks along the vocabulary let a large row's scale crush
+    # the small rows to zero. (int4: plain float32 scales, so only the block axis differs.)
+    rows = jax.random.normal(jax.random.key(1), (128, 64)) * jnp.logspace(0, -3, 128)[:, None]
+    params = {"embed": {"embedding": rows}, "proj": {"kernel": rows}}
+    qparams = jlora.quantize(params, "int4")
+    assert (qparams["embed"]["embedding"].axis, qparams["proj"]["kernel"].axis) == (1, 0)
+    assert jlora.quantize(params, "nf4")["embed"]["embedding"].axis == 1
+    row_error = lambda back: jnp.linalg.norm(back - rows, axis=1) / jnp.linalg.norm(rows, axis=1)
+    by_row = row_error(jlora.dequantize(qparams)["embed"]["embedding"])
+    by_vocab = row_error(jlora.dequantize(jlora.quantize(params, "int4", axis=-2))["embed"]["embedding"])
+    assert float(by_row.max()) < 0.16 and float(by_vocab.max()) == 1.0
+
+
 def test_bad_format_and_block_size_are_named():
     params = {"mlp": {"kernel": jnp.ones((48, 16))}}
     with pytest.raises(ValueError, match=r"unknown quantisation format 'nf5'; choose one of nf4, int4, int8"):
