@@ -1,13 +1,15 @@
 """QLoRA on SmolLM2-135M + the bundled Shakespeare: float32 LoRA, bf16 LoRA and a 4-bit base side by side.
 
     python experiments/qlora.py                      # the three rows of the table, 100 steps each
-    python experiments/qlora.py --only nf4 --steps 10 --eval-batches 2   # one row in a few minutes
+    python experiments/qlora.py --only nf4_qlora --steps 10 --eval-tokens 1024   # one row in a few minutes
+    python experiments/qlora.py --targets all-linear     # LoRA on every linear layer (QLoRA's recipe)
     python experiments/qlora.py --scale-8b           # only the Llama-3.1-8B-shape compiled memory
 
-Every row trains the CLI's default adapters (LoRA r=8 on q_proj and v_proj) with the CLI's default
-settings (100 steps, batch 4 x 128 tokens, lr 1e-3, 10 warmup steps, cosine, seed 0) and reports
-validation perplexity on the held-out plays (the CLI's 8 batches), the bytes the frozen base holds,
-the compiled step's memory and the median step time. The rows run one after another in one process,
+Every row trains the CLI's default adapters (LoRA r=8 on q_proj and v_proj; `--targets all-linear`
+for all seven) with the CLI's default settings (100 steps, batch 4 x 128 tokens, lr 1e-3, 10 warmup
+steps, cosine, seed 0) and reports validation perplexity before and after training on the CLI's
+validation sample (`jlora.train.eval_sample`: 8,192 tokens spread over the held-out plays), the bytes
+the frozen base holds, the compiled step's memory and the median step time. The rows run one after another in one process,
 so their step times compare on the same host. Results go to experiments/results/qlora.json.
 """
 
@@ -38,7 +40,10 @@ ROWS = {
     "bf16_lora": (jnp.bfloat16, None),
     "nf4_qlora": (jnp.bfloat16, "nf4"),
     "int8_qlora": (jnp.bfloat16, "int8"),
+    "gguf_qlora": (jnp.bfloat16, "gguf"),  # the GGUF's own Q4_1/Q8_0 blocks, as shipped
 }
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {"all-linear": ALL_LINEAR}
 
 
 def memory_bytes(compiled) -> int:
@@ -49,12 +54,12 @@ def memory_bytes(compiled) -> int:
 def setup(name, args, train_set):
     """The row's model, frozen base, fresh state, jitted step, batches and compiled step."""
     dtype, fmt = ROWS[name]
-    model, params, _, _ = models.load(args.base, param_dtype=dtype, dtype=dtype)
+    model, params, _, model_config = models.load(args.base, param_dtype=dtype, dtype=dtype)
     if fmt is not None:
-        params = jlora.quantize(params, fmt)
+        params = models.quantize_base(args.base, params, model_config, fmt, dtype=dtype)
     config = train.TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.steps,
                                weight_decay=0.0, batch_size=args.batch_size, seed=args.seed)
-    adapters = jlora.init(params, rank=8)
+    adapters = jlora.init(params, rank=args.rank, targets=TARGETS.get(args.targets, args.targets.split(",")))
     frozen, trainable = jlora.split(params, adapters)
     state = train.init_state(trainable, config)
     step = train.make_step(model.apply, config)
@@ -69,10 +74,12 @@ def run_row(name, args, train_set, valid_set) -> dict:
     fitted = loop.fit(lambda s, b: step(s, frozen, b), state, batch_at, max_steps=args.steps, start=0)
     times = [entry["seconds"] for entry in fitted.history]
     evaluate = train.make_eval(model.apply)
-    ppl = train.perplexity(evaluate, *jlora.combine(frozen, fitted.state.trainable), valid_set, args.batch_size,
-                           args.eval_batches)
+    sample = train.eval_sample(valid_set, args.eval_tokens)
+    before = train.perplexity(evaluate, params, None, sample, args.batch_size)
+    ppl = train.perplexity(evaluate, *jlora.combine(frozen, fitted.state.trainable), sample, args.batch_size)
     return {
-        "name": name, "dtype": jnp.dtype(dtype).name, "quantize": fmt, "valid_perplexity": ppl,
+        "name": name, "dtype": jnp.dtype(dtype).name, "quantize": fmt, "base_perplexity": before,
+        "valid_perplexity": ppl,
         "base_bytes": nbytes(params), "compiled_step_bytes": memory_bytes(compiled),
         "median_step_s": statistics.median(times[1:]), "losses": [entry["loss"] for entry in fitted.history],
         "load_average": os.getloadavg(),
@@ -83,7 +90,6 @@ def run_row(name, args, train_set, valid_set) -> dict:
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4") -> dict:
@@ -146,7 +152,9 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--eval-tokens", type=int, default=train.EVAL_TOKENS, help="validation sample size")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale-8b", action="store_true", help="only the 8B-shape compiled memory")
     parser.add_argument("--out", type=Path)
@@ -170,7 +178,7 @@ def main(argv=None):
             for name in args.only:
                 result = run_row(name, args, train_set, valid_set)
                 report["results"].append(result)
-                print(f"{name:<14} ppl {result['valid_perplexity']:8.3f}  base {result['base_bytes'] / 2**20:7.1f} MiB  "
+                print(f"{name:<14} ppl {result['base_perplexity']:8.3f} -> {result['valid_perplexity']:8.3f}  base {result['base_bytes'] / 2**20:7.1f} MiB  "
                       f"step memory {result['compiled_step_bytes'] / 2**20:7.1f} MiB  step {result['median_step_s']:6.3f}s",
                       flush=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
