@@ -199,6 +199,7 @@ def test_a_scanned_quantised_base_equals_the_unrolled_one_and_the_dequantised_me
     got = jax.jit(jlora.adapt(scanned.apply, strict=True))(qstacked, stacked_adapters, tokens)
     assert_trees_close(got, jlora.adapt(model.apply, strict=True)(qparams, adapters, tokens), tol=1e-5)
     assert_trees_close(got, model.apply(jlora.merge(qparams, adapters), tokens), tol=1e-5)
+    assert_trees_close(layers.unstack_layers(jlora.merge(qstacked, stacked_adapters)), jlora.merge(qparams, adapters))
     loss = lambda f: jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(f(a)))))
     got_grads = loss(lambda a: jlora.adapt(scanned.apply, strict=True)(qstacked, a, tokens))(stacked_adapters)
     want_grads = loss(lambda a: model.apply(jlora.merge(qparams, a), tokens))(adapters)
