@@ -16,6 +16,7 @@ so their step times compare on the same host. Results go to experiments/results/
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -27,9 +28,11 @@ import jax.numpy as jnp
 
 import jlora
 from jlora import data, loop, models, train
+from jlora.models import layers
 from jlora.quantize import nbytes
 
-import host  # experiments/host.py: this script's directory is on sys.path
+import bench_scale  # experiments/: this script's directory is on sys.path
+import host
 
 RESULTS = Path(__file__).parent / "results"
 GiB = 2**30
@@ -42,8 +45,7 @@ ROWS = {
     "int8_qlora": (jnp.bfloat16, "int8"),
     "gguf_qlora": (jnp.bfloat16, "gguf"),  # the GGUF's own Q4_1/Q8_0 blocks, as shipped
 }
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGETS = {"all-linear": ALL_LINEAR}
+TARGETS = {"all-linear": bench_scale.LINEAR}
 
 
 def memory_bytes(compiled) -> int:
@@ -88,40 +90,68 @@ def run_row(name, args, train_set, valid_set) -> dict:
 
 # ---- Llama-3.1-8B shape: compiled memory only (nothing is allocated) ----
 
-LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
+# What is quantised, as torchtune's and bitsandbytes' QLoRA do it: the transformer blocks' linear
+# weights in NF4. The token embedding and the untied lm_head stay bf16: quantised, each use would
+# dequantise a 128256 x 4096 table (2 GiB as float32) where bf16 reads it as it is (the head 16k rows
+# at a time in the vocabulary-blocked loss).
+QUANTIZED = {"blocks": bench_scale.LINEAR, "blocks+embeddings": None}  # None: every matrix (jlora.quantize's default)
 
 
-def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4") -> dict:
-    """The compiled memory of one LoRA step (r=16, all linear) on an abstract NF4 Llama-3.1-8B base,
-    every layer rematerialised (``nn.remat``): lowered and compiled from shapes, never run."""
-    import flax.linen as nn
+def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4", quantized="blocks") -> dict:
+    """The compiled memory of one LoRA step (r=16, alpha 32, all 7 linear modules) on an abstract NF4
+    Llama-3.1-8B base in bench_scale's setting: layers scanned and fully rematerialised, attention 128
+    queries at a time, the loss 128 positions and 16k vocabulary entries at a time. Lowered and
+    compiled from shapes (`jax.eval_shape`: nothing is allocated), never run.
 
-    from jlora.models import llama
-
-    config = llama.LlamaConfig(**LLAMA_8B)
-    original = llama.DecoderLayer
-    llama.DecoderLayer = nn.remat(original)  # jax.checkpoint around each layer
-    try:
-        model = llama.Llama(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-        qshapes = jax.eval_shape(lambda p: jlora.quantize(p, fmt), shapes)
-        adapters = jax.eval_shape(lambda p: jlora.init(p, rank=rank, targets=ALL_LINEAR, alpha=2 * rank), qshapes)
-        config_train = train.TrainConfig(batch_size=batch, max_steps=100)
-        frozen, trainable = jlora.split(qshapes, adapters)
-        state = jax.eval_shape(lambda t: train.init_state(t, config_train), trainable)
-        tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-        step = train.make_step(model.apply, config_train)
-        compiled = step.lower(state, frozen, {"tokens": tokens, "targets": tokens, "loss_mask": tokens}).compile()
-    finally:
-        llama.DecoderLayer = original
+    The base is quantised unrolled, as the CLI does (each layer its own scales), then stacked for the
+    scan (`layers.stack_layers`), so each scan iteration dequantises its own layer only. Memory is
+    read from `memory_analysis()` of the step compiled with bench_scale's NO_HOIST (XLA's CPU backend
+    would otherwise hoist loop-invariant conversions of the stacked base out of the scan, a copy a
+    GPU never makes); the default compilation's total is reported beside it."""
+    model = bench_scale.llama("llama-3.1-8b", True, "full", attention_block=128)
+    shapes = jax.eval_shape(model.clone(scan=False).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    targets = QUANTIZED[quantized]
+    qshapes = jax.eval_shape(lambda p: layers.stack_layers(jlora.quantize(p, fmt, targets=targets)), shapes)
+    adapters = jax.eval_shape(lambda p: jlora.init(p, rank=rank, alpha=2 * rank, targets=bench_scale.LINEAR,
+                                                   stack_axes={"layers": 1}, key=jax.random.key(1)), qshapes)
+    config = train.TrainConfig(batch_size=batch, loss_chunk=bench_scale.LOSS_CHUNK,
+                               loss_vocab_block=bench_scale.VOCAB_BLOCK)
+    frozen, trainable = jlora.split(qshapes, adapters)
+    state = jax.eval_shape(lambda t: train.init_state(t, config), trainable)
+    step = train.make_step(functools.partial(model.apply, hidden=True), config, head_fn=model.head,
+                           vocab_size=model.config.vocab_size)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    data = {"tokens": tokens, "targets": tokens, "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
+    began = time.perf_counter()
+    lowered = step.lower(state, frozen, data)
+    compiled = lowered.compile(compiler_options=bench_scale.NO_HOIST)
+    compile_s = time.perf_counter() - began
     m = compiled.memory_analysis()
+    hoisted = lowered.compile()
     return {
-        "shape": "Llama-3.1-8B", "batch": f"{batch}x{seq_len}", "rank": rank, "quantize": fmt,
+        "shape": "Llama-3.1-8B", "batch": f"{batch}x{seq_len}", "rank": rank, "alpha": 2 * rank,
+        "targets": bench_scale.LINEAR, "quantize": fmt,
+        "quantized": "the 7 linear weights of every block" + (", embedding and lm_head too" if targets is None else
+                                                             "; embed_tokens and lm_head stay bf16 (as torchtune)"),
+        "setting": {"scan": True, "remat": "full", "attention_block": 128, "loss_chunk": bench_scale.LOSS_CHUNK,
+                    "loss_vocab_block": bench_scale.VOCAB_BLOCK, "compiler_options": bench_scale.NO_HOIST},
         "base_bytes": nbytes(qshapes), "argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
         "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
-        "compiled_step_gib": memory_bytes(compiled) / GiB,
+        "compiled_step_gib": memory_bytes(compiled) / GiB, "compile_s": compile_s,
+        "compiled_step_gib_hoisted": memory_bytes(hoisted) / GiB,
+        # Full remat keeps each layer's bf16 input for the backward pass: a floor of the temporaries.
+        "layer_inputs_kept_bytes": model.config.num_hidden_layers * batch * seq_len * model.config.hidden_size * 2,
+        "torchtune_qlora_peak_gib": bench_scale.PUBLISHED["torchtune Llama 3.1 8B QLoRA, same setting (peak)"],
     }
+
+
+def bf16_row() -> dict | None:
+    """bench_scale's bf16 LoRA row in the same setting (results/bench_scale.json), for comparison."""
+    path = RESULTS / "bench_scale.json"
+    rows = json.loads(path.read_text())["scale"] if path.is_file() else []
+    found = [r for r in rows if (r.get("model"), r.get("kind"), r.get("scan"), r.get("remat"), r.get("attention_block"))
+             == ("llama-3.1-8b", "lora", True, "full", 128)]
+    return found[0] if found else None
 
 
 def interleaved_step_times(names, args, train_set, rounds) -> dict:
@@ -161,8 +191,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     began = time.perf_counter()
     if args.scale_8b:
-        report = scale_8b()
-        print(json.dumps(report, indent=2))
+        report = {"results": [], "bf16_lora_same_setting": bf16_row()}
+        for quantized in QUANTIZED:
+            report["results"].append(scale_8b(quantized=quantized))
+            print(json.dumps(report["results"][-1], indent=2), flush=True)
         out = args.out or RESULTS / "qlora_8b.json"
     else:
         _, _, tokenizer, _ = models.load(args.base)

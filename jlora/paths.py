@@ -46,8 +46,14 @@ class Packed:
 
     shape: tuple
     dtype: Any
+    #: Leading axes of ``shape`` that are stacked layers, each slice a weight of its own.
+    lead: int = 0
 
     def dense(self) -> jax.Array:
+        raise NotImplementedError
+
+    def stacked_meta(self, layers: int) -> dict:
+        """Static fields after stacking ``layers`` like it on a new leading axis (``-1``: after removing one)."""
         raise NotImplementedError
 
 

@@ -49,7 +49,7 @@ SCALE_BLOCK = 256
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["arrays"],
-    meta_fields=["format", "shape", "dtype", "axis", "block_size"],
+    meta_fields=["format", "shape", "dtype", "axis", "block_size", "lead"],
 )
 @dataclasses.dataclass(frozen=True)
 class Quantized(paths.Packed):
@@ -63,6 +63,9 @@ class Quantized(paths.Packed):
       shape, dtype: of the dense weight; :meth:`dense` returns that.
       axis: the axis the blocks run along (non-negative).
       block_size: values per block.
+      lead: how many leading axes of ``shape`` are stacked layers (``jlora.models.layers.stack_layers``,
+        ``quantize(..., stack_axes=1)``): every array then carries them first, each layer's entries
+        its own weight's, so a layer's slice is that layer's :class:`Quantized` (:meth:`stacked_meta`).
     """
 
     arrays: dict
@@ -71,6 +74,7 @@ class Quantized(paths.Packed):
     dtype: Any
     axis: int
     block_size: int
+    lead: int = 0
 
     @property
     def ndim(self) -> int:
@@ -81,15 +85,26 @@ class Quantized(paths.Packed):
         """Bytes the quantised weight holds in memory (codes and scales)."""
         return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.arrays))
 
+    def stacked_meta(self, layers: int) -> dict:
+        """Static fields after ``layers`` weights like this one are stacked on a new leading axis
+        (``layers=-1``: after that axis is removed), as ``Adapter.stacked_meta``."""
+        if layers < 0:
+            return {"shape": self.shape[1:], "axis": self.axis - 1, "lead": self.lead - 1}
+        return {"shape": (layers,) + self.shape, "axis": self.axis + 1, "lead": self.lead + 1}
+
     def dense(self) -> jax.Array:
-        """The dense weight, in ``dtype`` (computed in float32)."""
+        """The dense weight, in ``dtype`` (computed in float32); stacked layers one at a time (vmap)."""
+        if self.lead:
+            one = self.stacked_meta(-1)
+            return jax.vmap(lambda arrays: dataclasses.replace(self, arrays=arrays, **one).dense())(self.arrays)
         rest = self.shape[: self.axis] + self.shape[self.axis + 1 :]
         blocks = FORMATS[self.format].dequantize(self.arrays, self.block_size)
         moved = blocks.reshape(rest + (self.shape[self.axis],))
         return jnp.moveaxis(moved, -1, self.axis).astype(self.dtype)
 
     def __repr__(self):
-        return f"Quantized({self.format}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, {self.nbytes} bytes)"
+        lead = f", lead={self.lead}" if self.lead else ""
+        return f"Quantized({self.format}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}{lead}, {self.nbytes} bytes)"
 
 
 def is_quantized(x) -> bool:
@@ -236,23 +251,72 @@ def default_axis(path: str) -> int:
     return -1 if path.rsplit("/", 1)[-1] == "embedding" else -2
 
 
+def quantize_stacked(w, format: str = "nf4", *, block_size: int = 64, axis: int = -2, stack_axes: int = 0,
+                     path: str = "weight") -> Quantized:
+    """:func:`quantize_array` of each layer of ``w``, whose first ``stack_axes`` axes are stacked
+    layers: a :class:`Quantized` with ``lead=stack_axes`` (``axis`` counts in one layer's weight)."""
+    if stack_axes == 0:
+        return quantize_array(w, format, block_size=block_size, axis=axis, path=path)
+    one = functools.partial(quantize_stacked, format=format, block_size=block_size, axis=axis,
+                            stack_axes=stack_axes - 1, path=path)
+    first = one(w[0])  # the checks, and the static fields the vmapped result loses
+    arrays = jax.vmap(lambda layer: one(layer).arrays)(w)
+    return dataclasses.replace(first, arrays=arrays, **first.stacked_meta(w.shape[0]))
+
+
+def stack(leaves: list[Quantized], path: str = "") -> Quantized:
+    """One :class:`Quantized` holding ``leaves`` (one per layer, same format and shape) along a new
+    leading axis, as ``nn.scan`` stacks the layers' weights; each layer keeps its own scales.
+
+    Example:
+      >>> layer = jlora.quantize({'kernel': jnp.ones((128, 32))})['kernel']
+      >>> stack([layer] * 3)
+      Quantized(nf4, shape=(3, 128, 32), dtype=float32, lead=1, 6936 bytes)
+    """
+    first = leaves[0]
+    static = {(q.format, q.shape, jnp.dtype(q.dtype), q.axis, q.block_size, q.lead) for q in leaves}
+    if len(static) > 1 or any(not is_quantized(q) for q in leaves):
+        raise ValueError(f"cannot stack the layers' quantised weights at {path!r}: they differ in format, shape, "
+                         f"dtype, axis or block size: {leaves}")
+    arrays = jax.tree.map(lambda *xs: jnp.stack(xs), *[q.arrays for q in leaves])
+    return dataclasses.replace(first, arrays=arrays, **first.stacked_meta(len(leaves)))
+
+
+def unstack(stacked: Quantized, path: str = "") -> list[Quantized]:
+    """The per-layer weights of one stacked along its leading axis (inverse of :func:`stack`)."""
+    if stacked.lead < 1:
+        raise ValueError(f"the quantised weight at {path!r} ({stacked}) has no stacked layer axis; quantise the "
+                         "unrolled layers and stack them (jlora.models.layers.stack_layers), or quantise with stack_axes")
+    meta = stacked.stacked_meta(-1)
+    return [dataclasses.replace(stacked, arrays=jax.tree.map(lambda x: x[i], stacked.arrays), **meta)
+            for i in range(stacked.shape[0])]
+
+
 def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int | None = None,
-             targets: paths.Target | None = None):
+             targets: paths.Target | None = None, stack_axes: int | dict[str, int] = 0):
     """The frozen base in 4 or 8 bits: the chosen weights become :class:`Quantized` leaves.
 
     ``jlora.init``, ``jlora.adapt``, ``jlora.split`` and ``jlora.merge`` take the result like any
     parameter tree; ``adapt`` dequantises each weight only inside the equation that uses it.
 
+    A tree of stacked layers (``nn.scan``) is quantised layer by layer when ``stack_axes`` says which
+    leaves are stacked: each layer gets its own scales (as it would unrolled), and a stacked norm
+    ``(L, C)`` stays a vector of each layer, not quantised. Without it, ``(L, C)`` is a matrix and
+    NF4's second-level scales would group across layers. Quantising the unrolled layers and then
+    stacking them (``jlora.models.layers.stack_layers``) gives the same leaves.
+
     Args:
       params: a parameter pytree.
       format: ``'nf4'`` (QLoRA, double-quantised scales), ``'int4'`` or ``'int8'`` (per channel).
       block_size: values per scale for ``nf4``/``int4`` (64 as in QLoRA); ``int8`` ignores it.
-      axis: the axis the blocks run along, for every chosen weight. Default (None):
-        :func:`default_axis`, a Dense kernel's input axis (-2, also for stacked ``(L, in, out)``
-        kernels) and an embedding's feature axis (-1).
+      axis: the axis of one layer's weight the blocks run along, for every chosen weight. Default
+        (None): :func:`default_axis`, a Dense kernel's input axis (-2) and an embedding's feature
+        axis (-1).
       targets: which weights (as :func:`jlora.paths.select` takes them). Default: every floating
-        matrix, embeddings and output head included, but no leaf named ``bias`` or ``scale`` (norms
-        and biases are vectors and stay as they are).
+        matrix (of each layer, for stacked leaves), embeddings and output head included, but no leaf
+        named ``bias`` or ``scale`` (norms and biases are vectors and stay as they are).
+      stack_axes: how many leading axes are stacked layers (1 for ``nn.scan``), as ``jlora.init``
+        takes it: an int, or ``{regex or module name: int}`` (e.g. ``{'layers': 1}``).
 
     Returns:
       ``params`` with a :class:`Quantized` at each chosen path.
@@ -268,15 +332,28 @@ def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int | N
       Quantized(nf4, shape=(128, 32), dtype=float32, 2312 bytes)
       >>> bool(jnp.all(jlora.dequantize(q)['mlp']['kernel'] == 1.0)), q['mlp']['bias'].shape
       (True, (32,))
+      >>> stacked = {'layers': {'kernel': jnp.ones((3, 128, 32)), 'norm': {'weight': jnp.ones((3, 32))}}}
+      >>> q = jlora.quantize(stacked, 'nf4', stack_axes={'layers': 1})
+      >>> q['layers']['kernel'], q['layers']['norm']['weight'].shape
+      (Quantized(nf4, shape=(3, 128, 32), dtype=float32, lead=1, 6936 bytes), (3, 32))
     """
     if format not in QUANTIZE_FORMATS:
         raise ValueError(f"unknown quantisation format {format!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
-    chosen = paths.select(params, default_targets if targets is None else targets)
+    n_stack = lambda path: paths.per_path(stack_axes, path, 0)
+    if targets is None:  # a stacked leaf is a matrix when each layer's weight is one
+        targets = lambda path, w: default_targets(path, w) and len(w.shape) - n_stack(path) >= 2
+    chosen = paths.select(params, targets)
+    paths.check_patterns("stack_axes", stack_axes, chosen)
     axes = {path: default_axis(path) if axis is None else axis for path in chosen}
     for path, w in chosen.items():  # the checks, before any work
-        jax.eval_shape(functools.partial(quantize_array, format=format, block_size=block_size, axis=axes[path], path=path), w)
+        if not 0 <= n_stack(path) <= len(w.shape) - 2:
+            raise ValueError(f"cannot quantise {path!r} (shape {tuple(w.shape)}) with stack_axes={n_stack(path)}: "
+                             f"each layer's weight must keep 2 or more axes")
+        jax.eval_shape(functools.partial(quantize_stacked, format=format, block_size=block_size, axis=axes[path],
+                                         stack_axes=n_stack(path), path=path), w)
     # One compiled function for all the weights, rather than one per shape.
-    done = jax.jit(lambda ws: {p: quantize_array(w, format, block_size=block_size, axis=axes[p], path=p) for p, w in ws.items()})(chosen)
+    done = jax.jit(lambda ws: {p: quantize_stacked(w, format, block_size=block_size, axis=axes[p], stack_axes=n_stack(p),
+                                                   path=p) for p, w in ws.items()})(chosen)
     return paths.map_with_path(lambda path, w: done.get(path, w), params)
 
 

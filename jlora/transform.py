@@ -233,7 +233,7 @@ def _scan(ctx, eqn, invals):
     carry = [_materialize(v) for v in carry]
     stacked, rebuilders = [], []
     for i, x in enumerate(xs):
-        unstacked = x.unstack() if isinstance(x, Use) else None
+        unstacked = x.unstack() if isinstance(x, (Use, Deferred)) else None
         if unstacked is None:
             stacked.append(_materialize(x) if isinstance(x, Use) else x)
             rebuilders.append(None)
@@ -315,7 +315,8 @@ class Deferred:
     """A :class:`~jlora.paths.Packed` weight (``jlora.quantize``) on its way to its uses.
 
     Views of it (transpose, reshape, squeeze, a cast) are only recorded; jit, checkpoint and cond
-    pass it on as a pytree of its packed arrays; any other equation that reads it runs under
+    pass it on as a pytree of its packed arrays; a scan over stacked layers slices it with its
+    adapter, one layer per iteration (:meth:`unstack`); any other equation that reads it runs under
     ``jax.checkpoint`` with the weight made dense, its adapter applied and the views replayed
     inside, so a dense copy lives for one use only and the backward pass recomputes it.
     """
@@ -324,6 +325,21 @@ class Deferred:
     adapter: Any
     path: str
     views: tuple = ()
+
+    def unstack(self) -> tuple[Any, Callable[[Any], Deferred]] | None:
+        """For ``scan`` over stacked layers, as :meth:`Use.unstack`: the weight's packed arrays and
+        its adapter's, sliced by the scan along their layer axis, so each iteration dequantises its
+        own layer only; None when the packed weight has no stacked axis or a view was taken."""
+        if self.views or self.packed.lead < 1 or (self.adapter is not None and self.adapter.stack_axes < 1):
+            return None
+        packed_meta = self.packed.stacked_meta(-1)
+        adapter_meta = None if self.adapter is None else self.adapter.stacked_meta(-1)
+
+        def layer(sliced: Deferred) -> Deferred:  # the slices still carry the stack's static fields
+            adapter = None if sliced.adapter is None else dataclasses.replace(sliced.adapter, **adapter_meta)
+            return Deferred(dataclasses.replace(sliced.packed, **packed_meta), adapter, self.path)
+
+        return self, layer
 
     def value(self, ctx: Context | None):
         w = self.packed.dense()
@@ -345,12 +361,23 @@ _DEFERRED_VIEWS = ("transpose", "reshape", "squeeze", "convert_element_type")
 _DEFERRED_PASS = ("jit", "pjit", "closed_call", "custom_jvp_call", "custom_vjp_call", "checkpoint", "remat2", "cond")
 
 
+def _scan_slices(eqn, invals) -> bool:
+    """Whether a scan can take its packed weights layer by layer: each is a stacked ``xs`` (or a
+    constant, dequantised at its uses in the body), none is carried."""
+    n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    carry, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+    return not any(isinstance(x, Deferred) for x in carry) and all(
+        x.unstack() is not None for x in xs if isinstance(x, Deferred))
+
+
 def _deferred(ctx, eqn, invals):
     name = eqn.primitive.name
     if name in _DEFERRED_VIEWS and len(invals) == 1:
         return [dataclasses.replace(invals[0], views=invals[0].views + (_Eqn(eqn),))]
     if name in _DEFERRED_PASS:
         return _RULES[name](ctx, eqn, invals)
+    if name == "scan" and _scan_slices(eqn, invals):
+        return _scan(ctx, eqn, invals)
 
     def use(invals):
         dense = [v.value(ctx) if isinstance(v, Deferred) else v for v in invals]

@@ -256,7 +256,6 @@ def test_bad_flags_are_one_line_errors_with_status_2(tmp_path, capsys, flags, me
     (["finetune", "--alpha", 8, "--rank", 600], "rank 600 for 'params/layers_0/self_attn/q_proj/kernel'"),
     (["generate", "--prompt", ""], "error: the prompt is empty"),
     (["finetune", "--method", "ia3", "--rank", 4], "--rank does not apply to --method ia3 (it takes --targets)"),
-    (["finetune", "--scan", "--quantize", "nf4"], "--scan does not combine with --quantize yet"),
     (["finetune", "--loss-vocab-block", 1024], "--loss-vocab-block splits the chunks of --loss-chunk; give --loss-chunk too"),
 ])
 def test_refusals_from_the_library_are_one_line_errors(tmp_path, capsys, argv, message):
@@ -370,6 +369,39 @@ def test_finetune_eval_and_merge_on_a_4bit_base(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1.0
     assert run("merge", out, tmp_path / "merged") == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_a_scanned_run_on_a_4bit_base_trains_the_unrolled_runs_adapters(tmp_path, capsys):
+    """--scan --quantize nf4: the quantised layers stack for the scan and unstack, each its own
+    Quantized again, for the checkpoint's eval, generate and merged export."""
+    from test_distributed import tiny_llama_dir
+
+    # Sizes NF4's blocks of 64 divide (the vocabulary 320 beyond the tokenizer's 257 entries).
+    base = tiny_llama_dir(tmp_path / "base", vocab_size=320, hidden_size=64, intermediate_size=128)
+    text = tmp_path / "play.txt"
+    text.write_text("".join(f"ROMEO {i}: what light through yonder window breaks? It is the east.\n" for i in range(40)))
+    flags = ["--base", base, "--data", text, "--quantize", "nf4", "--max-steps", 2, "--rank", 4, "--lr", "1e-2",
+             "--targets", "q_proj,v_proj,up_proj", *SMALL]
+    assert run("finetune", *flags, "--out", tmp_path / "unrolled") == 0
+    assert run("finetune", *flags, "--scan", "--remat", "full", "--out", tmp_path / "scan") == 0
+    stacked = checkpoint.Checkpointer(tmp_path / "scan" / "checkpoints").restore()[0].trainable.adapters
+    assert stacked["params"]["layers"]["mlp"]["up_proj"]["kernel"].stack_axes == 1
+    scanned, metadata = adapters_of(tmp_path / "scan")
+    assert metadata["base"]["quantize"] == "nf4" and metadata["model"] == {"scan": "layers"}
+    unrolled, _ = adapters_of(tmp_path / "unrolled")
+    assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    _, params, *_ = common.load_run(tmp_path / "scan")
+    kernel = params["params"]["layers_1"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel, jlora.Quantized) and (kernel.shape, kernel.lead) == ((64, 128), 0)
+    report = json.loads((tmp_path / "scan" / "run.json").read_text())
+    assert report["base_bytes"] == json.loads((tmp_path / "unrolled" / "run.json").read_text())["base_bytes"]
+    assert (tmp_path / "scan" / "merged" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert run("eval", "--checkpoint", tmp_path / "scan", "--seq-len", 16, "--batch-size", 8, "--max-batches", 1) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1.0
+    assert run("generate", "--checkpoint", tmp_path / "scan", "--prompt", "ROMEO", "--max-new-tokens", 3) == 0
 
 
 def test_help_does_not_import_jax_and_the_method_choices_are_the_adapter_kinds():

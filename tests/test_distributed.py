@@ -189,8 +189,9 @@ def test_no_process_gathers_from_another_beyond_the_steps_collectives(two_jobs, 
 # ---- the command as 2 processes ----
 
 
-def tiny_llama_dir(directory: Path) -> Path:
-    """A random 2-layer Llama with a byte-level tokenizer (256 bytes + eos), as a Hugging Face directory."""
+def tiny_llama_dir(directory: Path, **sizes) -> Path:
+    """A random 2-layer Llama with a byte-level tokenizer (256 bytes + eos), as a Hugging Face directory
+    (``sizes``: other ``LlamaConfig`` sizes)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -203,9 +204,9 @@ def tiny_llama_dir(directory: Path) -> Path:
     directory.mkdir()
     backend.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
-    config = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      eos_token_id=256, bos_token_id=None)
+    config = transformers.LlamaConfig(**dict(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                             eos_token_id=256, bos_token_id=None) | sizes)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():

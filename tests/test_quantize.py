@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.quantize import NF4, nbytes
+from jlora.quantize import NF4, nbytes, stack, unstack
 from jlora import train
+from jlora.models import layers
 from helpers import assert_trees_close, normal, trained
 from tiny import LLAMA_LINEAR, jax_model
 
@@ -157,3 +158,94 @@ def test_count_params_counts_a_quantised_weight_by_its_shape_and_bytes():
     assert counted.total == 128 * 32 + 32 + adapter_values
     assert counted.total_bytes == 128 * 32 // 2 + 4 * 4 * 32 + 4 * 32 + 4 * adapter_values  # codes, scales, bias, A, B
     assert counted.trainable == adapter_values
+
+
+# ---- stacked layers (nn.scan): a quantised base stacks per layer and is dequantised one layer at a time ----
+
+
+def test_stacked_quantized_weights_unstack_to_the_same_arrays_and_dequantise_per_layer():
+    model, variables, _ = jax_model("llama")
+    qparams = jlora.quantize(variables, "nf4", block_size=16)
+    stacked = layers.stack_layers(qparams)
+    kernel = stacked["params"]["layers"]["mlp"]["up_proj"]["kernel"]
+    one = qparams["params"]["layers_1"]["mlp"]["up_proj"]["kernel"]
+    assert (kernel.shape, kernel.axis, kernel.lead, one.lead) == ((2, 32, 48), 1, 1, 0)
+    assert kernel.arrays["values"].shape == (2, 48, 2, 8) and kernel.arrays["scale_offset"].shape == (2,)
+    assert kernel.nbytes == 2 * one.nbytes and nbytes(stacked) == nbytes(qparams)
+    assert repr(kernel) == f"Quantized(nf4, shape=(2, 32, 48), dtype=float32, lead=1, {2 * one.nbytes} bytes)"
+    back = layers.unstack_layers(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(qparams)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(qparams)):
+        np.testing.assert_array_equal(got, want)
+    # Each layer dequantises with its own scales: the stack's dense weight is the layers' stacked.
+    np.testing.assert_array_equal(jlora.dequantize(stacked)["params"]["layers"]["mlp"]["up_proj"]["kernel"][1],
+                                  one.dense())
+    assert_trees_close(jlora.dequantize(stacked), layers.stack_layers(jlora.dequantize(qparams)), tol=0)
+
+
+def test_quantising_a_stacked_tree_per_layer_equals_quantising_the_layers_then_stacking():
+    _, variables, _ = jax_model("llama")
+    want = layers.stack_layers(jlora.quantize(variables, "nf4", block_size=16))
+    got = jlora.quantize(layers.stack_layers(variables), "nf4", block_size=16, stack_axes={"layers": 1})
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    # The stacked norms (2, 32) are each layer's vector: left as they are.
+    assert got["params"]["layers"]["input_layernorm"]["weight"].shape == (2, 32)
+    with pytest.raises(ValueError, match=r"cannot quantise 'layers/norm' \(shape \(2, 32\)\) with stack_axes=1: "
+                                         r"each layer's weight must keep 2 or more axes"):
+        jlora.quantize({"layers": {"norm": jnp.ones((2, 32))}}, "int8", targets="layers/norm", stack_axes=1)
+    with pytest.raises(ValueError, match=r"no stacked layer axis"):
+        unstack(jlora.quantize({"w": jnp.ones((32, 32))}, block_size=16)["w"], "w")
+    with pytest.raises(ValueError, match=r"cannot stack the layers' quantised weights at 'w': they differ"):
+        stack([jlora.quantize({"w": jnp.ones((32, 32))}, f, block_size=16)["w"] for f in ("nf4", "int4")], "w")
+
+
+@pytest.fixture(scope="module")
+def scanned_quantized_llama(quantized_llama):
+    model, qparams, adapters, tokens = quantized_llama
+    return model.clone(scan=True, remat="full"), layers.stack_layers(qparams), layers.stack_layers(adapters)
+
+
+def test_a_scanned_quantised_base_equals_the_unrolled_one_and_the_dequantised_merge(quantized_llama,
+                                                                                    scanned_quantized_llama):
+    model, qparams, adapters, tokens = quantized_llama
+    scanned, qstacked, stacked_adapters = scanned_quantized_llama
+    got = jax.jit(jlora.adapt(scanned.apply, strict=True))(qstacked, stacked_adapters, tokens)
+    assert_trees_close(got, jlora.adapt(model.apply, strict=True)(qparams, adapters, tokens), tol=1e-5)
+    assert_trees_close(got, model.apply(jlora.merge(qparams, adapters), tokens), tol=1e-5)
+    assert_trees_close(layers.unstack_layers(jlora.merge(qstacked, stacked_adapters)), jlora.merge(qparams, adapters))
+    loss = lambda f: jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(f(a)))))
+    got_grads = loss(lambda a: jlora.adapt(scanned.apply, strict=True)(qstacked, a, tokens))(stacked_adapters)
+    want_grads = loss(lambda a: model.apply(jlora.merge(qparams, a), tokens))(adapters)
+    assert_trees_close(layers.unstack_layers(got_grads), want_grads)
+    assert any(np.any(g) for g in jax.tree.leaves(got_grads))
+
+
+def test_each_scan_iteration_dequantises_its_own_layer_only(scanned_quantized_llama, capsys):
+    scanned, qstacked, stacked_adapters = scanned_quantized_llama
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    adapted = lambda a: jnp.sum(jlora.adapt(scanned.apply)(qstacked, a, tokens))
+    text = str(jax.make_jaxpr(jax.grad(adapted))(stacked_adapters))
+    assert "f32[32,48]" in text  # one layer's dense up/gate projection, inside the scan's body
+    assert "f32[2,32,48]" not in text and "f32[2,48,32]" not in text  # never the stack's
+    jax.ad_checkpoint.print_saved_residuals(adapted, stacked_adapters)
+    saved = capsys.readouterr().out
+    assert "u8[2,48,2,8]" in saved and "f32[32,48]" not in saved  # the stacked codes are kept, not dense weights
+
+
+def test_the_scanned_train_step_holds_the_quantised_bytes(scanned_quantized_llama):
+    scanned, qstacked, _ = scanned_quantized_llama
+    _, variables, tokens = jax_model("llama")
+    config = train.TrainConfig(batch_size=2, max_steps=2)
+    step = train.make_step(scanned.apply, config)
+    batch = {"tokens": tokens, "targets": tokens, "loss_mask": jnp.ones_like(tokens)}
+
+    def argument_bytes(params):
+        adapters = jlora.init(params, rank=4, targets=LLAMA_LINEAR, stack_axes={"layers": 1})
+        frozen, trainable = jlora.split(params, adapters)
+        state = train.init_state(trainable, config)
+        return step.lower(state, frozen, batch).compile().memory_analysis().argument_size_in_bytes
+
+    dense = layers.stack_layers(variables)
+    assert argument_bytes(dense) - argument_bytes(qstacked) == nbytes(dense) - nbytes(qstacked)

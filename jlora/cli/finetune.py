@@ -127,9 +127,6 @@ def finetune(args) -> int:
     if args.batch_size % (args.accumulate * jax.device_count()):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
                          f"times the {jax.device_count()} devices the batch is split over")
-    if args.scan and args.quantize:
-        raise UsageError("--scan does not combine with --quantize yet: quantised weights do not stack along the "
-                         "layer axis; drop one of them")
     if args.loss_vocab_block and not args.loss_chunk:
         raise UsageError("--loss-vocab-block splits the chunks of --loss-chunk; give --loss-chunk too")
     if args.fsdp and jax.device_count() % args.fsdp:
