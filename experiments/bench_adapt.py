@@ -31,7 +31,14 @@ TARGETS = {"all": ["c_attn", "c_proj", "c_fc"], "c_attn": ["c_attn"]}
 
 
 def loss_fn(logits, tokens):
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    """Mean next-token cross-entropy over the first T - 1 positions (what PEFT's `labels=` loss is).
+
+    The targets shift rather than the logits: `logits[:, :-1]` copied the [B, T - 1, V] logits,
+    and padded their gradient back, every step. The last position's target wraps around to the first
+    token and its loss is dropped.
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.roll(tokens, -1, axis=1))
+    return losses[:, :-1].mean()
 
 
 def make_steps(model, params, adapters, tx):

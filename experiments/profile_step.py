@@ -10,6 +10,7 @@ seconds; a busy host still skews them.
 
     python experiments/profile_step.py               # 30 layers
     python experiments/profile_step.py --layers 4    # the head's share grows
+    python experiments/profile_step.py --reps 7      # then bench_peft's matmul_fraction, without PEFT
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import os
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +31,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_adapt import call_args, compile_runner, make_steps  # noqa: E402
+from bench_adapt import call_args, compile_runner, make_steps, time_alternating  # noqa: E402
+from bench_peft import MATMUL_REPEAT  # noqa: E402
 import host  # noqa: E402
 
 import jlora  # noqa: E402
@@ -62,6 +66,9 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=0,
+                        help="then time this many rounds of the step alternating with bench_peft's yardstick "
+                             "(XLA float32 matmuls 512x576x1536) and print its matmul_fraction (default: none)")
     args = parser.parse_args(argv)
     jax.config.update("jax_platforms", "cpu")
 
@@ -107,6 +114,30 @@ def main(argv=None):
     print(f"top {args.top} groups (per step; calls over {args.steps} steps):")
     for group, s in seconds.most_common(args.top):
         print(f"  {s * 1e3:8.1f} ms {s / total:6.1%} x{calls[group]:<4d} {group}")
+
+    if args.reps:
+        matmul_fraction(stats, run, args.reps)
+
+
+def matmul_fraction(stats, run, reps):
+    """bench_peft's jlora figure for this step, timed the same way, without building PEFT's side."""
+    m, k, n = 4 * 128, 576, 1536  # [batch*seq, d] x [d, ffn], as bench_peft's matmul_runs
+    rng = np.random.default_rng(0)
+    a, b = jnp.asarray(rng.standard_normal((m, k), np.float32)), jnp.asarray(rng.standard_normal((k, n), np.float32))
+    matmul = jax.jit(jnp.matmul)
+
+    def matmuls():
+        for _ in range(MATMUL_REPEAT):
+            matmul(a, b).block_until_ready()
+
+    matmuls()
+    load = os.getloadavg()[0]
+    times = time_alternating({"step": run, "matmul": matmuls}, reps)
+    step_s = statistics.median(times["step"])
+    peak = 2 * m * k * n * MATMUL_REPEAT / statistics.median(times["matmul"]) / 1e9
+    print(f"{reps} alternating rounds (load average {load:.2f} before, {os.getloadavg()[0]:.2f} after): step median "
+          f"{step_s:.3f} s, {stats['gflops'] / step_s:.1f} GFLOP/s; XLA matmul {m}x{k}x{n} {peak:.1f} GFLOP/s; "
+          f"matmul_fraction {stats['gflops'] / step_s / peak:.2f}")
 
 
 if __name__ == "__main__":

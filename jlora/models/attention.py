@@ -67,16 +67,21 @@ def causal_attention(queries, keys, values, query_positions, key_positions, wind
         return blocked_attention(queries, keys, values, query_positions, key_positions, window, block)
     batch, length, heads, head_dim = queries.shape
     kv_heads = keys.shape[2]
-    grouped = queries.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", grouped, keys, preferred_element_type=jnp.float32)
+    # Head-major operands [B, H_kv, group, T, D]: the batched dots below then read row-major [T, D]
+    # matrices, and the move fuses into the ops that produce them (RoPE, an adapter's add). Given
+    # [B, T, H, D], XLA's CPU layouts put D major and added transposed copies of the queries, scores
+    # and output every layer; SmolLM2's attention, forward and backward, runs ~25% faster this way.
+    grouped = queries.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bgrtd,bgsd->bgrts", grouped, keys, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     visible = key_positions[None, :] <= query_positions[:, None]
     if window is not None:
         visible &= query_positions[:, None] - key_positions[None, :] < window
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", weights, values)
-    return out.reshape(batch, length, heads * head_dim)
+    out = jnp.einsum("bgrts,bgsd->bgrtd", weights, values)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
 
 
 def blocked_attention(queries, keys, values, query_positions, key_positions, window, block):

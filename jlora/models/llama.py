@@ -288,15 +288,28 @@ def inv_frequencies(dim, theta, scaling=None, factors=None):
     return jnp.where(medium, smoothed, scaled)
 
 
+def rotary(positions, dim, theta, scaling=None, factors=None, dtype=jnp.float32):
+    """The rotary embedding's `(cos, sin)` [T, 1, dim // 2] at int positions [T], in `dtype`."""
+    # Positions known at trace time (no cache) make the table a constant, computed here by the same
+    # XLA ops. Traced, cos and sin get fused into each use of the table and evaluated once per element
+    # of the queries and keys, forward and backward, in every layer: ten times the rotation's cost.
+    with jax.ensure_compile_time_eval():
+        inv_freq = inv_frequencies(dim, theta, scaling, factors)
+        angles = (positions.astype(jnp.float32)[:, None] * inv_freq[None, :])[:, None, :]
+        return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, T, H, D] rotated by `rotary`'s table, halves rotated as in HF's rotate_half."""
+    # HF's x * cat(cos, cos) + cat(-second, first) * cat(sin, sin), one half at a time: the same
+    # products and sums (adding -b is subtracting b), with one concatenate where XLA made two passes.
+    first, second = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
 def rope(x, positions, theta, scaling=None, factors=None):
     """Rotary embedding of x [B, T, H, D] at int positions [T], halves rotated as in HF's rotate_half."""
-    dim = x.shape[-1]
-    inv_freq = inv_frequencies(dim, theta, scaling, factors)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    first, second = x[..., : dim // 2], x[..., dim // 2:]
-    return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
+    return apply_rotary(x, *rotary(positions, x.shape[-1], theta, scaling, factors, x.dtype))
 
 
 class Attention(nn.Module):
@@ -320,8 +333,8 @@ class Attention(nn.Module):
         if c.qk_norm:
             norm = partial(RMSNorm, c.rms_norm_eps, self.dtype, self.param_dtype)
             query, key = norm(name="q_norm")(query), norm(name="k_norm")(key)
-        query = rope(query, positions, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
-        key = rope(key, positions, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
+        cos, sin = rotary(positions, c.head_dim, c.rope_theta, c.rope_scaling, c.rope_freq_factors, self.dtype)
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         value = value.reshape(batch, length, c.num_key_value_heads, c.head_dim)
         keys, values, key_positions, layer_cache = attention.extend(layer_cache, key, value, positions)
         y = attention.causal_attention(query, keys, values, positions, key_positions, window=c.sliding_window,
@@ -387,7 +400,8 @@ class Llama(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         start = 0 if cache is None else cache["index"]
-        positions = start + jnp.arange(tokens.shape[1])
+        with jax.ensure_compile_time_eval():  # concrete without a cache, for `rotary`'s constant table
+            positions = start + jnp.arange(tokens.shape[1])
         embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="embed_tokens", **kw)
         x = embed(tokens)
         if c.scale_embeddings:  # Gemma rounds sqrt(hidden_size) to the compute dtype first, as here
