@@ -103,8 +103,8 @@ MLP_BLOCK = 256
 def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4", quantized="blocks", mlp_block=MLP_BLOCK) -> dict:
     """The compiled memory of one LoRA step (r=16, alpha 32, all 7 linear modules) on an abstract NF4
     Llama-3.1-8B base in bench_scale's setting: layers scanned and fully rematerialised, attention 128
-    queries at a time, the MLP `mlp_block` tokens at a time, the loss 128 positions and 16k vocabulary entries at a time. Lowered and
-    compiled from shapes (`jax.eval_shape`: nothing is allocated), never run.
+    queries at a time, the MLP `mlp_block` tokens at a time, the loss 128 positions and 16k vocabulary
+    entries at a time. Lowered and compiled from shapes (`jax.eval_shape`: nothing is allocated), never run.
 
     The base is quantised unrolled, as the CLI does (each layer its own scales), then stacked for the
     scan (`layers.stack_layers`), so each scan iteration dequantises its own layer only. Memory is
@@ -136,7 +136,8 @@ def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4", quantized="blocks", mlp_
         "targets": bench_scale.LINEAR, "quantize": fmt,
         "quantized": "the 7 linear weights of every block" + (", embedding and lm_head too" if targets is None else
                                                              "; embed_tokens and lm_head stay bf16 (as torchtune)"),
-        "setting": {"scan": True, "remat": "full", "attention_block": 128, "mlp_block": mlp_block, "loss_chunk": bench_scale.LOSS_CHUNK,
+        "setting": {"scan": True, "remat": "full", "attention_block": 128, "mlp_block": mlp_block,
+                    "loss_chunk": bench_scale.LOSS_CHUNK,
                     "loss_vocab_block": bench_scale.VOCAB_BLOCK, "compiler_options": bench_scale.NO_HOIST},
         "base_bytes": nbytes(qshapes), "argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
         "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
