@@ -136,30 +136,36 @@ def step_tflops(name, remat, batch, seq, attention_block=None):
     return flops[0] + (SHAPES[name]["num_hidden_layers"] - 1) * (flops[1] - flops[0])
 
 
-def llama(name, scan, remat, layers=None, param_dtype=jnp.bfloat16, attention_block=None):
+def llama(name, scan, remat, layers=None, param_dtype=jnp.bfloat16, attention_block=None, mlp_block=None):
     sizes = SHAPES[name] | ({"num_hidden_layers": layers} if layers else {})
     return Llama(LlamaConfig(**sizes), dtype=jnp.bfloat16, param_dtype=param_dtype, scan=scan, remat=remat,
-                 attention_block=attention_block)
+                 attention_block=attention_block, mlp_block=mlp_block)
 
 
 # The combinations compiled by default (about 20 min on a shared 2-core CPU); --all compiles every
 # remat x scan combination (the unrolled 7B/8B steps take several minutes each to compile here).
-# The fourth field is the attention block (queries at a time; None: all at once).
-PLAN = [("llama-3.2-1b", True, "none", None), ("llama-3.2-1b", True, "dots", None), ("llama-3.2-1b", True, "full", None),
-        ("llama-3.2-1b", False, "full", None), ("llama-3.2-1b", True, "full", 128), ("llama-3.1-8b", True, "dots", None),
-        ("llama-3.1-8b", True, "full", None), ("llama-3.1-8b", True, "full", 128), ("qwen2.5-7b", True, "full", None),
-        ("qwen2.5-7b", True, "full", 128)]
+# The fourth field is the attention block (queries at a time; None: all at once), the fifth the MLP
+# block (tokens at a time; None: all at once).
+PLAN = [("llama-3.2-1b", True, "none", None, None), ("llama-3.2-1b", True, "dots", None, None),
+        ("llama-3.2-1b", True, "full", None, None), ("llama-3.2-1b", False, "full", None, None),
+        ("llama-3.2-1b", True, "full", 128, None), ("llama-3.2-1b", True, "full", 128, 256),
+        ("llama-3.1-8b", True, "dots", None, None), ("llama-3.1-8b", True, "full", None, None),
+        ("llama-3.1-8b", True, "full", 128, None), ("llama-3.1-8b", True, "full", 128, 256),
+        ("qwen2.5-7b", True, "full", None, None), ("qwen2.5-7b", True, "full", 128, None)]
 FULL_FINETUNE = ["llama-3.2-1b", "llama-3.1-8b"]
 
 
 def scale_rows(plan, full_finetune, batch, seq):
     """One dict per LoRA row of `plan` and per full fine-tuning model, yielded as each is measured."""
     tflops = {}
-    for name, scan, remat, block in plan:
+    for name, scan, remat, block, mlp_block in plan:
+        # Counted without the MLP block: cost_analysis would count its loop's body (one block) once.
+        # Each block's recomputation in the backward pass adds one MLP forward that this leaves out.
         if (name, remat, block) not in tflops:
             tflops[name, remat, block] = step_tflops(name, remat, batch, seq, block)
+        model = llama(name, scan, remat, attention_block=block, mlp_block=mlp_block)
         row = {"model": name, "kind": "lora", "scan": scan, "remat": remat, "attention_block": block,
-               **measure(*abstract_lora_step(llama(name, scan, remat, attention_block=block), batch, seq)),
+               "mlp_block": mlp_block, **measure(*abstract_lora_step(model, batch, seq)),
                "step_tflops": tflops[name, remat, block]}
         print(json.dumps(row), flush=True)
         yield row
@@ -256,8 +262,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), help="only these models")
     parser.add_argument("--all", action="store_true", help="every remat x scan combination, not just PLAN")
-    parser.add_argument("--rows", nargs="*", metavar="MODEL:SCAN:REMAT[:BLOCK]",
-                        help="these LoRA rows instead of PLAN, e.g. llama-3.1-8b:on:full:512")
+    parser.add_argument("--rows", nargs="*", metavar="MODEL:SCAN:REMAT[:BLOCK[:MLP_BLOCK]]",
+                        help="these LoRA rows instead of PLAN, e.g. llama-3.1-8b:on:full:512 (attention block) "
+                             "or llama-3.1-8b:on:full:128:256 (and MLP block)")
     parser.add_argument("--full-finetune", nargs="*", choices=sorted(SHAPES), help=f"default {FULL_FINETUNE}")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
@@ -271,10 +278,13 @@ def main(argv=None):
     host = {**host_facts(), "backend": jax.devices()[0].platform}
     print("host: " + describe_host(host))
     if args.rows is not None:
-        plan = [(m, scan == "on", r, int(block[0]) if block else None)
-                for m, scan, r, *block in (row.split(":") for row in args.rows)]
+        plan = []
+        for row in args.rows:
+            m, scan, r, *blocks = row.split(":")
+            blocks = [int(b) if b not in ("", "none") else None for b in blocks]
+            plan.append((m, scan == "on", r, *blocks, *[None] * (2 - len(blocks))))
     else:
-        plan = [(m, scan, r, None) for m in SHAPES for scan in (True, False) for r in ("none", "dots", "full")] if args.all else PLAN
+        plan = [(m, scan, r, None, None) for m in SHAPES for scan in (True, False) for r in ("none", "dots", "full")] if args.all else PLAN
     models = args.models or list(SHAPES)
     full = FULL_FINETUNE if args.full_finetune is None else args.full_finetune
     saved = json.loads(args.json.read_text()) if args.append and args.json.exists() else {}
@@ -299,10 +309,11 @@ def main(argv=None):
 
 
 def report(rows, depth, gpt2):
-    print(f"\n{'model':<14}{'step':<6}{'scan':<6}{'remat':<7}{'block':>6}{'GiB':>8}{'GiB*':>8}{'TFLOP':>9}{'compile s':>11}"
+    print(f"\n{'model':<14}{'step':<6}{'scan':<6}{'remat':<7}{'block':>6}{'mlp':>6}{'GiB':>8}{'GiB*':>8}{'TFLOP':>9}{'compile s':>11}"
           "   (GiB*: without the CPU's hoisted float32 weight copies)")
     for r in rows:
-        print(f"{r['model']:<14}{r['kind']:<6}{str(r['scan']):<6}{r['remat']:<7}{str(r.get('attention_block') or '-'):>6}{r['memory_gib']:>8.2f}"
+        print(f"{r['model']:<14}{r['kind']:<6}{str(r['scan']):<6}{r['remat']:<7}{str(r.get('attention_block') or '-'):>6}"
+              f"{str(r.get('mlp_block') or '-'):>6}{r['memory_gib']:>8.2f}"
               f"{r['memory_gib_no_hoist']:>8.2f}{r.get('step_tflops', float('nan')):>9.1f}{r['compile_s']:>11.1f}")
     for text, gib in PUBLISHED.items():
         print(f"published: {text}: {gib} GiB")

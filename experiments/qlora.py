@@ -95,20 +95,23 @@ def run_row(name, args, train_set, valid_set) -> dict:
 # dequantise a 128256 x 4096 table (2 GiB as float32) where bf16 reads it as it is (the head 16k rows
 # at a time in the vocabulary-blocked loss).
 QUANTIZED = {"blocks": bench_scale.LINEAR, "blocks+embeddings": None}  # None: every matrix (jlora.quantize's default)
+# The 8B step's MLP 256 tokens at a time: its [4096, 14336] intermediates (float32 where XLA's CPU
+# backend computes bf16 dots) dominate the temporaries otherwise.
+MLP_BLOCK = 256
 
 
-def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4", quantized="blocks") -> dict:
+def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4", quantized="blocks", mlp_block=MLP_BLOCK) -> dict:
     """The compiled memory of one LoRA step (r=16, alpha 32, all 7 linear modules) on an abstract NF4
     Llama-3.1-8B base in bench_scale's setting: layers scanned and fully rematerialised, attention 128
-    queries at a time, the loss 128 positions and 16k vocabulary entries at a time. Lowered and
-    compiled from shapes (`jax.eval_shape`: nothing is allocated), never run.
+    queries at a time, the MLP `mlp_block` tokens at a time, the loss 128 positions and 16k vocabulary
+    entries at a time. Lowered and compiled from shapes (`jax.eval_shape`: nothing is allocated), never run.
 
     The base is quantised unrolled, as the CLI does (each layer its own scales), then stacked for the
     scan (`layers.stack_layers`), so each scan iteration dequantises its own layer only. Memory is
     read from `memory_analysis()` of the step compiled with bench_scale's NO_HOIST (XLA's CPU backend
     would otherwise hoist loop-invariant conversions of the stacked base out of the scan, a copy a
     GPU never makes); the default compilation's total is reported beside it."""
-    model = bench_scale.llama("llama-3.1-8b", True, "full", attention_block=128)
+    model = bench_scale.llama("llama-3.1-8b", True, "full", attention_block=128, mlp_block=mlp_block)
     shapes = jax.eval_shape(model.clone(scan=False).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     targets = QUANTIZED[quantized]
     qshapes = jax.eval_shape(lambda p: layers.stack_layers(jlora.quantize(p, fmt, targets=targets)), shapes)
@@ -133,7 +136,8 @@ def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4", quantized="blocks") -> d
         "targets": bench_scale.LINEAR, "quantize": fmt,
         "quantized": "the 7 linear weights of every block" + (", embedding and lm_head too" if targets is None else
                                                              "; embed_tokens and lm_head stay bf16 (as torchtune)"),
-        "setting": {"scan": True, "remat": "full", "attention_block": 128, "loss_chunk": bench_scale.LOSS_CHUNK,
+        "setting": {"scan": True, "remat": "full", "attention_block": 128, "mlp_block": mlp_block,
+                    "loss_chunk": bench_scale.LOSS_CHUNK,
                     "loss_vocab_block": bench_scale.VOCAB_BLOCK, "compiler_options": bench_scale.NO_HOIST},
         "base_bytes": nbytes(qshapes), "argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
         "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
@@ -149,8 +153,8 @@ def bf16_row() -> dict | None:
     """bench_scale's bf16 LoRA row in the same setting (results/bench_scale.json), for comparison."""
     path = RESULTS / "bench_scale.json"
     rows = json.loads(path.read_text())["scale"] if path.is_file() else []
-    found = [r for r in rows if (r.get("model"), r.get("kind"), r.get("scan"), r.get("remat"), r.get("attention_block"))
-             == ("llama-3.1-8b", "lora", True, "full", 128)]
+    found = [r for r in rows if (r.get("model"), r.get("kind"), r.get("scan"), r.get("remat"), r.get("attention_block"),
+                                 r.get("mlp_block")) == ("llama-3.1-8b", "lora", True, "full", 128, MLP_BLOCK)]
     return found[0] if found else None
 
 

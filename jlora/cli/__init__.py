@@ -156,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-block", type=COUNT, metavar="N",
                    help="compute attention N queries at a time, never holding the [batch, heads, seq, seq] scores "
                         "(long sequences; default: all at once)")
+    p.add_argument("--mlp-block", type=COUNT, metavar="N",
+                   help="run each layer's MLP N tokens (of batch x seq) at a time, never holding the full "
+                        "[tokens, intermediate] activations (long sequences; default: none, all at once)")
     p.add_argument("--loss-chunk", type=COUNT, help="apply the output head this many positions at a time in the loss, "
                    "never holding the full [batch, seq, vocab] logits (default: all at once)")
     p.add_argument("--loss-vocab-block", type=COUNT, metavar="N",

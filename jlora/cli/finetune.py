@@ -136,7 +136,8 @@ def finetune(args) -> int:
     say(f"loading base {args.base} ...")
     base_model, params, tokenizer, config = common.load_base(args.base, args.dtype, args.quantize)
     base_params = params  # this host's whole copy, unstacked: the sample before training reads it
-    model = base_model.clone(scan=args.scan, remat=args.remat, attention_block=args.attention_block)
+    model = base_model.clone(scan=args.scan, remat=args.remat, attention_block=args.attention_block,
+                             mlp_block=args.mlp_block)
     # The scanned layers' name ("layers", "h"): params and adapters train stacked along it, and are
     # unstacked again for sampling, merging and export.
     stacked = model.layer_name if args.scan else None

@@ -95,12 +95,18 @@ class MLP(nn.Module):
     config: GPT2Config
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    mlp_block: int | None = None
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
-        x = ACTIVATIONS[self.config.activation_function](dense(self.config.mlp_width, name="c_fc")(x))
-        return dense(self.config.n_embd, name="c_proj")(x)
+        self.c_fc = dense(self.config.mlp_width)
+        self.c_proj = dense(self.config.n_embd)
+
+    def __call__(self, x):
+        return layers.token_blocks(MLP.feed_forward, self, x, self.mlp_block)
+
+    def feed_forward(self, x):
+        return self.c_proj(ACTIVATIONS[self.config.activation_function](self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -108,6 +114,7 @@ class Block(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_block: int | None = None
+    mlp_block: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache):
@@ -115,7 +122,7 @@ class Block(nn.Module):
         norm = partial(nn.LayerNorm, epsilon=self.config.layer_norm_epsilon, **kw)
         h, layer_cache = Attention(self.config, name="attn", attention_block=self.attention_block, **kw)(norm(name="ln_1")(x), positions, layer_cache)
         x = x + h
-        x = x + MLP(self.config, name="mlp", **kw)(norm(name="ln_2")(x))
+        x = x + MLP(self.config, name="mlp", mlp_block=self.mlp_block, **kw)(norm(name="ln_2")(x))
         return x, layer_cache
 
 
@@ -130,7 +137,8 @@ class GPT2(nn.Module):
 
     `scan=True` stacks the blocks' params under `h/` with a leading layer axis (convert a loaded tree
     with `jlora.models.layers.stack_layers(variables, "h")`); `remat` is "none", "dots" or "full";
-    `attention_block` computes attention that many queries at a time (`attention.blocked_attention`).
+    `attention_block` computes attention that many queries at a time (`attention.blocked_attention`);
+    `mlp_block` runs the MLP that many tokens at a time (`layers.token_blocks`).
     """
     config: GPT2Config
     dtype: jnp.dtype = jnp.float32  # compute dtype
@@ -138,6 +146,7 @@ class GPT2(nn.Module):
     scan: bool = False
     remat: str = "none"
     attention_block: int | None = None
+    mlp_block: int | None = None
     layer_name = "h"  # where the layers' params sit: `h_{i}/...`, or `h/...` when scanned
 
     @nn.compact
@@ -153,7 +162,8 @@ class GPT2(nn.Module):
         new_cache = {}
         names = ["h"] if self.scan else [f"h_{i}" for i in range(config.n_layer)]
         for name in names:
-            x, new_cache[name] = block(config, name=name, attention_block=self.attention_block, **kw)(x, positions, None if cache is None else cache[name])
+            x, new_cache[name] = block(config, name=name, attention_block=self.attention_block, mlp_block=self.mlp_block,
+                                       **kw)(x, positions, None if cache is None else cache[name])
         x = nn.LayerNorm(epsilon=config.layer_norm_epsilon, name="ln_f", **kw)(x)
         if hidden:
             return x

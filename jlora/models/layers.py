@@ -18,6 +18,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jlora import adapter
 from jlora.quantize import is_quantized, stack as stack_quantized, unstack as unstack_quantized
@@ -51,6 +52,36 @@ def repeat(block, *, remat="none", scan=False, length=None):
         block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, 0), length=length)
     return block
+
+
+def token_blocks(fn, module, x, block):
+    """`fn(module, x)`, x [..., C], applied to `block` tokens at a time, each block recomputed in the backward pass.
+
+    For a position-wise layer such as the MLP, whose [tokens, ffn] intermediates (several, in float32
+    where XLA computes bf16 dots in float32) dominate a long sequence's step: one block's exist at a
+    time, forward and backward. The blocks run in a loop (`nn.scan` with the params broadcast), so
+    XLA neither unrolls them nor keeps them live together; the module's param paths are unchanged.
+
+    Args:
+      fn: `fn(module, x) -> y`, position-wise: each token's output depends on that token only.
+      module: the bound module `fn` calls submodules of.
+      x: [..., C]; all leading axes together are the tokens.
+      block: tokens per block, or None (or at least the number of tokens) for all at once.
+
+    Returns:
+      `fn(module, x)`, [..., C_out].
+    """
+    *lead, features = x.shape
+    tokens = x.reshape(-1, features)
+    count = tokens.shape[0]
+    if block is None or count <= block:
+        return fn(module, x)
+    blocks = -(-count // block)
+    pad = blocks * block - count  # padded tokens are zeros; their rows are dropped
+    tokens = jnp.pad(tokens, ((0, pad), (0, 0))).reshape(blocks, block, features)
+    body = nn.remat(lambda m, carry, xs: (carry, fn(m, xs)), prevent_cse=False)
+    _, out = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(module, None, tokens)
+    return out.reshape(blocks * block, -1)[:count].reshape(*lead, -1)
 
 
 def _layer_keys(tree, prefix):

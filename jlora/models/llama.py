@@ -346,14 +346,20 @@ class MLP(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    mlp_block: int | None = None
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         c = self.config
         dense = partial(nn.Dense, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
-        gate = dense(c.intermediate_size, name="gate_proj")(x)
-        up = dense(c.intermediate_size, name="up_proj")(x)
-        return dense(c.hidden_size, name="down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)
+        self.gate_proj = dense(c.intermediate_size)
+        self.up_proj = dense(c.intermediate_size)
+        self.down_proj = dense(c.hidden_size)
+
+    def __call__(self, x):
+        return layers.token_blocks(MLP.gated, self, x, self.mlp_block)
+
+    def gated(self, x):
+        return self.down_proj(ACTIVATIONS[self.config.hidden_act](self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -361,6 +367,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_block: int | None = None
+    mlp_block: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache):
@@ -369,7 +376,7 @@ class DecoderLayer(nn.Module):
         h, layer_cache = Attention(self.config, name="self_attn", attention_block=self.attention_block, **kw)(
             norm(name="input_layernorm")(x), positions, layer_cache)
         x = x + h
-        x = x + MLP(self.config, name="mlp", **kw)(norm(name="post_attention_layernorm")(x))
+        x = x + MLP(self.config, name="mlp", mlp_block=self.mlp_block, **kw)(norm(name="post_attention_layernorm")(x))
         return x, layer_cache
 
 
@@ -385,7 +392,9 @@ class Llama(nn.Module):
     `scan=True` stacks the layers' params under `layers/` with a leading layer axis (convert a loaded
     tree with `jlora.models.layers.stack_layers`); `remat` is "none", "dots" or "full" (see `layers.repeat`);
     `attention_block` (say 512) computes attention that many queries at a time, for long sequences
-    (`jlora.models.attention.blocked_attention`).
+    (`jlora.models.attention.blocked_attention`); `mlp_block` (say 256) runs the MLP that many tokens
+    (of all B * T) at a time, never holding the full [tokens, intermediate_size] activations
+    (`jlora.models.layers.token_blocks`).
     """
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32  # compute dtype
@@ -393,6 +402,7 @@ class Llama(nn.Module):
     scan: bool = False
     remat: str = "none"
     attention_block: int | None = None
+    mlp_block: int | None = None
     layer_name = "layers"  # where the layers' params sit: `layers_{i}/...`, or `layers/...` when scanned
 
     @nn.compact
@@ -410,7 +420,8 @@ class Llama(nn.Module):
         new_cache = {}
         names = ["layers"] if self.scan else [f"layers_{i}" for i in range(c.num_hidden_layers)]
         for name in names:
-            x, new_cache[name] = block(c, name=name, attention_block=self.attention_block, **kw)(x, positions, None if cache is None else cache[name])
+            x, new_cache[name] = block(c, name=name, attention_block=self.attention_block, mlp_block=self.mlp_block,
+                                       **kw)(x, positions, None if cache is None else cache[name])
         x = RMSNorm(c.rms_norm_eps, unit_offset=c.norm_unit_offset, name="norm", **kw)(x)
         if hidden:
             return x

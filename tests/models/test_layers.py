@@ -129,6 +129,45 @@ def test_blocked_attention_equals_dense_in_values_and_gradients_and_holds_no_ful
     assert dense > 2 * scores and blocked < scores, (dense, blocked, scores)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_blocked_mlp_equals_whole_in_values_and_gradients_and_keeps_its_param_paths(kind):
+    model, variables, tokens = jax_model(kind)  # 2 x 8 = 16 tokens: blocks of 5, the last padded
+    adapters = trained(jlora.init(variables, rank=4, targets=LINEAR[kind], key=jax.random.key(1)))
+    want_loss, want_grads = lora_loss(model)(adapters, variables, tokens)
+    param_loss = jax.jit(jax.grad(lambda m, v, t: jnp.sum(jnp.sin(m.apply(v, t))), argnums=1), static_argnums=0)
+    blocked = model.clone(mlp_block=5)
+    assert jax.tree.map(jnp.shape, blocked.init(jax.random.key(0), tokens)) == jax.tree.map(jnp.shape, variables)
+    assert_trees_close(blocked.apply(variables, tokens), model.apply(variables, tokens), tol=1e-5)
+    assert_trees_close(param_loss(blocked, variables, tokens), param_loss(model, variables, tokens), tol=1e-5)
+    loss, grads = lora_loss(blocked)(adapters, variables, tokens)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_trees_close(grads, want_grads, tol=1e-5)
+    # Scanned and fully rematerialised, as a long sequence trains: the blocks' loop nests in the layers'.
+    stacked, stacked_adapters = layers.stack_layers(variables, PREFIX[kind]), layers.stack_layers(adapters, PREFIX[kind])
+    loss, grads = lora_loss(blocked.clone(scan=True, remat="full"))(stacked_adapters, stacked, tokens)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_trees_close(layers.unstack_layers(grads, PREFIX[kind]), want_grads, tol=1e-5)
+
+
+def test_blocked_mlp_holds_no_full_intermediate():
+    # Compiled memory of the LoRA gradient at 2 x 1024 tokens: the whole MLP holds [2048, 4096] float32
+    # intermediates (32 MiB each) several times over; the blocked one [128, 4096] at a time.
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=4096, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    tokens = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+
+    def temp_bytes(block):
+        model = Llama(config, scan=True, remat="full", attention_block=128, mlp_block=block)
+        v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+        a = jax.eval_shape(lambda v: jlora.init(v, 4, targets=LLAMA_LINEAR, stack_axes=1), v)
+        grad = jax.jit(jax.grad(lambda a, v, t: jnp.sum(jlora.adapt(model.apply)(v, a, t)[..., 0])))
+        return grad.lower(a, v, tokens).compile().memory_analysis().temp_size_in_bytes
+
+    intermediate = 2 * 1024 * 4096 * 4
+    whole, blocked = temp_bytes(None), temp_bytes(128)
+    assert whole > 2 * intermediate and blocked < intermediate, (whole, blocked, intermediate)
+
+
 def test_bad_layer_settings_are_refused_by_name():
     with pytest.raises(ValueError, match=r"remat='some'; choose one of \['dots', 'full', 'none'\]"):
         layers.repeat(object, remat="some")
