@@ -74,13 +74,15 @@ def compiled_stats(compiled) -> dict:
             "temp_gib": memory.temp_size_in_bytes / GIB, "tflops": cost["flops"] / 1e12}
 
 
-def abstract_lora_step(model, batch, seq, rank=16, targets=LINEAR, loss_chunk=None):
-    """`(step, args)`: the jitted LoRA train step and abstract `(state, frozen, batch)` to lower it for."""
+def abstract_lora_step(model, batch, seq, rank=16, targets=LINEAR, loss_chunk=None, variables=None, alpha=None):
+    """`(step, args)`: the jitted LoRA train step and abstract `(state, frozen, batch)` to lower it for.
+    `variables`: the base's abstract params (default: the model's own, from `model.init`'s shapes)."""
     config = train.TrainConfig(batch_size=batch, loss_chunk=loss_chunk or LOSS_CHUNK, loss_vocab_block=VOCAB_BLOCK)
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    if variables is None:
+        variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     stack_axes = 1 if model.scan else 0
-    adapters = jax.eval_shape(
-        lambda v: jlora.init(v, rank, targets=targets, stack_axes=stack_axes, key=jax.random.key(1)), variables)
+    adapters = jax.eval_shape(lambda v: jlora.init(v, rank, alpha=alpha, targets=targets, stack_axes=stack_axes,
+                                                   key=jax.random.key(1)), variables)
     frozen, trainable = jlora.split(variables, adapters)
     state = jax.eval_shape(lambda t: train.init_state(t, config), trainable)
     step = train.make_step(functools.partial(model.apply, hidden=True), config, head_fn=model.head,

@@ -16,7 +16,6 @@ so their step times compare on the same host. Results go to experiments/results/
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -115,18 +114,9 @@ def scale_8b(batch=2, seq_len=2048, rank=16, fmt="nf4", quantized="blocks", mlp_
     shapes = jax.eval_shape(model.clone(scan=False).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     targets = QUANTIZED[quantized]
     qshapes = jax.eval_shape(lambda p: layers.stack_layers(jlora.quantize(p, fmt, targets=targets)), shapes)
-    adapters = jax.eval_shape(lambda p: jlora.init(p, rank=rank, alpha=2 * rank, targets=bench_scale.LINEAR,
-                                                   stack_axes={"layers": 1}, key=jax.random.key(1)), qshapes)
-    config = train.TrainConfig(batch_size=batch, loss_chunk=bench_scale.LOSS_CHUNK,
-                               loss_vocab_block=bench_scale.VOCAB_BLOCK)
-    frozen, trainable = jlora.split(qshapes, adapters)
-    state = jax.eval_shape(lambda t: train.init_state(t, config), trainable)
-    step = train.make_step(functools.partial(model.apply, hidden=True), config, head_fn=model.head,
-                           vocab_size=model.config.vocab_size)
-    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-    data = {"tokens": tokens, "targets": tokens, "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
+    step, args = bench_scale.abstract_lora_step(model, batch, seq_len, rank, variables=qshapes, alpha=2 * rank)
     began = time.perf_counter()
-    lowered = step.lower(state, frozen, data)
+    lowered = step.lower(*args)
     compiled = lowered.compile(compiler_options=bench_scale.NO_HOIST)
     compile_s = time.perf_counter() - began
     m = compiled.memory_analysis()
