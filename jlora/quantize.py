@@ -274,8 +274,9 @@ def stack(leaves: list[Quantized], path: str = "") -> Quantized:
       Quantized(nf4, shape=(3, 128, 32), dtype=float32, lead=1, 6936 bytes)
     """
     first = leaves[0]
-    static = {(q.format, q.shape, jnp.dtype(q.dtype), q.axis, q.block_size, q.lead) for q in leaves}
-    if len(static) > 1 or any(not is_quantized(q) for q in leaves):
+    static = {(q.format, q.shape, jnp.dtype(q.dtype), q.axis, q.block_size, q.lead) if is_quantized(q) else None
+              for q in leaves}
+    if len(static) > 1 or None in static:
         raise ValueError(f"cannot stack the layers' quantised weights at {path!r}: they differ in format, shape, "
                          f"dtype, axis or block size: {leaves}")
     arrays = jax.tree.map(lambda *xs: jnp.stack(xs), *[q.arrays for q in leaves])
