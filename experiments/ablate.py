@@ -24,7 +24,10 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from jlora import adapter, data, loop, models, train
+from jlora import models
+from jlora.core import adapter
+from jlora.training import data, loop
+from jlora import training as train
 
 import host  # experiments/host.py: this script's directory is on sys.path
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from jlora import train
+from jlora import training as train
 from jlora.models import layers
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from jlora import train
+from jlora import training as train
 from jlora.models.llama import Llama, LlamaConfig
 
 import host  # experiments/host.py: this script's directory is on sys.path

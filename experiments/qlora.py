@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from jlora import data, loop, models, train
+from jlora import models
+from jlora.training import data, loop
+from jlora import training as train
 from jlora.models import layers
-from jlora.quantize import nbytes
+from jlora.quant.quantize import nbytes
 
 import bench_scale  # experiments/: this script's directory is on sys.path
 import host

@@ -19,7 +19,9 @@ import jax
 out, process_id, num_processes, port = Path(sys.argv[1]), *map(int, sys.argv[2:])
 
 import jlora  # noqa: E402  (after jax, before any computation)
-from jlora import checkpoint, data, distributed, paths, train  # noqa: E402
+from jlora.training import checkpoint, data, distributed  # noqa: E402
+from jlora.core import paths
+from jlora import training as train
 
 if num_processes > 1:
     distributed.initialize(f"localhost:{port}", num_processes, process_id)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora import paths
-from jlora.adapter import is_adapter
+from jlora.core import paths
+from jlora.core.adapter import is_adapter
 
 TOL = 1e-5
 

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import adapter, checkpoint, cli, paths, peft, train
-from jlora.adapter import Adapter
+from jlora import cli
+from jlora.core import adapter, paths
+from jlora.training import checkpoint
+from jlora.interop import peft
+from jlora import training as train
+from jlora.core.adapter import Adapter
 
 
 # ---- a new adapter kind, written as a user would: this class is all it takes ----
@@ -101,7 +105,7 @@ def test_a_kind_without_a_peft_format_is_refused_by_export_naming_the_kinds_that
 
 
 def test_kind_names_are_unique_and_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match=r"adapter kind name 'lora' is taken by jlora.lora.LoRA"):
+    with pytest.raises(ValueError, match=r"adapter kind name 'lora' is taken by jlora.kinds.lora.LoRA"):
         type("Other", (Adapter,), {}, name="lora")
     with pytest.raises(ValueError, match=r"unknown adapter kind 'vera'; known kinds: .*dora, ia3, lora"):
         adapter.kind("vera")

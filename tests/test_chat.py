@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
 
-from jlora import chat, data
+from jlora.training import chat, data
 from jlora.models.tokenizer import Tokenizer
 
 # SmolLM2-Instruct's template (ChatML with a default system message), as its GGUF stores it.

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import checkpoint, data, train
+from jlora.training import checkpoint, data
+from jlora import training as train
 from jlora.models.gpt2 import GPT2, GPT2Config
 
 CONFIG = train.TrainConfig(max_steps=6, warmup_steps=2, batch_size=4, learning_rate=1e-2, dropout=0.1)
@@ -100,7 +101,8 @@ KILLED_MID_SAVE = textwrap.dedent(
     import os, signal, sys
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
-    from jlora import checkpoint, train
+    from jlora.training import checkpoint
+    from jlora import training as train
 
     state = train.TrainState(jnp.array(1), {"a": jnp.ones((256, 256))}, {}, jnp.zeros(2, jnp.uint32))
     ckpt = checkpoint.Checkpointer(sys.argv[1])

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import checkpoint, cli, metrics, train
+from jlora import cli, kinds
+from jlora.training import checkpoint, metrics
+from jlora import training as train
 from jlora.cli import common
 
 pytestmark = pytest.mark.slow
@@ -409,9 +411,9 @@ def test_help_does_not_import_jax_and_the_method_choices_are_the_adapter_kinds()
     import subprocess
     import sys
 
-    from jlora import adapter
+    from jlora.core import adapter
 
-    assert cli.METHODS == sorted(adapter.BUNDLED)
+    assert cli.METHODS == sorted(kinds.BUNDLED)
     probe = "import sys; from jlora import cli; cli.parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax')))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from jlora import cli, train
+from jlora import cli
+from jlora import training as train
 from jlora.cli import common
 
 pytestmark = pytest.mark.slow

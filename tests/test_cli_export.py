@@ -142,7 +142,7 @@ def test_export_peft_without_base_names_the_hub_model_and_says_it_is_not_what_jl
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from jlora.models import export
+    from jlora.interop import hf as export
     from tiny import tiny_tokenizer
 
     base = tmp_path_factory.mktemp("tiny") / "base"

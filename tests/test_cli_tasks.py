@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from test_distributed import tiny_llama_dir
 
-from jlora import cli, train
+from jlora import cli
+from jlora import training as train
 from jlora.cli import common
 
 FLAGS = ["--seq-len", "16", "--max-steps", "2", "--warmup", "1", "--lr", "1e-2", "--grad-clip", "0",

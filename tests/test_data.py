@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from jlora import data
+from jlora.training import data
 
 
 class ByteTokenizer:

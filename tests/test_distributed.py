@@ -15,7 +15,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
-from jlora import data, distributed, paths, train
+from jlora.training import data, distributed
+from jlora.core import paths
+from jlora import training as train
 from jlora.models.gpt2 import GPT2, GPT2Config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,8 +12,10 @@ import pytest
 
 import jlora
 from helpers import assert_adapt_equals_merge, assert_trees_close, trained
-from jlora import checkpoint, dora, train
-from jlora.adapter import table
+from jlora.training import checkpoint
+from jlora.kinds import dora
+from jlora import training as train
+from jlora.core.adapter import table
 from tiny import GPT2_LINEAR, LLAMA_LINEAR, TOKENS, hf_model, jax_model, peft_module, to_torch, torch_logits
 
 LINEAR = {"gpt2": GPT2_LINEAR, "llama": LLAMA_LINEAR}

@@ -10,8 +10,10 @@ import pytest
 
 import jlora
 from helpers import assert_adapt_equals_merge, assert_trees_close, trained
-from jlora import checkpoint, ia3, train
-from jlora.adapter import table
+from jlora.training import checkpoint
+from jlora.kinds import ia3
+from jlora import training as train
+from jlora.core.adapter import table
 from tiny import TOKENS, hf_model, jax_model, peft_module, to_torch, torch_logits
 
 # IA3's vectors start at one; N(1, 0.5) entries each change the output visibly.

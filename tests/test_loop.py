@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import jlora
-from jlora import loop
+from jlora.training import loop
 
 
 class State(NamedTuple):

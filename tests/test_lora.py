@@ -10,8 +10,8 @@ from flax import nnx
 
 import jlora
 from helpers import normal
-from jlora.adapter import table
-from jlora.lora import LoRA
+from jlora.core.adapter import table
+from jlora.kinds.lora import LoRA
 
 
 def lora_at(adapters, path):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import jlora
 from helpers import trained
-from jlora.adapter import table
+from jlora.core.adapter import table
 
 # Each layout: (stack_axes, in_axes, number of output axes) and the einsum that is A·B for it,
 # written out independently of jlora's reshape-and-matmul.

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jlora import loop, metrics
+from jlora.training import loop, metrics
 
 
 def step(state, batch):

@@ -7,7 +7,7 @@ import pytest
 
 import jlora
 from helpers import trained
-from jlora.optimizer import labels
+from jlora.core.optimizer import labels
 
 STEPS = 4
 

@@ -5,8 +5,8 @@ import pytest
 from flax import nnx
 
 import jlora
-from jlora.partition import trainable_base_paths
-from jlora.paths import leaves
+from jlora.core.partition import trainable_base_paths
+from jlora.core.paths import leaves
 
 
 def params_tree():

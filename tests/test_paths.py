@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from jlora import paths
+from jlora.core import paths
 
 
 def zeros(*shape, dtype=jnp.float32):

@@ -15,10 +15,11 @@ from safetensors.numpy import load_file, save_file
 import jlora
 import jlora.models
 from helpers import trained
-from jlora import dora, ia3, paths
-from jlora import peft as jpeft
-from jlora.adapter import table
-from jlora.lora import scaling_for
+from jlora.kinds import dora, ia3
+from jlora.core import paths
+from jlora.interop import peft as jpeft
+from jlora.core.adapter import table
+from jlora.kinds.lora import scaling_for
 from jlora.models import gpt2, llama
 from tiny import randomized_torch
 
@@ -34,7 +35,7 @@ GPT2_ADAPTERS = dict(rank=4, alpha=8.0, targets=["c_attn", "c_fc", "wpe"], rank_
 
 def abstract_params(config):
     """The base's variables as shapes only: enough for init, export and import of adapters."""
-    model = jlora.models.export.family(config).model(config)
+    model = jlora.interop.hf.family(config).model(config)
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
 
 

@@ -7,8 +7,8 @@ import pytest
 
 import jlora
 from helpers import assert_trees_close
-from jlora import pissa
-from jlora.adapter import table
+from jlora.kinds import pissa
+from jlora.core.adapter import table
 from tiny import GPT2_LINEAR, LLAMA_LINEAR, TOKENS, hf_model, jax_model, peft_module, torch_logits
 
 LINEAR = {"gpt2": GPT2_LINEAR, "llama": LLAMA_LINEAR}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.quantize import NF4, nbytes, stack, unstack
-from jlora import train
+from jlora.quant.quantize import NF4, nbytes, stack, unstack
+from jlora import training as train
 from jlora.models import layers
 from helpers import assert_trees_close, normal, trained
 from tiny import LLAMA_LINEAR, jax_model

@@ -12,7 +12,7 @@ import pytest
 
 import jlora
 from helpers import assert_trees_close, trained
-from jlora import train
+from jlora import training as train
 from jlora.models.gpt2 import GPT2, GPT2Config
 from tiny import GPT2_LINEAR, LLAMA_LINEAR, jax_model
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 import jlora
 from helpers import TOL, assert_adapt_equals_merge, assert_trees_close, normal, trained
-from jlora.adapter import table
+from jlora.core.adapter import table
 
 # --- plain functions of a nested dict ------------------------------------------------------------
 

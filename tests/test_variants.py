@@ -10,7 +10,7 @@ import pytest
 
 import jlora
 from helpers import trained
-from jlora.adapter import table
+from jlora.core.adapter import table
 from tiny import GPT2_LINEAR, LLAMA_LINEAR, TOKENS, hf_model, peft_module, to_torch, torch_logits
 
 LINEAR = {"gpt2": GPT2_LINEAR, "llama": LLAMA_LINEAR}

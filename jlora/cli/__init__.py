@@ -16,7 +16,6 @@ batches, ``jlora.train`` steps, ``jlora.checkpoint`` saves adapters.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ DEFAULT_BASE = "smollm2-135m"
 DEFAULT_METHOD = "lora"
 DEFAULT_PROMPT = "ROMEO:\n"
 DTYPES = ["bfloat16", "float32"]
-METHODS = ["dora", "ia3", "lora"]  # jlora.adapter.BUNDLED (a test keeps them equal)
+METHODS = ["dora", "ia3", "lora"]  # jlora.kinds.BUNDLED (a test keeps them equal); no JAX for --help
 QUANTIZE = ["gguf", "int4", "int8", "nf4"]
 MERGED = ["none", "bf16", "float32"]  # --merged: the merged export's dtype, or none
 # The flags that choose adapters (each kind's `init_options` picks its own); on --resume they come
@@ -61,7 +60,7 @@ POSITIVE, SHARE = number(float, 0, above=True), number(float, 0, 1)
 
 def methods() -> list[str]:
     """The bundled adapter kinds, and any other a program registered before building the parser."""
-    registry = sys.modules.get("jlora.adapter")
+    registry = sys.modules.get("jlora.core.adapter")
     return sorted(set(METHODS) | set(registry.KINDS if registry else ()))
 
 
@@ -273,8 +272,7 @@ def main(argv=None) -> int:
     made = new_directories(out) if out else None
     status = 1
     try:
-        module, name = args.run.split(":")
-        status = getattr(importlib.import_module(f"jlora.cli.{module}"), name)(args)
+        status = command(args.run)(args)
         return status
     except EXPECTED as error:
         print(f"jlora {args.command}: error: {error}", file=sys.stderr)
@@ -285,6 +283,15 @@ def main(argv=None) -> int:
     finally:
         if made and status != 0:
             remove_if_empty(made())
+
+
+def command(run: str):
+    """The function a subcommand runs, from its ``module:function`` name; the command modules load
+    here, on use, so that ``jlora --help`` imports no JAX."""
+    from jlora.cli import export, finetune, generate
+
+    module, name = run.split(":")
+    return getattr({"export": export, "finetune": finetune, "generate": generate}[module], name)
 
 
 def new_directories(path):

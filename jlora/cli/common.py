@@ -6,9 +6,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-import jlora
-from jlora import adapter, checkpoint
+from jlora import kinds  # registers the bundled kinds: --method looks them up by name
+from jlora.core import adapter
+from jlora.training import checkpoint
 from jlora.cli import ADAPTER_FLAGS, DEFAULT_METHOD, UsageError
+from jlora.core import multi
+from jlora.core.partition import combine
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -75,7 +78,7 @@ def pick_task(adapters, metadata, task, where):
     if task not in names:
         raise UsageError(f"{where} holds one adapter per task ({', '.join(names)}); "
                          f"{'choose one with --task NAME' if task is None else f'there is no task {task!r}'}")
-    return jlora.multi.take(adapters, names.index(task))
+    return multi.take(adapters, names.index(task))
 
 
 def load_run(checkpoint_path, base=None, dtype="float32", quantize=None, task=None):
@@ -93,7 +96,7 @@ def load_run(checkpoint_path, base=None, dtype="float32", quantize=None, task=No
     expect = {"base": base_identity(metadata["base"]["name"], params, quantize)}
     base = layers.stack_layers(params, stacked) if stacked else params
     state, metadata = ckpt.restore(expect=expect, base=base)
-    params, adapters = jlora.combine(base, state.trainable)
+    params, adapters = combine(base, state.trainable)
     adapters = pick_task(adapters, metadata, task, checkpoint_path)
     if stacked:
         params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)

@@ -11,9 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-import jlora
-from jlora import adapter, checkpoint, train
+from jlora.core import adapter
+from jlora import training
+from jlora.training import checkpoint
 from jlora.cli import DEFAULT_BASE, UsageError, common
+from jlora.core.merge import merge
+from jlora.core.partition import split
+from jlora.interop import peft
+from jlora.quant.quantize import dequantize
 
 
 def run_report(checkpoint_path) -> dict:
@@ -57,14 +62,13 @@ def merge_cmd(args) -> int:
     model, params, tokenizer, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
     base = args.base or metadata["base"]["name"]
     out = common.prepare_out(args.out, args.overwrite, base)
-    save_merged(out, jlora.merge(params, adapters), adapters, config, tokenizer, base, args.save_dtype,
+    save_merged(out, merge(params, adapters), adapters, config, tokenizer, base, args.save_dtype,
                 card_facts(metadata, run_report(args.checkpoint), args.task))
     print(f"merged model ({args.save_dtype}, with tokenizer) written to {args.out}", file=sys.stderr)
     return 0
 
 
 def export_peft_cmd(args) -> int:
-    import jlora.peft
     from jlora.models import export
 
     model, params, tokenizer, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
@@ -78,11 +82,11 @@ def export_peft_cmd(args) -> int:
         base_copy = (Path(args.with_base).expanduser() if args.with_base else out / "base").resolve()
         if base_copy.is_dir() and any(base_copy.iterdir()) and not args.overwrite:
             raise UsageError(f"--with-base: {base_copy} already holds files; pass --overwrite to replace them")
-        export.save_hf(base_copy, jlora.dequantize(params), config, dtype="float32", tokenizer=tokenizer)
+        export.save_hf(base_copy, dequantize(params), config, dtype="float32", tokenizer=tokenizer)
         export.save_model_card(base_copy, f"# {source.name}, as jlora trained on it\n\nThe base weights of the "
                                f"adapter in {out.resolve()}, dequantised to float32 in Hugging Face's layout.\n")
         reference = str(base_copy)
-    out = jlora.peft.export_peft(adapters, config, out, base_model_name_or_path=reference,
+    out = peft.export_peft(adapters, config, out, base_model_name_or_path=reference,
                                  use_rslora=facts["use_rslora"])
     export.save_tokenizer(out, tokenizer, model_max_length=export.context_length(config))
     export.save_model_card(out, export.model_card(kind="peft", base=source, where=out, adapters=adapters,
@@ -92,20 +96,19 @@ def export_peft_cmd(args) -> int:
 
 
 def import_peft_cmd(args) -> int:
-    import jlora.peft
 
     base = args.base or DEFAULT_BASE
     model, params, _, config = common.load_base(base, args.dtype)
-    adapters = jlora.peft.import_peft(args.peft_dir, params, config)
+    adapters = peft.import_peft(args.peft_dir, params, config)
     ckpt = checkpoint.Checkpointer(args.out)
     if ckpt.latest_step() is not None:
         raise UsageError(f"{ckpt.directory} already holds checkpoints; choose an empty directory")
     kinds = sorted({a.name for a in adapter.table(adapters).values()})
-    frozen, trainable = jlora.split(params, adapters)
-    state = train.init_state(trainable, train.TrainConfig())
+    frozen, trainable = split(params, adapters)
+    state = training.init_state(trainable, training.TrainConfig())
     metadata = {"base": common.base_identity(base, params),
                 "adapter": {"method": "+".join(kinds), "options": {}, "bias": "none"},
-                "train": dataclasses.asdict(train.TrainConfig()), "data": {"imported_from": str(args.peft_dir)}}
+                "train": dataclasses.asdict(training.TrainConfig()), "data": {"imported_from": str(args.peft_dir)}}
     path = ckpt.save(state, metadata)
     print(f"jlora checkpoint written to {path}", file=sys.stderr)
     return 0

@@ -13,10 +13,18 @@ import time
 import jax
 import numpy as np
 
-import jlora
-from jlora import adapter, checkpoint, data, distributed, loop, metrics, train
+from jlora.core import adapter
+from jlora import training
+from jlora.training import checkpoint, data, distributed, loop, metrics
 from jlora.cli import DEFAULT_METHOD, ADAPTER_FLAGS, UsageError, common
 from jlora.cli import config as cli_config  # `config` is the model's config below
+from jlora.core import multi
+from jlora.core.count import count_params
+from jlora.core.merge import merge
+from jlora.core.multi import stack
+from jlora.core.partition import combine
+from jlora.core.partition import split
+from jlora.quant.quantize import dequantize
 
 
 class Progress:
@@ -149,7 +157,7 @@ def finetune(args) -> int:
     if not names and len(train_set) < args.batch_size:
         raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
                          f"fewer than one batch of {args.batch_size}")
-    config_train = train.TrainConfig(
+    config_train = training.TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
         accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
@@ -158,9 +166,9 @@ def finetune(args) -> int:
     # The validation sample (`jlora eval`'s default for this run, from metadata["eval"]): --eval-batches
     # batches of the step's rows (of each task's), else --eval-tokens, spread over the held-out data.
     eval_rows = args.batch_size // max(len(names), 1)
-    eval_tokens = args.eval_batches * eval_rows * args.seq_len if args.eval_batches else args.eval_tokens or train.EVAL_TOKENS
-    splits = [(t, v if v is None else train.eval_sample(v, eval_tokens)) for t, v in splits]
-    valid_set = valid_set if valid_set is None else train.eval_sample(valid_set, eval_tokens)
+    eval_tokens = args.eval_batches * eval_rows * args.seq_len if args.eval_batches else args.eval_tokens or training.EVAL_TOKENS
+    splits = [(t, v if v is None else training.eval_sample(v, eval_tokens)) for t, v in splits]
+    valid_set = valid_set if valid_set is None else training.eval_sample(valid_set, eval_tokens)
     metadata = {
         "base": common.base_identity(args.base, params, args.quantize),
         "train": dataclasses.asdict(config_train),
@@ -174,7 +182,7 @@ def finetune(args) -> int:
         metadata |= {"tasks": names, "data": {"train": dict(zip(names, (t.split("=", 1)[1] for t in args.task))),
                                               "seq_len": args.seq_len}}
     params = layers.stack_layers(params, stacked) if stacked else params
-    mesh = train.mesh(fsdp=args.fsdp or 1)
+    mesh = training.mesh(fsdp=args.fsdp or 1)
     if args.resume:
         try:
             state, saved, damaged = ckpt.restore_intact(expect={"base": common.base_identity(args.base, params, args.quantize)}, base=params)
@@ -198,31 +206,31 @@ def finetune(args) -> int:
         if saved.get("train") != metadata["train"]:
             say(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
                 "the resumed run will not equal an uninterrupted one")
-        params, adapters = jlora.combine(params, state.trainable)
-        adapters = jlora.multi.take(adapters, 0) if names else adapters  # each task's adapter splits the base alike
-        frozen, _ = jlora.split(params, adapters, metadata["adapter"].get("bias", "none"))
+        params, adapters = combine(params, state.trainable)
+        adapters = multi.take(adapters, 0) if names else adapters  # each task's adapter splits the base alike
+        frozen, _ = split(params, adapters, metadata["adapter"].get("bias", "none"))
     else:
         method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
         options = common.adapter_options(args)
         adapters = adapter.kind(method).create(base_params, **options)
         adapters = layers.stack_layers(adapters, stacked) if stacked else adapters
         metadata["adapter"] = {"method": method, "options": options, "bias": bias}
-        frozen, trainable = jlora.split(params, adapters, bias)
+        frozen, trainable = split(params, adapters, bias)
         if names:  # one adapter per task, each initialized as a run on that task alone would be
-            trainable = trainable._replace(adapters=jlora.stack([adapters] * len(names)))
-        state = train.init_state(trainable, config_train)
-    say(jlora.count_params(params, adapters, metadata["adapter"].get("bias", "none")))
+            trainable = trainable._replace(adapters=stack([adapters] * len(names)))
+        state = training.init_state(trainable, config_train)
+    say(count_params(params, adapters, metadata["adapter"].get("bias", "none")))
     if names:
         say(f"{len(names)} tasks, one such adapter each: {', '.join(names)}")
-    frozen = train.shard_fsdp(frozen, mesh) if args.fsdp is not None else train.replicate(frozen, mesh)
-    state = train.shard_state(state, frozen, mesh)
+    frozen = training.shard_fsdp(frozen, mesh) if args.fsdp is not None else training.replicate(frozen, mesh)
+    state = training.shard_state(state, frozen, mesh)
     start = int(state.step)
 
-    evaluate = train.make_eval(model.apply)
+    evaluate = training.make_eval(model.apply)
     report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count(),
               "processes": jax.process_count()}
     if args.sample_tokens and start == 0 and writer:
-        report["sample_before"] = sample(base_model, jlora.dequantize(base_params), tokenizer, args)
+        report["sample_before"] = sample(base_model, dequantize(base_params), tokenizer, args)
         say(f"sample before: {args.prompt}{report['sample_before']}")
 
     progress = Progress(args.max_steps, args.batch_size * args.seq_len)
@@ -231,12 +239,12 @@ def finetune(args) -> int:
         if writer:
             progress.status(f"evaluating on {len(splits[0][1]) if names else len(valid_set)} sequences"
                             f"{' per task' if names else ''} ...")
-        params, adapters = jlora.combine(frozen, state.trainable)
+        params, adapters = combine(frozen, state.trainable)
         if names:
-            found = {name: train.perplexity(evaluate, params, jlora.multi.take(adapters, i), valid, eval_rows, mesh=mesh)
+            found = {name: training.perplexity(evaluate, params, multi.take(adapters, i), valid, eval_rows, mesh=mesh)
                      for i, (name, (_, valid)) in enumerate(zip(names, splits))}
         else:
-            found = {"": train.perplexity(evaluate, params, adapters, valid_set, args.batch_size, mesh=mesh)}
+            found = {"": training.perplexity(evaluate, params, adapters, valid_set, args.batch_size, mesh=mesh)}
         suffix = lambda name: f"/{name}" if name else ""
         return ({f"valid_perplexity{suffix(n)}": ppl for n, ppl in found.items()}
                 | {f"valid_loss{suffix(n)}": math.log(ppl) for n, ppl in found.items()})
@@ -254,10 +262,10 @@ def finetune(args) -> int:
                 if key.startswith("valid_perplexity"):
                     progress.status(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}")
 
-    step_fn = (train.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head,
+    step_fn = (training.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head,
                                vocab_size=config.vocab_size)
-               if args.loss_chunk else train.make_step(model.apply, config_train, tasks=len(names)))
-    rows = distributed.process_rows(args.batch_size, train.batch_sharding(mesh))  # this process's share
+               if args.loss_chunk else training.make_step(model.apply, config_train, tasks=len(names)))
+    rows = distributed.process_rows(args.batch_size, training.batch_sharding(mesh))  # this process's share
 
     def batch_at(k):
         if not names:
@@ -284,7 +292,7 @@ def finetune(args) -> int:
     train_began = time.perf_counter()
     try:
         result = loop.fit(
-            step, state, lambda k: train.shard_batch(batch_at(k), mesh),
+            step, state, lambda k: training.shard_batch(batch_at(k), mesh),
             max_steps=args.max_steps, checkpointer=ckpt, metadata=metadata, save_every=args.save_every,
             evaluate=validation if valid_set is not None else None, eval_every=args.eval_every,
             history_path=out / "history.jsonl", log=log, tokens_per_step=args.batch_size * args.seq_len, best=best,
@@ -306,8 +314,8 @@ def finetune(args) -> int:
 
     # The frozen base did not change: this host's copy plus the trained arrays (gathered where they
     # are split across processes) is the whole model, and no shard of the base is fetched.
-    params, adapters = jlora.combine(params, distributed.fetch(result.state.trainable))
-    tasks = [jlora.multi.take(adapters, i) for i in range(len(names))] or [adapters]
+    params, adapters = combine(params, distributed.fetch(result.state.trainable))
+    tasks = [multi.take(adapters, i) for i in range(len(names))] or [adapters]
     if stacked:
         params, tasks = layers.unstack_layers(params, stacked), [layers.unstack_layers(a, stacked) for a in tasks]
     if not writer:
@@ -325,10 +333,10 @@ def finetune(args) -> int:
     report["command"] = "jlora " + shlex.join(map(str, getattr(args, "argv", [])))  # for cards and `jlora merge`
     for name, task_adapters in zip(names, tasks) if args.merged != "none" else ():
         # each task's own merged model, with tokenizer and model card
-        export.save_merged(out / "tasks" / name / "merged", jlora.merge(params, task_adapters), task_adapters, config,
+        export.save_merged(out / "tasks" / name / "merged", merge(params, task_adapters), task_adapters, config,
                            tokenizer, args.base, args.merged, export.card_facts(metadata | {"step": args.max_steps}, report, name))
         print(f"task {name}: merged export {out / 'tasks' / name / 'merged'}", file=sys.stderr)
-    merged = jlora.merge(params, tasks[0])
+    merged = merge(params, tasks[0])
     if args.sample_tokens:
         report["sample_after"] = sample(base_model, merged, tokenizer, args)
         print(f"sample after{f' (task {names[0]})' if names else ''}: {args.prompt}{report['sample_after']}", file=sys.stderr)

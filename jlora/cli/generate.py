@@ -8,9 +8,13 @@ import sys
 import jax
 import jax.numpy as jnp
 
-import jlora
-from jlora import checkpoint, data, train
+from jlora import training
+from jlora.training import checkpoint, data
 from jlora.cli import DEFAULT_BASE, UsageError, common
+from jlora.core.merge import merge
+from jlora.core.multi import stack
+from jlora.core.transform import adapt
+from jlora.quant.quantize import dequantize
 
 
 def generate_many(args) -> int:
@@ -33,7 +37,7 @@ def generate_many(args) -> int:
                              "sequence; generate with it alone")
         trees.append(common.pick_task(state.trainable.adapters, saved, args.task, path))
     try:
-        stacked = jlora.stack(trees)
+        stacked = stack(trees)
     except ValueError as error:
         raise UsageError(f"these checkpoints cannot share one batch: {error}") from None
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
@@ -41,7 +45,7 @@ def generate_many(args) -> int:
     if not ids or len(ids) >= model.max_length:
         raise UsageError(f"the prompt is {len(ids)} tokens; it needs 1 to {model.max_length - 1}")
     new = min(args.max_new_tokens, model.max_length - len(ids))
-    adapted = jlora.adapt(model.apply)
+    adapted = adapt(model.apply)
     n = len(trees)
     out = generate(lambda v, tokens, cache: adapted(v["params"], v["adapters"], tokens, cache, adapter_ids=v["ids"]),
                    dict(params=params, adapters=stacked, ids=jnp.arange(n)), jnp.tile(jnp.array([ids]), (n, 1)),
@@ -64,9 +68,9 @@ def load_merged(args, checkpoint_path):
     if checkpoint_path:
         model, params, tokenizer, _, adapters, _ = common.load_run(checkpoint_path, args.base, args.dtype, args.quantize,
                                                                    task=args.task)
-        return model, jlora.merge(params, adapters), tokenizer
+        return model, merge(params, adapters), tokenizer
     model, params, tokenizer, _ = common.load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize)
-    return model, jlora.dequantize(params), tokenizer
+    return model, dequantize(params), tokenizer
 
 
 def generate_cmd(args) -> int:
@@ -117,10 +121,10 @@ def eval_cmd(args) -> int:
     # By default the sample the run validated on (`jlora finetune`'s final perplexity), else the library's.
     recorded = metadata.get("eval") or {}
     seq_len = args.seq_len or recorded.get("seq_len") or (metadata.get("data") or {}).get("seq_len") or 128
-    tokens = args.eval_tokens or recorded.get("tokens") or train.EVAL_TOKENS
+    tokens = args.eval_tokens or recorded.get("tokens") or training.EVAL_TOKENS
     dataset = data.load(args.data, tokenizer, seq_len) if args.data else data.load_splits(tokenizer, seq_len)[1]
-    sample = train.eval_sample(dataset, tokens)
-    ppl = train.perplexity(train.make_eval(model.apply), params, adapters, sample, args.batch_size, args.max_batches)
+    sample = training.eval_sample(dataset, tokens)
+    ppl = training.perplexity(training.make_eval(model.apply), params, adapters, sample, args.batch_size, args.max_batches)
     sequences = min(len(sample), args.batch_size * (args.max_batches or len(sample)))
     print(json.dumps({"perplexity": ppl, "sequences": sequences, "seq_len": seq_len}))
     return 0

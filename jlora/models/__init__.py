@@ -20,6 +20,7 @@ from jlora.models.generate import chat, complete, generate, penalize_repetition,
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 from jlora.models.tokenizer import Tokenizer
+from jlora.quant.quantize import quantize
 
 HF_LOADERS = {"gpt2": gpt2.from_pretrained, **{model_type: llama.from_pretrained for model_type in llama.VARIANTS}}
 
@@ -107,7 +108,7 @@ def quantize_base(name_or_path, variables, config, mode, *, dtype=jnp.float32):
     import jlora
 
     if mode != "gguf":
-        return jlora.quantize(variables, mode)
+        return quantize(variables, mode)
     path = Path(str(name_or_path)).expanduser()
     if str(name_or_path).lower() == "smollm2-135m":
         path = fetch_smollm2()

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora import adapter
-from jlora.quantize import is_quantized, stack as stack_quantized, unstack as unstack_quantized
+from jlora.core import adapter
+from jlora.quant.quantize import is_quantized, stack as stack_quantized, unstack as unstack_quantized
 
 REMAT_POLICIES = {
     "none": None,

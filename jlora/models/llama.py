@@ -555,7 +555,7 @@ def keep_gguf_blocks(path, variables, config, *, dtype=jnp.float32):
     """
     import gguf
 
-    from jlora.quantize import from_gguf_blocks
+    from jlora.quant.quantize import from_gguf_blocks
 
     key_map = gguf_key_map(config)
     rows = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}

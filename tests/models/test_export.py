@@ -13,7 +13,8 @@ from safetensors.numpy import load_file
 import jlora
 import jlora.models
 from helpers import trained
-from jlora.models import export, gpt2, llama
+from jlora.interop import hf as export
+from jlora.models import gpt2, llama
 from tiny import random_variables, randomized_torch
 
 TOKENS = [[5, 17, 2, 60, 33, 1, 9, 44, 12, 3], [0, 61, 7, 7, 20, 39, 41, 2, 8, 50]]

@@ -13,8 +13,9 @@ import pytest
 import jlora
 import jlora.models
 from helpers import assert_adapt_equals_merge, assert_trees_close, trained
-from jlora import peft as jpeft
-from jlora.models import export, llama
+from jlora.interop import peft as jpeft
+from jlora.interop import hf as export
+from jlora.models import llama
 from tiny import LLAMA_LINEAR, random_variables, randomized_torch
 
 pytestmark = pytest.mark.interop

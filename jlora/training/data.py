@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from jlora import chat
+from jlora.training import chat
 
 CORPUS_DIR = Path(__file__).parent / "corpus" / "shakespeare"
 

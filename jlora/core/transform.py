@@ -34,8 +34,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core
 
-from jlora import paths
-from jlora.adapter import fitted_table
+from jlora.core import paths
+from jlora.core.adapter import fitted_table
 
 
 class Use(abc.ABC):
@@ -612,7 +612,7 @@ def _stacked_use(adapter, w, path: str):
 
 def _per_example(cached, signature, traced, params, stacked, names, weights, dynamic, args, arg_leaves,
                  adapter_ids, batch_axis, ctx):
-    from jlora import multi  # the stack's checks; multi builds on this module
+    from jlora.core import multi  # the stack's checks; multi builds on this module
 
     found, n = multi.fitted_table(params, stacked)
     ids = jnp.asarray(adapter_ids)

@@ -27,9 +27,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora import axes, paths
-from jlora.adapter import Adapter, as_f32, refuse_near_zero
-from jlora.transform import Use
+from jlora.core import axes, paths
+from jlora.core.adapter import Adapter, as_f32, refuse_near_zero
+from jlora.core.transform import Use
 
 OUTPUT, INPUT = "output", "input"
 

@@ -17,8 +17,9 @@ import math
 
 import jax.numpy as jnp
 
-from jlora import lora, paths
-from jlora.adapter import as_f32, table
+from jlora.kinds import lora
+from jlora.core import paths
+from jlora.core.adapter import as_f32, table
 
 
 def init(params, rank: int = 8, **options):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from jlora import paths
-from jlora.adapter import table
+from jlora.core import paths
+from jlora.core.adapter import table
 
 BIAS_MODES = ("none", "all", "lora_only")
 

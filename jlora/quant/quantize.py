@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
+from jlora.core import paths
 
 #: The 16 NF4 levels: QLoRA's Appendix E table (bitsandbytes' ``NF4`` code), to the digit.
 NF4 = np.array([

@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import jax
 
-from jlora import paths
-from jlora.adapter import fitted_table, is_adapter
-from jlora.partition import trainable_base_paths
+from jlora.core import paths
+from jlora.core.adapter import fitted_table, is_adapter
+from jlora.core.partition import trainable_base_paths
 
 
 class ParamCount(NamedTuple):

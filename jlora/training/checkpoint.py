@@ -19,9 +19,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import jlora
-from jlora import adapter, paths, train
-from jlora.partition import Trainable, trainable_base_paths
+from jlora.core import adapter, paths
+from jlora import kinds  # registers the bundled kinds, which restoring a checkpoint looks up by name
+from jlora.training import step as train
+from jlora.core.partition import Trainable, trainable_base_paths
+from jlora import __version__
 
 
 class CheckpointError(ValueError):
@@ -112,7 +114,7 @@ class Checkpointer:
         """Writes ``state`` as step ``state.step``, with ``metadata`` plus what describes it: the
         step, jlora's version and, for a :class:`jlora.Trainable`, its structure (:func:`describe_trainable`)."""
         step = int(state.step)
-        metadata = {**(metadata or {}), "step": step, "jlora_version": jlora.__version__}
+        metadata = {**(metadata or {}), "step": step, "jlora_version": __version__}
         if isinstance(state.trainable, Trainable):
             metadata["trainable"] = describe_trainable(state.trainable)
         self.manager.save(

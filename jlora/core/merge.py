@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jlora import paths
-from jlora.adapter import fitted_table
-from jlora.quantize import dequantize
+from jlora.core import paths
+from jlora.core.adapter import fitted_table
+from jlora.quant.quantize import dequantize
 
 
 def refuse_non_finite(path: str, adapter, method: str = "merge") -> None:

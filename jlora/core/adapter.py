@@ -5,13 +5,13 @@ weight, where it holds one :class:`Adapter` (a pytree whose array fields train).
 ``adapt``, the optimizer and checkpoints all go through this protocol, never through the kind.
 
 A kind registers itself by subclassing with a name, ``class LoRA(Adapter, name="lora")``; the CLI's
-``--method`` choices, checkpoints and PEFT interop find it in :data:`KINDS` by that name.
+``--method`` choices, checkpoints and PEFT interop find it in :data:`KINDS` by that name once its
+module is imported (``jlora.kinds`` imports the bundled kinds).
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 import dataclasses
 from typing import Any, ClassVar
 
@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
+from jlora.core import paths
 
-#: Every adapter kind by its name, filled by the kinds as their modules are imported.
+#: Every adapter kind by its name, filled by the kinds as their modules are imported (``jlora.kinds``
+#: imports the bundled ones; the ``jlora`` face imports it before any public name).
 KINDS: dict[str, type[Adapter]] = {}
-BUNDLED = ("lora", "dora", "ia3")  # the kinds jlora ships, modules of the same names
 
 
 class Adapter(abc.ABC):
@@ -102,8 +102,6 @@ class Adapter(abc.ABC):
 
 def kind(name: str) -> type[Adapter]:
     """The adapter kind registered as ``name``; ValueError naming the known ones otherwise."""
-    for module in BUNDLED:  # they register on import; a program may not have imported them yet
-        importlib.import_module(f"jlora.{module}")
     if name not in KINDS:
         raise ValueError(f"unknown adapter kind {name!r}; known kinds: {', '.join(sorted(KINDS))}")
     return KINDS[name]

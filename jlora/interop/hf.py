@@ -372,7 +372,7 @@ def describe_adapters(adapters, use_rslora=False) -> dict:
     rank and alpha are None for kinds without them ((IA)³); several values are joined ("4, 8"). targets are
     the module names adapted (`q_proj, v_proj`), weights the number of weights adapted.
     """
-    from jlora.adapter import table
+    from jlora.core.adapter import table
 
     found = table(adapters)
     ranks = {a.rank for a in found.values() if hasattr(a, "rank")}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import optax
 
-from jlora import paths
-from jlora.adapter import is_adapter
-from jlora.partition import Trainable
+from jlora.core import paths
+from jlora.core.adapter import is_adapter
+from jlora.core.partition import Trainable
 
 FROZEN, ADAPTER, ADAPTER_B, BASE = "frozen", "adapter", "adapter_b", "base"
 

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
-from jlora.adapter import Adapter, table
+from jlora.core import paths
+from jlora.core.adapter import Adapter, table
 
 
 def _static(adapter: Adapter) -> dict:

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import axes, paths
-from jlora.adapter import Adapter, as_f32
-from jlora.transform import Use
+from jlora.core import axes, paths
+from jlora.core.adapter import Adapter, as_f32
+from jlora.core.transform import Use
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import paths
-from jlora.adapter import table
-from jlora.dora import DoRA
-from jlora.ia3 import IA3, INPUT, OUTPUT
-from jlora.lora import LoRA, scaling_for
+from jlora.core import paths
+from jlora.core.adapter import table
+from jlora.kinds.dora import DoRA
+from jlora.kinds.ia3 import IA3, INPUT, OUTPUT
+from jlora.kinds.lora import LoRA, scaling_for
 from jlora.models import export
-from jlora.partition import Trainable
+from jlora.core.partition import Trainable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

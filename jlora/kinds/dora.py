@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import axes, lora, paths
-from jlora.adapter import Adapter, as_f32, refuse_near_zero, table
-from jlora.transform import Use
+from jlora.core import axes, paths
+from jlora.kinds import lora
+from jlora.core.adapter import Adapter, as_f32, refuse_near_zero, table
+from jlora.core.transform import Use
 
 
 @functools.partial(

@@ -1,0 +1,1 @@
+"""Files other tools read: PEFT adapters, Hugging Face model directories, tokenizer files and model cards."""
