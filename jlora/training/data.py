@@ -29,7 +29,7 @@ import numpy as np
 
 from jlora.training import chat
 
-CORPUS_DIR = Path(__file__).parent / "corpus" / "shakespeare"
+CORPUS_DIR = Path(__file__).parents[1] / "corpus" / "shakespeare"
 
 PathLike = str | Path
 Paths = PathLike | Sequence[PathLike]
