@@ -411,7 +411,6 @@ def test_help_does_not_import_jax_and_the_method_choices_are_the_adapter_kinds()
     import subprocess
     import sys
 
-    from jlora.core import adapter
 
     assert cli.METHODS == sorted(kinds.BUNDLED)
     probe = "import sys; from jlora import cli; cli.parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax')))"

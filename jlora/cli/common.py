@@ -6,7 +6,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jlora import kinds  # registers the bundled kinds: --method looks them up by name
+from jlora import kinds  # noqa: F401 - registers the bundled kinds: --method looks them up by name
 from jlora.core import adapter
 from jlora.training import checkpoint
 from jlora.cli import ADAPTER_FLAGS, DEFAULT_METHOD, UsageError

@@ -105,8 +105,6 @@ def quantize_base(name_or_path, variables, config, mode, *, dtype=jnp.float32):
     Raises:
       ValueError: ``'gguf'`` for a base that is not a GGUF file.
     """
-    import jlora
-
     if mode != "gguf":
         return quantize(variables, mode)
     path = Path(str(name_or_path)).expanduser()

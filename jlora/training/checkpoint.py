@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.core import adapter, paths
-from jlora import kinds  # registers the bundled kinds, which restoring a checkpoint looks up by name
+from jlora import kinds  # noqa: F401 - registers the bundled kinds, which restoring a checkpoint looks up by name
 from jlora.training import step as train
 from jlora.core.partition import Trainable, trainable_base_paths
 from jlora import __version__

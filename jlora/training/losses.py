@@ -4,6 +4,7 @@ vocabulary at a time; and the per-task sum that trains a stack of adapters in on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax

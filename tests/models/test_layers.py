@@ -2,7 +2,6 @@
 params/adapters/caches converted between the two layouts without loss, and less compiled memory."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
