@@ -4,13 +4,14 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parent.parent / "experiments" / "gpu_check.sh"
 
 
 def test_dry_run_reports_tokens_per_second_and_mfu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}  # the interpreter running the tests
     out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.rstrip().endswith("gpu_check dry run: ok")

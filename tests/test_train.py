@@ -39,6 +39,7 @@ def run(model, frozen, trainable, batch, config, devices, steps=1):
     return jax.device_get(state), jax.device_get(metrics)
 
 
+@pytest.mark.devices(8)
 def test_eight_devices_equal_one(setup):
     model, _, frozen, trainable, batch = setup
     assert jax.device_count() == 8
@@ -52,6 +53,7 @@ def test_eight_devices_equal_one(setup):
     )
 
 
+@pytest.mark.devices(8)
 def test_fsdp_sharded_base_gives_the_same_step(setup):
     model, _, frozen, trainable, batch = setup
     config = train.TrainConfig(max_steps=5, warmup_steps=0, batch_size=8, learning_rate=1e-2)
@@ -148,11 +150,15 @@ def test_train_config_refuses_each_bad_value_by_name(setting, message):
         train.TrainConfig(**setting)
 
 
-def test_bad_settings_are_refused(setup):
+def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="batch_size 6 is not divisible by accumulate 4"):
         train.TrainConfig(batch_size=6, accumulate=4)
     with pytest.raises(ValueError, match="schedule must be 'cosine' or 'linear', got 'step'"):
         train.TrainConfig(schedule="step")
+
+
+@pytest.mark.devices(8)
+def test_a_batch_the_devices_cannot_share_is_refused(setup):
     model, _, frozen, trainable, batch = setup
     with pytest.raises(ValueError, match="batch of 6 rows cannot be split over 8 devices"):
         train.shard_batch(jax.tree.map(lambda x: x[:6], batch), train.mesh())
