@@ -1,6 +1,7 @@
 """What many tests share: random inputs, params and trained-looking adapters; trees that must be close;
 and the check that ``jlora.adapt(fn)`` is ``fn`` of the merged params."""
 
+import functools
 import warnings
 
 import chex
@@ -118,3 +119,13 @@ def assert_adapt_equals_merge(fn, params, adapters, *args, strict=True):
         got_grads = jax.jit(jax.grad(scalar(adapted), argnums=(0, 1)))(params, adapters)
         assert_trees_close(got_grads, want_grads)
     assert any(np.any(g) for g in jax.tree.leaves(want_grads[1]))
+
+
+@functools.cache
+def load_base_once(name="smollm2-135m", dtype="float32", quantize=None):
+    """``jlora.cli.common.load_base``, once per test process: SmolLM2 (or any base) is read, dequantised
+    and tokenized once a session, whichever test module asks first."""
+    from jlora.cli import common
+
+    return common.load_base(name, dtype, quantize)
+

@@ -124,6 +124,7 @@ def test_each_process_reads_its_rows_of_the_same_batch():
     assert distributed.process_rows(16, train.batch_sharding(train.mesh())) == slice(0, 16)  # one process: all
 
 
+@pytest.mark.devices(8)
 def test_adapters_and_their_moments_follow_the_base_weight():
     model = GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
     params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 4), np.int32))

@@ -48,9 +48,9 @@ DOCSTRINGS = docstrings()
 
 def marks(test):
     """``slow`` for the examples that load the real base model; ``interop`` (skipped without the
-    interop extra) for those that build a PyTorch model."""
+    interop extra) for those that build a PyTorch model; ``devices(8)`` for those that use 8 devices."""
     source = "".join(example.source for example in test.examples)
-    out = []
+    out = [pytest.mark.devices(8)] if "jax.devices()[:8]" in source else []
     if "smollm2-135m" in source:
         out.append(pytest.mark.slow)
     if INTEROP.search(source):

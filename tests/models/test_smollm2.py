@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 import jlora.models
+from helpers import load_base_once
 from jlora.models import generate
 
 pytestmark = pytest.mark.slow
@@ -16,7 +17,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return jlora.models.load("smollm2-135m")
+    return load_base_once("smollm2-135m")  # jlora.models.load, once per test process
 
 
 def test_config_comes_from_the_gguf_metadata(smollm2):
