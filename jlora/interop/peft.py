@@ -168,8 +168,8 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
     """Write adapters as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
 
     LoRA (and DoRA) adapters become a ``peft_type`` ``'LORA'`` adapter with each adapter's own ``lora_alpha``
-    and ``use_rslora``, from which PEFT computes the same scaling. Ranks and alphas that differ between modules go to ``rank_pattern`` / ``alpha_pattern``, keyed by module names as
-    PEFT matches them. (IA)³ vectors become an ``'IA3'`` adapter, input-scaled ones ``feedforward_modules``.
+    and ``use_rslora``, from which PEFT computes the same scaling. Ranks and alphas that differ between
+    modules go to ``rank_pattern`` / ``alpha_pattern``, keyed by module names as PEFT matches them. (IA)³ vectors become an ``'IA3'`` adapter, input-scaled ones ``feedforward_modules``.
 
     Args:
       adapters: an adapter tree of one kind (:class:`jlora.LoRA`, ``jlora.DoRA`` or ``jlora.IA3``) for the
@@ -438,8 +438,8 @@ def import_peft(peft_dir, params, model_config) -> dict:
       A nested dict of :class:`jlora.LoRA`, for ``jlora.adapt``, ``jlora.merge`` or a train state; of
       ``jlora.DoRA`` when the config sets ``use_dora`` (``base_norm`` is then computed from ``params``, which
       must hold arrays, not shapes); of ``jlora.IA3`` for ``peft_type`` ``'IA3'``. Factors keep the file's
-      dtype; each LoRA scaling is the one PEFT computes (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
-      ``use_rslora``).
+      dtype; each LoRA's alpha and use_rslora are PEFT's (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
+      ``use_rslora``), so its scaling is the one PEFT computes.
 
     Raises:
       PeftFormatError: a file is missing or unreadable; the config is not LoRA, DoRA or IA3; a tensor lands on
@@ -458,7 +458,7 @@ def import_peft(peft_dir, params, model_config) -> dict:
       >>> model, variables, _, config = jlora.models.load(base_dir)
       >>> adapters = import_peft(peft_dir, variables, config)
       >>> jax.tree.map(jnp.shape, adapters['params']['h_0'])
-      {'attn': {'c_attn': {'kernel': LoRA(a=(32, 4), b=(4, 96), scaling=2.0, stack_axes=0)}}}
+      {'attn': {'c_attn': {'kernel': LoRA(a=(32, 4), b=(4, 96), alpha=8, stack_axes=0, use_rslora=False)}}}
       >>> jlora.adapt(model.apply)(variables, adapters, jnp.array([[1, 2, 3]])).shape
       (1, 3, 64)
     """
