@@ -294,3 +294,10 @@ def test_lora_describes_alpha_and_use_rslora_and_an_upgraded_description_equals_
     upgraded = jlora.adapter.abstract(old)["w"]
     assert (upgraded.scaling, upgraded.use_rslora, upgraded.rank) == (plain["w"].scaling, False, 3)
     assert upgraded.alpha / 3 == 0.3 / 3
+    # an rsLoRA scaling 1 / √5 that no alpha / 5 gives: restored as rsLoRA, the same scaling
+    rs = jlora.init({"w": jnp.ones((8, 6))}, rank=5, alpha=1, use_rslora=True, targets=["w"])
+    old = jlora.adapter.describe(rs)
+    old["w"]["static"] = {"scaling": rs["w"].scaling, "stack_axes": 0}
+    upgraded = jlora.adapter.abstract(old)["w"]
+    assert rs["w"].scaling * 5 / 5 != rs["w"].scaling
+    assert (upgraded.scaling, upgraded.use_rslora, upgraded.alpha) == (rs["w"].scaling, True, rs["w"].scaling * math.sqrt(5))

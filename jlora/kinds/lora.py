@@ -144,17 +144,19 @@ def scaling_for(alpha: float, rank: int, use_rslora: bool = False) -> float:
 
 
 def upgrade(static: dict, arrays: dict) -> dict:
-    """Static fields of a LoRA (or DoRA) described by jlora up to 0.2, which held only ``scaling``:
-    ``alpha = scaling · r`` and ``use_rslora`` False, which give back that scaling (``Adapter.upgrade``)."""
+    """Static fields of a LoRA (or DoRA) described by an earlier jlora (up to commit de3a17f), which held
+    only ``scaling`` (``Adapter.upgrade``): ``alpha = scaling · r`` with ``use_rslora`` False when that
+    divides back to the scaling exactly, as every ``alpha / r`` does; else ``alpha = scaling · √r`` with
+    ``use_rslora`` when that does, as every rsLoRA ``alpha / √r`` does; else the first, to within an ulp."""
     if "scaling" not in static or "alpha" in static:
         return static
     static = dict(static)
     scaling, rank = static.pop("scaling"), arrays["a"][0][-1]
-    alpha = scaling * rank
-    # The product can round one ulp away from the alpha that divides back to the scaling.
-    alpha = next((x for x in (alpha, math.nextafter(alpha, math.inf), math.nextafter(alpha, -math.inf))
-                  if x / rank == scaling), alpha)
-    return {**static, "alpha": alpha, "use_rslora": False}
+    for use_rslora in (False, True):
+        alpha = scaling * _divisor(rank, use_rslora)
+        if scaling_for(alpha, rank, use_rslora) == scaling:
+            return {**static, "alpha": alpha, "use_rslora": use_rslora}
+    return {**static, "alpha": scaling * rank, "use_rslora": False}
 
 
 def init(
