@@ -1,6 +1,7 @@
 """Adapter-only orbax checkpoints: exact resume, crash safety, refusal of the wrong base or rank."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 import textwrap
@@ -257,3 +258,46 @@ def test_a_failed_save_stops_fit_naming_the_last_good_checkpoint(setup, tmp_path
         jlora.fit(lambda s, b: step(s, frozen, b), state, lambda k: data.batch_at(dataset, 4, 0, k), max_steps=6,
                   checkpointer=ckpt, save_every=2)
     assert failed.value.last_saved == 2 and checkpoint.Checkpointer(tmp_path).latest_step() == 2
+
+
+PREVIOUS = Path(__file__).parent / "data" / "checkpoint-de3a17f"
+
+
+def test_a_checkpoint_describing_lora_by_scaling_only_restores_to_the_same_adapters():
+    # Written at commit de3a17f (tests/data/README.md), whose LoRA and DoRA held scaling and no alpha.
+    state, meta = checkpoint.Checkpointer(PREVIOUS).restore()
+    assert "alpha" not in meta["trainable"]["adapters"]["attn/query/kernel"]["static"]
+    saved = np.load(PREVIOUS.parent / "checkpoint-de3a17f-trainable.npz")
+    restored = {p.replace("/", "|"): np.asarray(x) for p, x in jlora.paths.leaves(state.trainable)}
+    assert sorted(restored) == sorted(saved.files) and len(saved.files) == 2 + 2 + 4
+    for name in saved.files:
+        np.testing.assert_array_equal(restored[name], saved[name])
+    found = jlora.adapter.table(state.trainable.adapters)
+    query, value, mlp = found["attn/query/kernel"], found["attn/value/kernel"], found["mlp/kernel"]
+    # rank 2 alpha 3; rank 3 alpha 5 with rsLoRA; DoRA rank 2 alpha 7: restored as alpha = scaling · r
+    assert (type(query), query.alpha, query.use_rslora, query.scaling) == (jlora.LoRA, 3.0, False, 1.5)
+    assert (value.alpha, value.use_rslora, value.scaling) == (5 / math.sqrt(3) * 3, False, 5 / math.sqrt(3))
+    assert (type(mlp), mlp.alpha, mlp.use_rslora, mlp.scaling) == (jlora.DoRA, 7.0, False, 3.5)
+    # into a template of this jlora's adapters (alpha, use_rslora): the old description is taken as equal to it
+    again, _ = checkpoint.Checkpointer(PREVIOUS).restore(jax.eval_shape(lambda: state))
+    jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(state))
+
+
+def test_lora_describes_alpha_and_use_rslora_and_an_upgraded_description_equals_it():
+    params = {"w": jnp.ones((8, 6))}
+    lora = jlora.init(params, rank=3, alpha=5, use_rslora=True, targets=["w"])
+    described = jlora.adapter.describe(lora)["w"]
+    assert described["static"] == {"alpha": 5, "stack_axes": 0, "use_rslora": True}
+    plain = jlora.init(params, rank=3, alpha=0.3, targets=["w"])
+    old = jlora.adapter.describe(plain)
+    old["w"]["static"] = {"scaling": plain["w"].scaling, "stack_axes": 0}
+    upgraded = jlora.adapter.abstract(old)["w"]
+    assert (upgraded.scaling, upgraded.use_rslora, upgraded.rank) == (plain["w"].scaling, False, 3)
+    assert upgraded.alpha / 3 == 0.3 / 3
+    # an rsLoRA scaling 1 / √5 that no alpha / 5 gives: restored as rsLoRA, the same scaling
+    rs = jlora.init({"w": jnp.ones((8, 6))}, rank=5, alpha=1, use_rslora=True, targets=["w"])
+    old = jlora.adapter.describe(rs)
+    old["w"]["static"] = {"scaling": rs["w"].scaling, "stack_axes": 0}
+    upgraded = jlora.adapter.abstract(old)["w"]
+    assert rs["w"].scaling * 5 / 5 != rs["w"].scaling
+    assert (upgraded.scaling, upgraded.use_rslora, upgraded.alpha) == (rs["w"].scaling, True, rs["w"].scaling * math.sqrt(5))

@@ -171,3 +171,22 @@ def test_batch_axis_per_argument():
     for row, i in enumerate(ids):
         weights = params if i < 0 else jlora.merge(params, adapters[i])
         assert_trees_close(got[:, row : row + 1], fn(weights, x[:, row : row + 1], table))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_ranks_pad_through_the_kind_keeping_scaling_and_unstack_gives_back_alpha(kind):
+    params = {"w": normal(0, 8, 6)}
+    init = jlora.adapter.kind(kind).create
+    small, large = (trained(init(params, rank=r, alpha=r / 2, targets=["w"])) for r in (2, 3))
+    stacked = jlora.stack([small, large], rank=4)
+    held = stacked["w"]
+    assert (held.a.shape, held.b.shape, held.rank, held.scaling) == ((2, 8, 4), (2, 4, 6), 4, 0.5)
+    for i, alone in enumerate((small, large)):
+        taken = jlora.multi.take(stacked, i)
+        np.testing.assert_allclose(jlora.merge(params, taken)["w"], jlora.merge(params, alone)["w"], rtol=0, atol=1e-6)
+    back = jlora.multi.unstack(stacked, like=[small, large])
+    for got, want in zip(back, (small, large)):
+        assert (got["w"].alpha, got["w"].rank) == (want["w"].alpha, want["w"].rank)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    with pytest.raises(ValueError, match=r"cannot stack the adapters at 'w': .* of rank 2 .*scaling = alpha / r"):
+        jlora.stack([small, trained(init(params, rank=2, alpha=3, targets=["w"]))])

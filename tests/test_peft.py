@@ -96,20 +96,31 @@ def test_some_layers_only_are_targeted_by_full_module_name(tmp_path):
     assert_same_adapters(jpeft.import_peft(tmp_path, params, GPT2), adapters)
 
 
-def test_written_alpha_gives_back_the_scaling():
-    """Exact for every scaling an alpha makes at that rank (all of jlora.init's), else within an ulp."""
-    rng = np.random.default_rng(0)
-    for rank in (1, 3, 7, 12, 48, 100):
-        for made_with_rslora in (False, True):
-            for alpha in [*rng.uniform(0.01, 300.0, 100), 16, 1 / 3]:
-                scaling = scaling_for(alpha, rank, made_with_rslora)
-                for use_rslora in (False, True):
-                    written = jpeft._alpha(scaling, rank, use_rslora)
-                    found = scaling_for(written, rank, use_rslora)
-                    if use_rslora == made_with_rslora:
-                        assert found == scaling, (alpha, rank, use_rslora)
-                    else:
-                        assert abs(found - scaling) <= math.ulp(scaling), (alpha, rank, use_rslora)
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha/r", "rslora"])
+def test_alpha_and_use_rslora_are_written_and_read_back_exactly(tmp_path, use_rslora):
+    params = abstract_params(LLAMA)
+    adapters = trained(jlora.init(params, rank=4, alpha=1 / 3, use_rslora=use_rslora, targets=["q_proj", "v_proj"],
+                                  rank_pattern={"v_proj": 3}, alpha_pattern={"layers_1/self_attn/q_proj": 7.25}))
+    jpeft.export_peft(adapters, LLAMA, tmp_path)
+    config = json.loads((tmp_path / jpeft.CONFIG_FILE).read_text())
+    assert (config["lora_alpha"], config["use_rslora"], config["rank_pattern"], config["alpha_pattern"]) == (
+        1 / 3, use_rslora, {"v_proj": 3}, {"model.layers.1.self_attn.q_proj": 7.25})
+    back = table(jpeft.import_peft(tmp_path, params, LLAMA))
+    for path, lora in table(adapters).items():
+        assert (back[path].alpha, back[path].use_rslora, back[path].rank) == (lora.alpha, use_rslora, lora.rank), path
+        assert back[path].scaling == lora.scaling == scaling_for(lora.alpha, lora.rank, use_rslora)
+
+
+def test_a_scaling_rule_asked_for_re_expresses_alpha_and_mixed_rules_are_refused(tmp_path):
+    params = abstract_params(LLAMA)
+    plain = trained(jlora.init(params, rank=4, alpha=8, targets=["q_proj"]))
+    jpeft.export_peft(plain, LLAMA, tmp_path / "rs", use_rslora=True)
+    config = json.loads((tmp_path / "rs" / jpeft.CONFIG_FILE).read_text())
+    assert (config["lora_alpha"], config["use_rslora"]) == (4, True)  # scaling 8 / 4 = 4 / √4
+    rs = trained(jlora.init(params, rank=4, alpha=8, targets=["v_proj"], use_rslora=True))
+    mixed = paths.nest({**table(plain), **table(rs)})
+    with pytest.raises(jpeft.PeftFormatError, match=r"mix use_rslora True \(model.layers.1.self_attn.v_proj\) and False \(model.layers.1.self_attn.q_proj\)"):
+        jpeft.export_peft(mixed, LLAMA, tmp_path / "mixed")
 
 
 # ---- refusals: each names what is wrong ----

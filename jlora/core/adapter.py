@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core import paths
+from jlora.core import paths, stacking
 
 #: Every adapter kind by its name, filled by the kinds as their modules are imported (``jlora.kinds``
 #: imports the bundled ones; the ``jlora`` face imports it before any public name).
 KINDS: dict[str, type[Adapter]] = {}
 
 
-class Adapter(abc.ABC):
+class Adapter(stacking.Stackable, abc.ABC):
     """Base class of adapter kinds. Subclasses are frozen dataclasses registered as pytrees
     (``jax.tree_util.register_dataclass``), whose data fields are arrays and meta fields static.
 
@@ -79,11 +79,44 @@ class Adapter(abc.ABC):
         ``jlora.adapt``; ``None`` (the default) makes ``adapt`` use the merged weight."""
         return None
 
+    stacked_what = "adapters"
+    stacked_agree = "kind, shape or static settings"
+
+    @property
+    def stacked_layers(self) -> int:
+        return self.stack_axes
+
     def stacked_meta(self, layers: int) -> dict:
         """Static fields after ``layers`` adapters like this one are stacked on a new leading axis
         (``layers=-1``: after that axis is removed). A kind whose static fields hold the weight's
         shape overrides it."""
         return {"stack_axes": self.stack_axes + (1 if layers > 0 else -1)}
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of the update, for kinds that have one; ``None`` (the default) for those without."""
+        return None
+
+    def with_rank(self, rank: int) -> Adapter:
+        """This adapter, its rank padded with zeros to ``rank`` and computing the same function: what
+        ``jlora.stack`` holds so adapters of different ranks share one shape. Kinds without a rank
+        (the default) return it unchanged."""
+        return self
+
+    def card_facts(self, use_rslora: bool | None = None) -> dict:
+        """What a model card states of this adapter's settings (``rank``, ``alpha``, ``use_rslora`` for
+        kinds with them; ``use_rslora`` given: alpha as that scaling rule states it); empty by default."""
+        return {}
+
+    #: For ``jlora.stack``'s error when adapters of one kind differ in static fields: what they must share.
+    stack_hint: ClassVar[str] = ""
+
+    @classmethod
+    def upgrade(cls, static: dict, arrays: dict) -> dict:
+        """The static fields of a description (:func:`describe`) written by an older jlora, as this
+        version's fields: what a kind that renamed or replaced a field overrides. ``arrays`` gives each
+        array field's ``[shape, dtype]``. The default returns ``static`` unchanged."""
+        return static
 
     def identity(self, w: jax.Array) -> Adapter | None:
         """An adapter of this kind and shape that leaves ``w`` exactly unchanged: what an example with
@@ -141,7 +174,7 @@ def fitted_table(params, adapters) -> dict[str, Adapter]:
 
 def stack(adapters: list[Adapter], path: str = "") -> Adapter:
     """One adapter holding ``adapters`` (one per layer, same kind and settings) along a new leading
-    axis, as ``nn.scan`` stacks the layers' weights.
+    axis, as ``nn.scan`` stacks the layers' weights (``jlora.core.stacking.stack``).
 
     Example:
       >>> layer = {'q_proj': {'kernel': jnp.ones((16, 32))}}
@@ -149,22 +182,11 @@ def stack(adapters: list[Adapter], path: str = "") -> Adapter:
       >>> stacked.a.shape, stacked.stack_axes
       ((3, 16, 4), 1)
     """
-    first = adapters[0]
-    try:
-        arrays = jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
-    except ValueError as error:
-        raise ValueError(f"cannot stack the layers' adapters at {path!r}: they differ in kind, shape or static "
-                         f"settings (rank_pattern/alpha_pattern per layer cannot be stacked): {error}") from None
-    return dataclasses.replace(arrays, **first.stacked_meta(len(adapters)))
+    return stacking.stack(adapters, path)
 
 
-def unstack(adapter: Adapter, path: str = "") -> list[Adapter]:
-    """The per-layer adapters of one stacked along its leading axis (inverse of :func:`stack`)."""
-    if adapter.stack_axes < 1:
-        raise ValueError(f"adapter at {path!r} has no stacked layer axis (stack_axes={adapter.stack_axes})")
-    layers = jax.tree.leaves(adapter)[0].shape[0]
-    meta = adapter.stacked_meta(-1)
-    return [dataclasses.replace(jax.tree.map(lambda x: x[i], adapter), **meta) for i in range(layers)]
+#: The per-layer adapters of one stacked along its leading axis (inverse of :func:`stack`).
+unstack = stacking.unstack
 
 
 # ---- an adapter tree as plain data (checkpoint metadata) and back ----
@@ -206,6 +228,16 @@ def describe(adapters) -> dict[str, dict]:
     return out
 
 
+def upgraded(description: dict[str, dict]) -> dict[str, dict]:
+    """A :func:`describe` result written by an older jlora, with each kind's static fields as this
+    version names them (``Adapter.upgrade``); entries of kinds not registered here are left as they are."""
+    out = {}
+    for path, entry in description.items():
+        cls = KINDS.get(entry.get("kind"))
+        out[path] = entry if cls is None else {**entry, "static": cls.upgrade(entry["static"], entry["arrays"])}
+    return out
+
+
 def abstract(description: dict[str, dict]) -> dict:
     """The adapter tree :func:`describe` described, with ``jax.ShapeDtypeStruct`` for its arrays:
     a template to restore saved adapters into.
@@ -226,7 +258,7 @@ def abstract(description: dict[str, dict]) -> dict:
         except ValueError as error:
             raise ValueError(f"adapter at {path!r}: {error}") from None
         arrays = {f: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for f, (shape, dtype) in entry["arrays"].items()}
-        static = {f: _frozen(v) for f, v in entry["static"].items()}
+        static = {f: _frozen(v) for f, v in cls.upgrade(entry["static"], entry["arrays"]).items()}
         adapters[path] = cls(**static, **arrays)
     return paths.nest(adapters)
 

@@ -11,8 +11,9 @@ as they take one adapter tree.
     logits = jlora.adapt(model.apply)(params, stacked, tokens, adapter_ids=jnp.array([0, 2, -1, 1]))
     stacked = jlora.multi.put(stacked, 1, new_adapters)   # hot swap: same shapes, no recompilation
 
-Ranks differ between adapters: they are padded with zeros to the largest (or to ``rank=``), and a
-zero column of A with a zero row of B adds exactly zero to the output and gets exactly zero gradient.
+Ranks differ between adapters: each kind with a rank pads it with zeros to the largest (or to
+``rank=``) by ``Adapter.with_rank``; for LoRA a zero column of A with a zero row of B adds exactly
+zero to the output and gets exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora.core import paths
 from jlora.core.adapter import Adapter, table
@@ -33,60 +33,52 @@ def _static(adapter: Adapter) -> dict:
     return {f.name: getattr(adapter, f.name) for f in dataclasses.fields(adapter) if f.name not in arrays}
 
 
-def _padded(x, shape) -> jax.Array:
-    return jnp.pad(jnp.asarray(x), [(0, want - have) for have, want in zip(x.shape, shape)])
-
-
 def _fit(adapters: Sequence[Adapter], path: str, rank: int | None, capacity_of: str) -> list[Adapter]:
-    """The adapters at one path, every array padded with zeros to the largest shape (LoRA and DoRA:
-    only the rank differs), after checking they are one kind with the same static fields."""
+    """The adapters at one path at one rank (``rank``, or the largest given; ``Adapter.with_rank``),
+    after checking they are one kind whose static fields then agree."""
     first = adapters[0]
-    for i, adapter in enumerate(adapters):
-        if type(adapter) is not type(first) or _static(adapter) != _static(first):
+    ranks = [a.rank for a in adapters]
+    if rank is None and None not in ranks:
+        rank = max(ranks)
+    for r in ranks:
+        if rank is not None and r is not None and r > rank:
+            raise ValueError(f"adapter at {path!r} has rank {r}, more than the stack's rank {rank}")
+    fitted = [a if rank is None else a.with_rank(rank) for a in adapters]
+    for i, (adapter, one) in enumerate(zip(adapters, fitted)):
+        if type(adapter) is not type(first) or _static(one) != _static(fitted[0]):
             raise ValueError(
-                f"cannot stack the adapters at {path!r}: {capacity_of} {i} is {type(adapter).__name__} "
-                f"{_static(adapter)}, {capacity_of} 0 is {type(first).__name__} {_static(first)}; a stack "
-                "shares one kind and its static fields per weight (for LoRA/DoRA the same scaling = alpha / r: "
-                "give adapters of different ranks alpha proportional to r, e.g. alpha = r)"
+                f"cannot stack the adapters at {path!r}: {capacity_of} {i} is {_shown(adapter)}, {capacity_of} 0 is "
+                f"{_shown(first)}; a stack shares one kind and its static fields per weight"
+                + (f" ({first.stack_hint})" if first.stack_hint else "")
             )
-    leaves = [jax.tree.leaves(a) for a in adapters]
-    shapes = [np.max([leaf.shape for leaf in column], axis=0) for column in zip(*leaves)]
-    ranks = {getattr(a, "rank", None) for a in adapters}
-    if rank is not None and None not in ranks:
-        if max(ranks) > rank:
-            raise ValueError(f"adapter at {path!r} has rank {max(ranks)}, more than the stack's rank {rank}")
-        shapes = [_rank_shape(first, k, s, rank) for k, s in enumerate(shapes)]
-    treedef = jax.tree.structure(first)
-    return [jax.tree.unflatten(treedef, [_padded(x, s) for x, s in zip(ls, shapes)]) for ls in leaves]
+    shapes = [[x.shape for x in jax.tree.leaves(a)] for a in fitted]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"cannot stack the adapters at {path!r}: their arrays have shapes {shapes}, not one set of shapes")
+    return fitted
 
 
-def _rank_shape(adapter, k, shape, rank):
-    """``shape`` of the k-th array of a LoRA-like ``adapter`` with its rank axis set to ``rank``."""
-    name = paths.key_name(jax.tree_util.tree_flatten_with_path(adapter)[0][k][0][0])
-    shape = list(shape)
-    if name == "a":
-        shape[-1] = rank
-    elif name == "b":
-        shape[adapter.stack_axes] = rank
-    return shape
+def _shown(adapter: Adapter) -> str:
+    rank = "" if adapter.rank is None else f" of rank {adapter.rank}"
+    return f"{type(adapter).__name__}{rank} {_static(adapter)}"
 
 
 def stack(adapter_trees: Sequence, *, capacity: int | None = None, rank: int | None = None) -> dict:
     """One adapter tree holding ``adapter_trees`` along a new leading axis, for per-example adapters.
 
     Args:
-      adapter_trees: adapter trees with the same paths, each path one kind (``jlora.init``,
-        ``jlora.dora.init``, ``jlora.ia3.init``), ranks free to differ.
+      adapter_trees: adapter trees with the same paths, each path one kind, ranks free to differ.
       capacity: the number of slots (default ``len(adapter_trees)``); the free ones hold zeros and
         take an adapter later with :func:`put`, without changing any shape.
-      rank: pad LoRA/DoRA ranks to this (default the largest given), to leave room for later ones.
+      rank: pad ranks to this (default the largest given), to leave room for later ones; kinds
+        without a rank ignore it.
 
     Returns:
       An adapter tree whose every array has a leading axis of ``capacity`` adapters.
 
     Raises:
-      ValueError: the trees' paths differ, or a path's adapters differ in kind or static fields
-        (for LoRA and DoRA, ``scaling``); the path and both adapters are named.
+      ValueError: the trees' paths differ, or a path's adapters differ in kind or static fields at the
+        stack's rank (``Adapter.stack_hint`` says what a kind's adapters share); the path and both
+        adapters are named.
 
     Example:
       >>> params = {'attn': {'query': {'kernel': jnp.ones((16, 32))}}}
@@ -144,7 +136,7 @@ def put(stacked, slot: int, adapters) -> dict:
     out = {}
     for path, adapter in given.items():
         slot_now = take(held[path], slot)
-        fitted = _fit([slot_now, adapter], path, getattr(slot_now, "rank", None), "stack slot / new adapter")
+        fitted = _fit([slot_now, adapter], path, slot_now.rank, "stack slot / new adapter")
         if [x.shape for x in jax.tree.leaves(fitted[1])] != [x.shape for x in jax.tree.leaves(slot_now)]:
             raise ValueError(
                 f"adapter at {path!r} has shapes {[x.shape for x in jax.tree.leaves(adapter)]}, larger than "
@@ -171,7 +163,9 @@ def unstack(stacked, like: Sequence | None = None) -> list:
     for i in range(n):
         tree = take(stacked, i)
         if like is not None:
-            tree = jax.tree.map(lambda x, ref: x[tuple(slice(0, k) for k in ref.shape)], tree, like[i])
+            # like's static fields too: an adapter padded to the stack's rank holds that rank's alpha
+            cut = [x[tuple(slice(0, k) for k in ref.shape)] for x, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(like[i]))]
+            tree = jax.tree.unflatten(jax.tree.structure(like[i]), cut)
         out.append(tree)
     return out
 

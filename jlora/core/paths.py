@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora.core import stacking
+
 # nnx.State leaves sit inside Variable nodes whose key path ends in `.value`; dropping that component
 # gives the path users see (`lin/kernel`), identical to the linen spelling.
 _VARIABLE_ATTRS = ("value", "raw_value")
@@ -39,7 +41,7 @@ def path_str(keypath) -> str:
     return "/".join(parts)
 
 
-class Packed:
+class Packed(stacking.Stackable):
     """Base of a weight stored as several arrays that the tree walks here still take as one leaf at
     one path (a quantised weight, ``jlora.quantize``). It has the dense weight's ``shape`` and
     ``dtype``, and :meth:`dense` gives that weight."""
@@ -52,9 +54,9 @@ class Packed:
     def dense(self) -> jax.Array:
         raise NotImplementedError
 
-    def stacked_meta(self, layers: int) -> dict:
-        """Static fields after stacking ``layers`` like it on a new leading axis (``-1``: after removing one)."""
-        raise NotImplementedError
+    @property
+    def stacked_layers(self) -> int:
+        return self.lead
 
 
 def is_packed(x) -> bool:

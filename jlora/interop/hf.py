@@ -366,26 +366,27 @@ def _gguf_type(path):
         return None
 
 
-def describe_adapters(adapters, use_rslora=False) -> dict:
+def describe_adapters(adapters, use_rslora=None) -> dict:
     """`{"method", "rank", "alpha", "targets", "weights"}` of an adapter tree, as a model card states them.
 
-    rank and alpha are None for kinds without them ((IA)³); several values are joined ("4, 8"). targets are
-    the module names adapted (`q_proj, v_proj`), weights the number of weights adapted.
+    rank and alpha are the kinds' own (``Adapter.card_facts``; None for kinds without them, (IA)³); several
+    values are joined ("4, 8"). ``use_rslora`` given, alpha is stated for that scaling rule (as
+    ``export_peft`` writes it). targets are the module names adapted (`q_proj, v_proj`), weights the number
+    of weights adapted.
     """
     from jlora.core.adapter import table
 
     found = table(adapters)
-    ranks = {a.rank for a in found.values() if hasattr(a, "rank")}
-    # scaling = alpha / r (alpha / sqrt(r) with rsLoRA); rounded so 8.000000001 reads as 8.
-    alphas = {round(a.scaling * (a.rank ** 0.5 if use_rslora else a.rank), 6)
-              for a in found.values() if hasattr(a, "rank") and hasattr(a, "scaling")}
+    facts = [a.card_facts(use_rslora) for a in found.values()]
+    ranks = {f["rank"] for f in facts if "rank" in f}
+    alphas = {round(f["alpha"], 6) for f in facts if "alpha" in f}  # 8.000000001 reads as 8
     join = lambda values: ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(values)) or None
     targets = sorted({path.rsplit("/", 2)[-2] for path in found})
     return {"method": "+".join(sorted({a.name for a in found.values()})), "rank": join(ranks),
             "alpha": join(alphas), "targets": ", ".join(targets), "weights": len(found)}
 
 
-def model_card(*, kind, base, where, adapters=None, use_rslora=False, quantize=None, data=None, steps=None,
+def model_card(*, kind, base, where, adapters=None, use_rslora=None, quantize=None, data=None, steps=None,
                perplexity=None, dtype=None, command=None, base_copy=None) -> str:
     """README.md text for an export: what it was made from and how, and how transformers or PEFT loads it.
 

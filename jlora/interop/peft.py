@@ -17,7 +17,6 @@ import collections
 import dataclasses
 import functools
 import json
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -125,42 +124,19 @@ def pattern_key(patterns, module: str):
     return None
 
 
-def peft_scaling(config: dict, module: str) -> tuple[int, float]:
-    """``(r, scaling)`` PEFT gives ``module`` under an adapter_config dict."""
+def peft_settings(config: dict, module: str) -> tuple[int, float, bool]:
+    """``(r, lora_alpha, use_rslora)`` PEFT gives ``module`` under an adapter_config dict."""
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     r_key, alpha_key = pattern_key(rank_pattern, module), pattern_key(alpha_pattern, module)
     rank = rank_pattern[r_key] if r_key is not None else config.get("r", 8)
     alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
-    return rank, scaling_for(alpha, rank, bool(config.get("use_rslora", False)))
+    return rank, alpha, bool(config.get("use_rslora", False))
 
 
-def _alpha(scaling: float, rank: int, use_rslora: bool) -> float:
-    """A ``lora_alpha`` from which PEFT recomputes ``scaling`` (alpha / r, or alpha / √r).
-
-    Exact whenever some alpha gives ``scaling`` at this rank, as every scaling ``jlora.init`` makes does;
-    otherwise the nearest PEFT can compute, one ulp off at most.
-    """
-    divisor = math.sqrt(rank) if use_rslora else rank
-    alpha, best = scaling * divisor, None
-    # The product can round a few ulps away from the alpha that divides back; look on both sides.
-    for candidate in _neighbours(alpha, 16):
-        error = abs(scaling_for(candidate, rank, use_rslora) - scaling)
-        if best is None or error < best[0]:
-            best = (error, candidate)
-        if error == 0:
-            break
-    alpha = best[1]
-    return int(alpha) if alpha.is_integer() else alpha
-
-
-def _neighbours(x: float, steps: int):
-    """``x``, then the floats 1, 2, ... ulps below and above it."""
-    yield x
-    below = above = x
-    for _ in range(steps):
-        below, above = math.nextafter(below, -math.inf), math.nextafter(above, math.inf)
-        yield below
-        yield above
+def peft_scaling(config: dict, module: str) -> tuple[int, float]:
+    """``(r, scaling)`` PEFT gives ``module`` under an adapter_config dict."""
+    rank, alpha, use_rslora = peft_settings(config, module)
+    return rank, scaling_for(alpha, rank, use_rslora)
 
 
 def _patterns(values: dict[str, object], all_modules: list[str]) -> tuple[object, dict, list[str]]:
@@ -188,15 +164,12 @@ def _patterns(values: dict[str, object], all_modules: list[str]) -> tuple[object
 
 
 def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str | None = None,
-                use_rslora: bool = False) -> Path:
+                use_rslora: bool | None = None) -> Path:
     """Write adapters as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
 
-    LoRA (and DoRA) adapters become a ``peft_type`` ``'LORA'`` adapter. PEFT recomputes each module's
-    scaling from ``lora_alpha`` and ``r``, so the alpha written is ``scaling · r`` (``scaling · √r`` with
-    ``use_rslora``), chosen so that PEFT's division gives back the adapter's ``scaling`` bit for bit (for
-    every scaling ``jlora.init`` makes with the same ``use_rslora``; otherwise to within one ulp). Ranks and
-    alphas that differ between modules go to ``rank_pattern`` / ``alpha_pattern``, keyed by module names as
-    PEFT matches them. (IA)³ vectors become an ``'IA3'`` adapter, input-scaled ones ``feedforward_modules``.
+    LoRA (and DoRA) adapters become a ``peft_type`` ``'LORA'`` adapter with each adapter's own ``lora_alpha``
+    and ``use_rslora``, from which PEFT computes the same scaling. Ranks and alphas that differ between
+    modules go to ``rank_pattern`` / ``alpha_pattern``, keyed by module names as PEFT matches them. (IA)³ vectors become an ``'IA3'`` adapter, input-scaled ones ``feedforward_modules``.
 
     Args:
       adapters: an adapter tree of one kind (:class:`jlora.LoRA`, ``jlora.DoRA`` or ``jlora.IA3``) for the
@@ -208,7 +181,9 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
       base_model_name_or_path: recorded for PEFT, whose ``AutoPeftModelForCausalLM`` loads the base from it: a
         hub id, or a directory (an absolute path; a relative one is read from the working directory).
         ``jlora.models.export.base_source(name).reference`` gives it for a base jlora loads.
-      use_rslora: LoRA only: write rsLoRA's alpha (scaling = alpha / √r), for training on in PEFT with rsLoRA.
+      use_rslora: LoRA only: ``None`` (the default) writes the adapters' own rule; True or False writes every
+        alpha for that rule (rsLoRA's scaling = alpha / √r, or alpha / r), re-expressed from the scaling, which
+        PEFT then divides back to within an ulp.
 
     Returns:
       ``out_dir`` as a Path.
@@ -300,8 +275,13 @@ def _has_bias(model_config, path: str) -> bool:
     return path.rsplit("/", 1)[0] + "/bias" in export.hf_names(model_config)
 
 
+def _plain_number(x):
+    x = x.item() if isinstance(x, np.generic) else x
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
 def _lora_export(found, placed, model_config, use_rslora, use_dora=False):
-    tensors, ranks, alphas = {}, {}, {}
+    tensors, ranks, alphas, rules = {}, {}, {}, {}
     for full_path, adapter in found.items():
         path, module = placed[full_path]
         magnitude = adapter.m if use_dora else None
@@ -318,8 +298,16 @@ def _lora_export(found, placed, model_config, use_rslora, use_dora=False):
             if not path.endswith("/kernel"):
                 raise PeftFormatError(f"DoRA at {full_path!r} is on an embedding; jlora exports DoRA on Linear/Conv1D weights")
             tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.asarray(magnitude)
-        ranks[module] = adapter.rank
-        alphas[module] = _alpha(adapter.scaling, adapter.rank, use_rslora)
+        if use_rslora is not None:  # a scaling rule asked for: alpha re-expressed, to within an ulp
+            adapter = adapter.with_rslora(use_rslora)
+        ranks[module], alphas[module], rules[module] = adapter.rank, _plain_number(adapter.alpha), adapter.use_rslora
+    if len(set(rules.values())) > 1:
+        example = {rule: module for module, rule in rules.items()}
+        raise PeftFormatError(
+            f"the adapters mix use_rslora True ({example[True]}) and False ({example[False]}), but a PEFT adapter "
+            "has one use_rslora; pass use_rslora= to write every alpha for one scaling rule"
+        )
+    use_rslora = next(iter(rules.values()))
     every = list(modules(model_config).values())
     rank, rank_pattern, target_modules = _patterns(ranks, every)
     alpha, alpha_pattern, _ = _patterns(alphas, every)
@@ -337,8 +325,8 @@ def _lora_export(found, placed, model_config, use_rslora, use_dora=False):
         "bias": "none",
         "lora_dropout": 0.0,
     }
-    for module in ranks:  # the patterns must give back every module's own rank and scaling
-        if peft_scaling(settings, module) != (ranks[module], scaling_for(alphas[module], ranks[module], use_rslora)):
+    for module in ranks:  # the patterns must give back every module's own rank and alpha
+        if peft_settings(settings, module) != (ranks[module], alphas[module], use_rslora):
             raise AssertionError(f"rank/alpha patterns {rank_pattern}, {alpha_pattern} misdescribe {module}")
     return tensors, settings
 
@@ -450,8 +438,8 @@ def import_peft(peft_dir, params, model_config) -> dict:
       A nested dict of :class:`jlora.LoRA`, for ``jlora.adapt``, ``jlora.merge`` or a train state; of
       ``jlora.DoRA`` when the config sets ``use_dora`` (``base_norm`` is then computed from ``params``, which
       must hold arrays, not shapes); of ``jlora.IA3`` for ``peft_type`` ``'IA3'``. Factors keep the file's
-      dtype; each LoRA scaling is the one PEFT computes (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
-      ``use_rslora``).
+      dtype; each LoRA's alpha and use_rslora are PEFT's (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
+      ``use_rslora``), so its scaling is the one PEFT computes.
 
     Raises:
       PeftFormatError: a file is missing or unreadable; the config is not LoRA, DoRA or IA3; a tensor lands on
@@ -470,7 +458,7 @@ def import_peft(peft_dir, params, model_config) -> dict:
       >>> model, variables, _, config = jlora.models.load(base_dir)
       >>> adapters = import_peft(peft_dir, variables, config)
       >>> jax.tree.map(jnp.shape, adapters['params']['h_0'])
-      {'attn': {'c_attn': {'kernel': LoRA(a=(32, 4), b=(4, 96), scaling=2.0, stack_axes=0)}}}
+      {'attn': {'c_attn': {'kernel': LoRA(a=(32, 4), b=(4, 96), alpha=8, stack_axes=0, use_rslora=False)}}}
       >>> jlora.adapt(model.apply)(variables, adapters, jnp.array([[1, 2, 3]])).shape
       (1, 3, 64)
     """
@@ -554,7 +542,7 @@ def _lora_import(config: dict, held: dict, where: _Where):
             "only, which jlora's adapter on the shared weight cannot reproduce"
         )
     lora_a, lora_b = held[name_a], held[name_b]
-    rank, scaling = peft_scaling(config, where.module)
+    rank, alpha, use_rslora = peft_settings(config, where.module)
     base_shape = tuple(where.base.shape)
     fan_in, fan_out = base_shape
     for name, array, want in ((name_a, lora_a, (rank, fan_in)), (name_b, lora_b, (fan_out, rank))):
@@ -563,7 +551,7 @@ def _lora_import(config: dict, held: dict, where: _Where):
                 f"tensor {where.tensor(name)} has shape {tuple(array.shape)}, expected {want} "
                 f"(r={rank} from the config, base weight {where.path} of shape {base_shape})"
             )
-    return LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), scaling)
+    return LoRA(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T), alpha, use_rslora=use_rslora)
 
 
 def _dora_import(config: dict, held: dict, where: _Where):
@@ -575,7 +563,7 @@ def _dora_import(config: dict, held: dict, where: _Where):
         raise where.refuse(f"{where.tensor(MAGNITUDE)} is missing: a DoRA adapter (use_dora=true) has one per target")
     if tuple(magnitude.shape) != lora.out_shape:
         raise where.refuse(f"{where.tensor(MAGNITUDE)} has shape {tuple(magnitude.shape)}, expected {lora.out_shape}")
-    shell = DoRA(lora.a, lora.b, jnp.asarray(magnitude), None, lora.scaling, lora.stack_axes)
+    shell = DoRA(lora.a, lora.b, jnp.asarray(magnitude), None, lora.alpha, lora.stack_axes, use_rslora=lora.use_rslora)
     # base_norm = ‖W0‖ per column: what jlora.dora.init records, for unmerge
     return dataclasses.replace(shell, base_norm=shell.column_norm(where.base))
 

@@ -33,14 +33,14 @@ from jlora.core.transform import Use
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["a", "b", "m", "base_norm"],
-    meta_fields=["scaling", "stack_axes"],
+    meta_fields=["alpha", "stack_axes", "use_rslora"],
 )
 @dataclasses.dataclass(frozen=True)
 class DoRA(Adapter, name="dora"):
     """The DoRA factors and magnitude of one weight.
 
     Attributes:
-      a, b, scaling, stack_axes: the LoRA update, as in :class:`jlora.LoRA`.
+      a, b, alpha, stack_axes, use_rslora: the LoRA update, as in :class:`jlora.LoRA`.
       m: ``(*stack, *out)``: the magnitude of each output column.
       base_norm: ``(*stack, *out)``: ‖W0‖_c, frozen (never trained); only ``unmerge`` reads it,
         and ``None`` makes ``unmerge`` refuse.
@@ -50,20 +50,42 @@ class DoRA(Adapter, name="dora"):
     b: jax.Array
     m: jax.Array
     base_norm: jax.Array | None
-    scaling: float
+    alpha: float
     stack_axes: int = 0
+    use_rslora: bool = dataclasses.field(default=False, kw_only=True)
 
     init_options = lora.LoRA.init_options
     frozen_fields = ("base_norm",)
     lora_plus_fields = ("b",)
+    stacked_agree = lora.LoRA.stacked_agree
+    stack_hint = lora.STACK_HINT
 
     @classmethod
     def create(cls, params, **options):
         return init(params, **options)
 
+    @classmethod
+    def upgrade(cls, static, arrays):
+        return lora.upgrade(static, arrays)
+
     @property
     def lora(self) -> lora.LoRA:
-        return lora.LoRA(self.a, self.b, self.scaling, self.stack_axes)
+        return lora.LoRA(self.a, self.b, self.alpha, self.stack_axes, use_rslora=self.use_rslora)
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.lora.scaling
+
+    def card_facts(self, use_rslora=None):
+        return self.lora.card_facts(use_rslora)
+
+    def with_rank(self, rank):
+        padded = self.lora.with_rank(rank)
+        return dataclasses.replace(self, a=padded.a, b=padded.b, alpha=padded.alpha)
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -151,7 +173,7 @@ def init(params, rank: int = 8, **options):
     weights = dict(paths.leaves(params))
     adapters = {}
     for path, factors in table(lora.init(params, rank, **options)).items():
-        shell = DoRA(factors.a, factors.b, None, None, factors.scaling, factors.stack_axes)
+        shell = DoRA(factors.a, factors.b, None, None, factors.alpha, factors.stack_axes, use_rslora=factors.use_rslora)
         norm = shell.column_norm(weights[path])
         adapters[path] = dataclasses.replace(shell, m=norm.astype(factors.a.dtype), base_norm=norm)
     return paths.nest(adapters)

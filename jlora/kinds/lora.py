@@ -25,11 +25,15 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # The paper adapts W_q and W_v; these are the names common models give those projections.
 DEFAULT_TARGETS = ("query", "value", "q_proj", "v_proj", "c_attn")
 
+#: What LoRA and DoRA adapters of one weight share to be stacked per example (``jlora.stack``).
+STACK_HINT = ("LoRA and DoRA adapters stack when their scaling = alpha / r (alpha / sqrt(r) with rsLoRA) and "
+              "use_rslora agree: give adapters of different ranks alpha proportional to r, e.g. alpha = r")
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["a", "b"],
-    meta_fields=["scaling", "stack_axes"],
+    meta_fields=["alpha", "stack_axes", "use_rslora"],
 )
 @dataclasses.dataclass(frozen=True)
 class LoRA(Adapter, name="lora"):
@@ -38,25 +42,58 @@ class LoRA(Adapter, name="lora"):
     Attributes:
       a: ``(*stack, *in, r)``.
       b: ``(*stack, r, *out)``.
-      scaling: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+      alpha: PEFT's ``lora_alpha``; the update is scaled by :attr:`scaling`.
       stack_axes: how many leading axes of the weight are stacked layers.
+      use_rslora: rsLoRA's scaling ``alpha / sqrt(r)`` instead of ``alpha / r`` (keyword only).
     """
 
     a: jax.Array
     b: jax.Array
-    scaling: float
+    alpha: float
     stack_axes: int = 0
+    use_rslora: bool = dataclasses.field(default=False, kw_only=True)
 
     init_options = ("targets", "rank", "alpha", "use_rslora")
     lora_plus_fields = ("b",)
+    stacked_agree = "kind, shape or static settings (rank_pattern/alpha_pattern per layer cannot be stacked)"
+    stack_hint = STACK_HINT
 
     @classmethod
     def create(cls, params, **options):
         return init(params, **options)
 
+    @classmethod
+    def upgrade(cls, static, arrays):
+        return upgrade(static, arrays)
+
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return scaling_for(self.alpha, self.rank, self.use_rslora)
+
+    def with_rslora(self, use_rslora: bool) -> LoRA:
+        """This adapter with ``use_rslora`` set and alpha re-expressed to keep the scaling (to within
+        an ulp: ``scaling · √r`` or ``scaling · r`` need not divide back exactly)."""
+        if bool(use_rslora) == self.use_rslora:
+            return self
+        return dataclasses.replace(self, alpha=self.scaling * _divisor(self.rank, use_rslora), use_rslora=bool(use_rslora))
+
+    def card_facts(self, use_rslora=None):
+        lora = self if use_rslora is None else self.with_rslora(use_rslora)
+        return {"rank": lora.rank, "alpha": lora.alpha, "use_rslora": lora.use_rslora}
+
+    def with_rank(self, rank):
+        if rank < self.rank:
+            raise ValueError(f"cannot pad a LoRA of rank {self.rank} to the smaller rank {rank}")
+        pad = rank - self.rank
+        a = jnp.pad(self.a, [(0, 0)] * (self.a.ndim - 1) + [(0, pad)])
+        b = jnp.pad(self.b, [(0, pad) if k == self.stack_axes else (0, 0) for k in range(self.b.ndim)])
+        # Zero columns of A and rows of B add nothing; the alpha that keeps the scaling at the new rank.
+        return dataclasses.replace(self, a=a, b=b, alpha=self.scaling * _divisor(rank, self.use_rslora))
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -97,9 +134,29 @@ class LoRA(Adapter, name="lora"):
         return dataclasses.replace(self, a=jnp.zeros_like(self.a), b=jnp.zeros_like(self.b))
 
 
+def _divisor(rank: int, use_rslora: bool) -> float:
+    return math.sqrt(rank) if use_rslora else rank
+
+
 def scaling_for(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski, 2023)."""
-    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+    return float(alpha) / _divisor(rank, use_rslora)
+
+
+def upgrade(static: dict, arrays: dict) -> dict:
+    """Static fields of a LoRA (or DoRA) described by an earlier jlora (up to commit de3a17f), which held
+    only ``scaling`` (``Adapter.upgrade``): ``alpha = scaling · r`` with ``use_rslora`` False when that
+    divides back to the scaling exactly, as every ``alpha / r`` does; else ``alpha = scaling · √r`` with
+    ``use_rslora`` when that does, as every rsLoRA ``alpha / √r`` does; else the first, to within an ulp."""
+    if "scaling" not in static or "alpha" in static:
+        return static
+    static = dict(static)
+    scaling, rank = static.pop("scaling"), arrays["a"][0][-1]
+    for use_rslora in (False, True):
+        alpha = scaling * _divisor(rank, use_rslora)
+        if scaling_for(alpha, rank, use_rslora) == scaling:
+            return {**static, "alpha": alpha, "use_rslora": use_rslora}
+    return {**static, "alpha": scaling * rank, "use_rslora": False}
 
 
 def init(
@@ -172,6 +229,7 @@ def init(
                 f"integer in 1..{min(fan_in, fan_out)}"
             )
         a_alpha = paths.per_path(alpha_pattern, path, r if alpha is None else alpha)
+        a_alpha = a_alpha.item() if isinstance(a_alpha, np.generic) else a_alpha  # a static field: plain, for JSON
         if isinstance(a_alpha, bool) or not isinstance(a_alpha, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(a_alpha) or a_alpha <= 0:
             raise ValueError(f"alpha {a_alpha!r} for {path!r} must be a finite number > 0 (scaling = alpha / r)")
@@ -181,7 +239,7 @@ def init(
             bound = 1.0 / math.sqrt(fan_in)
             a = jax.random.uniform(k, s + i + (r,), jnp.float32, -bound, bound)
         b = jnp.zeros(s + (r,) + o, dtype)
-        adapters[path] = LoRA(a.astype(dtype), b, scaling_for(a_alpha, r, use_rslora), n_stack)
+        adapters[path] = LoRA(a.astype(dtype), b, a_alpha, n_stack, use_rslora=bool(use_rslora))
     return paths.nest(adapters)
 
 
@@ -288,24 +346,14 @@ class LoRAUse(Use):
         )
 
     def dot_general(self, x, x_is_lhs, base_out, params, ctx):
-        (lc, rc), (lb, rb) = params["dimension_numbers"]
-        xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
+        x_ids, out_ids = axes.dot_axes(self.view, x.ndim, x_is_lhs, params["dimension_numbers"])
         letters = axes.Letters()
-        w_word = [letters[i] for i in self.view]
-        x_word = []
-        for d in range(x.ndim):
-            if d in xc:
-                x_word.append(w_word[wc[list(xc).index(d)]])
-            elif d in xb:
-                x_word.append(w_word[wb[list(xb).index(d)]])
-            else:
-                x_word.append(letters.fresh())
-        x_free = [c for d, c in enumerate(x_word) if d not in xc and d not in xb]
-        w_free = [c for k, c in enumerate(w_word) if k not in wc and k not in wb]
-        out = [x_word[d] for d in xb] + (x_free + w_free if x_is_lhs else w_free + x_free)
+        x_word = [letters.fresh() if i is None else letters[i] for i in x_ids]
+        x_only = iter(c for c, i in zip(x_word, x_ids) if i is None)
+        out = [next(x_only) if i is None else letters[i] for i in out_ids]
         # Contract x with the factor that holds the contracted axes first: x·A then ·B for a
         # Dense use, x·Bᵀ then ·Aᵀ for a tied head's x·Wᵀ. Either order is exact.
-        contracted = {self.view[k] for k in wc}
+        contracted = {i for i in x_ids if i is not None} - set(out_ids)
         a_first = bool(contracted & self._only("a")) or not contracted & self._only("b")
         (f, f_ids), (g, g_ids) = ((self.a, self.a_ids), (self.b, self.b_ids))[:: 1 if a_first else -1]
         f_word, g_word = letters.word(f_ids), letters.word(g_ids)

@@ -6,8 +6,8 @@ Unrolled, layer i's params sit at `{prefix}_{i}/...` (the names the loaders, PEF
 merged Hugging Face export use). Scanned, all layers' params sit at `{prefix}/...` with a leading
 layer axis, so XLA compiles one layer's body whatever the depth. `stack_layers` and `unstack_layers`
 convert a params, adapter or cache tree between the two layouts; adapters follow their weights
-(`jlora.adapter.stack`), so a scanned model trains the same adapters as an unrolled one, and a
-quantised base (`jlora.quantize`) stacks each layer's codes and scales as they are (`jlora.quantize.stack`).
+(`jlora.core.stacking.stack`), so a scanned model trains the same adapters as an unrolled one, and a
+quantised base (`jlora.quantize`) stacks each layer's codes and scales as they are, the same way.
 
 Remat policies (`jax.checkpoint_policies`) choose what the backward pass keeps of each layer:
 "none" keeps every activation, "dots" keeps the outputs of the weight matmuls and recomputes the
@@ -20,8 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.core import adapter
-from jlora.quant.quantize import is_quantized, stack as stack_quantized, unstack as unstack_quantized
+from jlora.core import stacking
 
 REMAT_POLICIES = {
     "none": None,
@@ -98,10 +97,8 @@ def _stack_leaves(trees, path):
         if any(not isinstance(t, dict) or t.keys() != first.keys() for t in trees):
             raise ValueError(f"layers differ at {path!r}: keys {[sorted(t) for t in trees]}")
         return {k: _stack_leaves([t[k] for t in trees], f"{path}/{k}") for k in first}
-    if adapter.is_adapter(first):
-        return adapter.stack(trees, path)
-    if is_quantized(first):  # each layer keeps its own codes and scales
-        return stack_quantized(trees, path)
+    if stacking.is_stackable(first):  # an adapter, or a quantised weight that keeps each layer's codes and scales
+        return stacking.stack(trees, path)
     shapes = {tuple(t.shape) for t in trees}
     if len(shapes) > 1:
         raise ValueError(f"layers differ in shape at {path!r}: {sorted(shapes)}")
@@ -112,10 +109,8 @@ def _unstack_leaves(tree, layers, path):
     if isinstance(tree, dict):
         per_key = {k: _unstack_leaves(v, layers, f"{path}/{k}") for k, v in tree.items()}
         return [{k: v[i] for k, v in per_key.items()} for i in range(layers)]
-    if adapter.is_adapter(tree):
-        return adapter.unstack(tree, path)
-    if is_quantized(tree):
-        return unstack_quantized(tree, path)
+    if stacking.is_stackable(tree):
+        return stacking.unstack(tree, path)
     if tree.shape[:1] != (layers,):
         raise ValueError(f"{path!r} has shape {tuple(tree.shape)}; a stacked layer axis of {layers} was expected")
     return [tree[i] for i in range(layers)]
@@ -155,9 +150,7 @@ def unstack_layers(tree, prefix="layers"):
         return {"params": unstack_layers(tree["params"], prefix)}
     if prefix not in tree:
         raise ValueError(f"no stacked {prefix!r} subtree to unstack; top-level keys are {sorted(tree)}")
-    leaves = jax.tree.leaves(tree[prefix], is_leaf=lambda x: adapter.is_adapter(x) or is_quantized(x))
-    first = leaves[0]
-    layers = (jax.tree.leaves(first)[0] if adapter.is_adapter(first) else first).shape[0]
+    layers = stacking.layers(jax.tree.leaves(tree[prefix], is_leaf=stacking.is_stackable)[0])
     out = {k: v for k, v in tree.items() if k != prefix}
     for i, layer in enumerate(_unstack_leaves(tree[prefix], layers, prefix)):
         out[f"{prefix}_{i}"] = layer

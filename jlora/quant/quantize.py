@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core import paths
+from jlora.core import paths, stacking
 
 #: The 16 NF4 levels: QLoRA's Appendix E table (bitsandbytes' ``NF4`` code), to the digit.
 NF4 = np.array([
@@ -85,9 +85,14 @@ class Quantized(paths.Packed):
         """Bytes the quantised weight holds in memory (codes and scales)."""
         return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.arrays))
 
+    stacked_what = "quantised weights"
+    stacked_agree = "format, shape, dtype, axis or block size"
+    unstack_hint = ("; quantise the unrolled layers and stack them (jlora.models.layers.stack_layers), "
+                    "or quantise with stack_axes")
+
     def stacked_meta(self, layers: int) -> dict:
         """Static fields after ``layers`` weights like this one are stacked on a new leading axis
-        (``layers=-1``: after that axis is removed), as ``Adapter.stacked_meta``."""
+        (``layers=-1``: after that axis is removed), as ``jlora.core.stacking.Stackable``."""
         if layers < 0:
             return {"shape": self.shape[1:], "axis": self.axis - 1, "lead": self.lead - 1}
         return {"shape": (layers,) + self.shape, "axis": self.axis + 1, "lead": self.lead + 1}
@@ -266,31 +271,21 @@ def quantize_stacked(w, format: str = "nf4", *, block_size: int = 64, axis: int 
 
 def stack(leaves: list[Quantized], path: str = "") -> Quantized:
     """One :class:`Quantized` holding ``leaves`` (one per layer, same format and shape) along a new
-    leading axis, as ``nn.scan`` stacks the layers' weights; each layer keeps its own scales.
+    leading axis, as ``nn.scan`` stacks the layers' weights; each layer keeps its own scales
+    (``jlora.core.stacking.stack``, after refusing a leaf that is not quantised).
 
     Example:
       >>> layer = jlora.quantize({'kernel': jnp.ones((128, 32))})['kernel']
       >>> stack([layer] * 3)
       Quantized(nf4, shape=(3, 128, 32), dtype=float32, lead=1, 6936 bytes)
     """
-    first = leaves[0]
-    static = {(q.format, q.shape, jnp.dtype(q.dtype), q.axis, q.block_size, q.lead) if is_quantized(q) else None
-              for q in leaves}
-    if len(static) > 1 or None in static:
-        raise ValueError(f"cannot stack the layers' quantised weights at {path!r}: they differ in format, shape, "
-                         f"dtype, axis or block size: {leaves}")
-    arrays = jax.tree.map(lambda *xs: jnp.stack(xs), *[q.arrays for q in leaves])
-    return dataclasses.replace(first, arrays=arrays, **first.stacked_meta(len(leaves)))
+    if not all(is_quantized(q) for q in leaves):
+        raise ValueError(f"cannot stack the layers' quantised weights at {path!r}: they differ in "
+                         f"{Quantized.stacked_agree}: {leaves}")
+    return stacking.stack(leaves, path)
 
 
-def unstack(stacked: Quantized, path: str = "") -> list[Quantized]:
-    """The per-layer weights of one stacked along its leading axis (inverse of :func:`stack`)."""
-    if stacked.lead < 1:
-        raise ValueError(f"the quantised weight at {path!r} ({stacked}) has no stacked layer axis; quantise the "
-                         "unrolled layers and stack them (jlora.models.layers.stack_layers), or quantise with stack_axes")
-    meta = stacked.stacked_meta(-1)
-    return [dataclasses.replace(stacked, arrays=jax.tree.map(lambda x: x[i], stacked.arrays), **meta)
-            for i in range(stacked.shape[0])]
+unstack = stacking.unstack
 
 
 def quantize(params, format: str = "nf4", *, block_size: int = 64, axis: int | None = None,

@@ -159,7 +159,7 @@ class Checkpointer:
             abstract_state = saved_structure(metadata, base, where)
         elif "trainable" in metadata and isinstance(getattr(abstract_state, "trainable", None), Trainable):
             _refuse_other_adapters(describe_trainable(abstract_state.trainable)["adapters"],
-                                   metadata["trainable"]["adapters"], where)
+                                   adapter.upgraded(metadata["trainable"]["adapters"]), where)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except Exception as error:

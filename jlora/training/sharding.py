@@ -104,8 +104,10 @@ def shard_state(state, frozen, mesh: Mesh):
     base = {path: leaf for path, leaf in paths.leaves(frozen) if isinstance(leaf, jax.Array)}
     specs = {}
     for path, leaf in paths.leaves(getattr(state, "trainable", state)):
-        kind, _, rest = path.partition("/")
-        weight = base.get(rest.rsplit("/", 1)[0]) if kind == "adapters" else None
+        # "adapters" is the Trainable field that holds the adapter tree (its other field, "base", holds
+        # trained base leaves), not a kind: an adapter array at adapters/<weight path>/<field> follows <weight path>.
+        field, _, rest = path.partition("/")
+        weight = base.get(rest.rsplit("/", 1)[0]) if field == "adapters" else None
         specs[path] = (leaf.shape, P() if weight is None else _follow(leaf.shape, weight.shape, weight.sharding.spec))
 
     def place_leaf(path, x):
