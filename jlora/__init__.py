@@ -11,7 +11,7 @@
 
 The package's folders are its layers, each importing only those before it:
 
-    core/      paths, the adapter protocol, axes, the interpreter (adapt), merge, partition, optimizer, count, multi
+    core/      paths, the adapter protocol, axes, the interpreter, packed weights, adapt, per-example adapters, merge, partition, optimizer, count, multi
     kinds/     one module per adapter kind: lora, dora, ia3, pissa
     quant/     quantised bases: the formats, GGUF's blocks and files
     models/    Flax models, their checkpoints' key maps, tokenizer, generation
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 # Public names and the module that defines each.
 _NAMES = {
-    "Use": "core.transform", "adapt": "core.transform", "Adapter": "core.adapter", "ParamCount": "core.count",
+    "Use": "core.interpret", "adapt": "core.transform", "Adapter": "core.adapter", "ParamCount": "core.count",
     "count_params": "core.count", "merge": "core.merge", "unmerge": "core.merge", "stack": "core.multi",
     "unstack": "core.multi", "optimizer": "core.optimizer", "Trainable": "core.partition",
     "combine": "core.partition", "split": "core.partition", "LoRA": "kinds.lora", "init": "kinds.lora",

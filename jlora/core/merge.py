@@ -7,7 +7,6 @@ import numpy as np
 
 from jlora.core import paths
 from jlora.core.adapter import fitted_table
-from jlora.quant.quantize import dequantize
 
 
 def refuse_non_finite(path: str, adapter, method: str = "merge") -> None:
@@ -26,7 +25,7 @@ def refuse_non_finite(path: str, adapter, method: str = "merge") -> None:
 
 
 def _apply(params, adapters, method: str):
-    params = dequantize(params)  # a quantised base merges into dense weights
+    params = paths.dense(params)  # a quantised base merges into dense weights
     found = fitted_table(params, adapters)
     for path, adapter in found.items():
         refuse_non_finite(path, adapter, method)

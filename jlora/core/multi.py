@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core import paths
-from jlora.core.adapter import Adapter, table
+from jlora.core.adapter import Adapter, fitted_table, table
 
 
 def _static(adapter: Adapter) -> dict:
@@ -170,18 +170,11 @@ def unstack(stacked, like: Sequence | None = None) -> list:
     return out
 
 
-def _first(stacked_adapter: Adapter) -> Adapter:
-    return jax.tree.map(lambda x: x[0], stacked_adapter)
-
-
-def fitted_table(params, stacked) -> tuple[dict[str, Adapter], int]:
+def stacked_table(params, stacked) -> tuple[dict[str, Adapter], int]:
     """``({path: stacked adapter}, n)`` after checking each holds n adapters that fit its weight."""
     found = table(stacked)
-    weights = dict(paths.leaves(params))
     n = None
     for path, adapter in found.items():
-        if path not in weights:
-            raise ValueError(f"stacked adapters at {path!r} have no weight at that path in the params")
         lengths = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(adapter)}
         if len(lengths) != 1 or None in lengths or (n is not None and lengths != {n}):
             raise ValueError(
@@ -189,6 +182,5 @@ def fitted_table(params, stacked) -> tuple[dict[str, Adapter], int]:
                 f"{'' if n is None else f' of {n}'}: per-example adapters take a stack made by jlora.stack"
             )
         n = lengths.pop()
-        _first(adapter).check(path, weights[path])
+    fitted_table(params, take(stacked, 0))  # every adapter of the stack has the first one's shapes
     return found, n
-

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from jlora.core import stacking
 
@@ -82,15 +83,13 @@ def map_with_path(fn: Callable, tree, *rest, is_leaf=None):
 
 
 def nest(flat: Mapping[str, Any]) -> dict:
-    """Turns ``{'a/b/c': x}`` into ``{'a': {'b': {'c': x}}}``."""
-    out: dict = {}
-    for path, value in flat.items():
-        *parents, last = path.split("/")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
+    """Turns ``{'a/b/c': x}`` into ``{'a': {'b': {'c': x}}}``: flax's ``unflatten_dict`` on '/'-joined paths."""
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def dense(tree):
+    """``tree`` with every :class:`Packed` leaf replaced by its dense weight (other leaves as they are)."""
+    return jax.tree.map(lambda x: x.dense() if is_packed(x) else x, tree, is_leaf=is_packed)
 
 
 def is_floating_matrix(leaf) -> bool:
@@ -147,7 +146,8 @@ def matcher(targets: Target) -> tuple[Callable[[str, Any], bool], bool]:
     return (lambda path, leaf: any(names_module(path, n) for n in names)), True
 
 
-def _describe(leaf) -> str:
+def describe_leaf(leaf) -> str:
+    """``shape (16, 32), dtype float32``: a leaf as error messages name it."""
     return f"shape {getattr(leaf, 'shape', None)}, dtype {getattr(leaf, 'dtype', type(leaf).__name__)}"
 
 
@@ -187,7 +187,7 @@ def select(tree, targets: Target, *, every_name: bool = True) -> dict[str, Any]:
                 refused[path] = leaf
                 continue
             raise ValueError(
-                f"target {path!r} is not a floating-point matrix ({_describe(leaf)}); "
+                f"target {path!r} is not a floating-point matrix ({describe_leaf(leaf)}); "
                 "LoRA adapts weights of two or more dimensions"
             )
         chosen[path] = leaf
@@ -198,7 +198,7 @@ def select(tree, targets: Target, *, every_name: bool = True) -> dict[str, Any]:
     candidates = [p for p, leaf in leaves(tree) if is_floating_matrix(leaf)]
     details = []
     for name in unmatched or names:
-        not_matrices = [f"{p} ({_describe(w)})" for p, w in refused.items() if names_module(p, name)]
+        not_matrices = [f"{p} ({describe_leaf(w)})" for p, w in refused.items() if names_module(p, name)]
         close = close_names(name, candidates)
         if not_matrices:
             details.append(f"{name!r} names only weights that are not floating-point matrices: {fmt_paths(not_matrices, 3)}")

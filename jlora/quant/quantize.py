@@ -217,7 +217,7 @@ def quantize_array(w, format: str = "nf4", *, block_size: int = 64, axis: int = 
         raise ValueError(f"unknown quantisation format {format!r} for {path!r}; choose one of {', '.join(QUANTIZE_FORMATS)}")
     shape = tuple(w.shape)
     if not paths.is_floating_matrix(w):
-        raise ValueError(f"cannot quantise {path!r} ({paths._describe(w)}): only floating-point weights of 2 or more "
+        raise ValueError(f"cannot quantise {path!r} ({paths.describe_leaf(w)}): only floating-point weights of 2 or more "
                          "dimensions are quantised")
     if not -len(shape) <= axis < len(shape):
         raise ValueError(f"cannot quantise {path!r} (shape {shape}) along axis {axis}: it has {len(shape)} axes")
@@ -362,7 +362,7 @@ def dequantize(params):
       >>> bool(jnp.all(jnp.abs(back - kernel) <= jnp.max(kernel, axis=0) / 127 / 2))  # half a step of its column
       True
     """
-    return jax.tree.map(lambda x: x.dense() if is_quantized(x) else x, params, is_leaf=is_quantized)
+    return paths.dense(params)
 
 
 def nbytes(params) -> int:
