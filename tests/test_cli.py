@@ -32,8 +32,8 @@ def run(*argv):
 
 
 def adapters_of(run_dir):
-    *_, adapters, metadata = common.load_run(run_dir)
-    return jax.device_get(adapters), metadata
+    *_, adapters, info = common.load_run(run_dir)
+    return jax.device_get(adapters), info
 
 
 def test_finetune_leaves_checkpoint_merged_export_and_plot(tmp_path, capsys):
@@ -114,7 +114,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert run("finetune", "--out", interrupted, "--resume", *args) == 0
 
     (a, meta_a), (b, meta_b) = adapters_of(straight), adapters_of(interrupted)
-    assert meta_a["step"] == meta_b["step"] == 4
+    assert meta_a.step == meta_b.step == 4
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -211,7 +211,7 @@ def test_export_peft_then_import_peft_gives_the_same_adapters(tmp_path, capsys):
     assert config["r"] == 4 and config["peft_type"] == "LORA"
     assert run("import-peft", tmp_path / "peft", tmp_path / "imported") == 0
     (original, _), (imported, meta) = adapters_of(out), adapters_of(tmp_path / "imported")
-    assert meta["adapter"]["method"] == "lora"
+    assert meta.method == "lora"
     jax.tree.map(np.testing.assert_array_equal, imported, original)
     assert run("import-peft", tmp_path / "peft", tmp_path / "imported") == 2
     assert "already holds checkpoints" in capsys.readouterr().err
@@ -222,7 +222,7 @@ def test_other_adapter_kinds_train_and_reload(tmp_path, capsys, method):
     out = tmp_path / method
     assert run("finetune", "--method", method, "--max-steps", 1, "--out", out, *SMALL) == 0
     adapters, meta = adapters_of(out)
-    assert meta["adapter"]["method"] == method
+    assert meta.method == method
     kinds = {type(a).__name__ for a in jlora.adapter.table(adapters).values()}
     assert kinds == {"IA3" if method == "ia3" else "DoRA"}
     assert run("generate", "--checkpoint", out, "--max-new-tokens", 2) == 0
@@ -346,7 +346,7 @@ def test_scanned_remat_chunked_run_exports_as_an_unrolled_one(tmp_path, capsys):
     flags = ["--scan", "--remat", "full", "--loss-chunk", 5, "--rank", 4]
     assert run("finetune", "--max-steps", 1, "--out", out, *flags, *SMALL) == 0
     adapters, metadata = adapters_of(out)
-    assert metadata["model"] == {"scan": "layers"}
+    assert metadata.scan == "layers" and metadata.to_json()["model"] == {"scan": "layers"}
     stacked = checkpoint.Checkpointer(out / "checkpoints").restore()[0].trainable.adapters
     q = stacked["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.a.shape == (30, 576, 4) and q.stack_axes == 1
@@ -364,7 +364,7 @@ def test_finetune_eval_and_merge_on_a_4bit_base(tmp_path, capsys):
     # NF4 codes and scales of every matrix (69,460,732 bytes, experiments/README.md) and 61 float32 norms of 576.
     assert report["base_bytes"] == 69_460_732 + 61 * 576 * 2
     _, metadata = adapters_of(out)
-    assert metadata["base"]["quantize"] == "nf4"
+    assert metadata.quantize == "nf4"
     capsys.readouterr()
     # eval and merge load the base quantised as the run's was, from the checkpoint's metadata.
     assert run("eval", "--checkpoint", out, "--seq-len", 16, "--batch-size", 8, "--max-batches", 1) == 0
@@ -377,7 +377,7 @@ def test_a_scanned_run_on_a_4bit_base_trains_the_unrolled_runs_adapters(tmp_path
     """--scan --quantize nf4: the quantised layers stack for the scan and unstack, each its own
     Quantized again, for the checkpoint's eval, generate and merged export. The scanned run also
     takes the MLP 7 tokens at a time (--mlp-block), which changes no number beyond rounding."""
-    from test_distributed import tiny_llama_dir
+    from helpers import tiny_llama_dir
 
     # Sizes NF4's blocks of 64 divide (the vocabulary 320 beyond the tokenizer's 257 entries).
     base = tiny_llama_dir(tmp_path / "base", vocab_size=320, hidden_size=64, intermediate_size=128)
@@ -390,7 +390,7 @@ def test_a_scanned_run_on_a_4bit_base_trains_the_unrolled_runs_adapters(tmp_path
     stacked = checkpoint.Checkpointer(tmp_path / "scan" / "checkpoints").restore()[0].trainable.adapters
     assert stacked["params"]["layers"]["mlp"]["up_proj"]["kernel"].stack_axes == 1
     scanned, metadata = adapters_of(tmp_path / "scan")
-    assert metadata["base"]["quantize"] == "nf4" and metadata["model"] == {"scan": "layers"}
+    assert metadata.quantize == "nf4" and metadata.to_json()["model"] == {"scan": "layers"}
     unrolled, _ = adapters_of(tmp_path / "unrolled")
     assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
     for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled), strict=True):

@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_distributed import tiny_llama_dir
+from helpers import tiny_llama_dir
 
 from jlora import cli
 from jlora import training as train
@@ -39,8 +39,8 @@ def runs(tmp_path_factory):
 
 
 def adapters_of(run_dir, task=None):
-    *_, adapters, metadata = common.load_run(run_dir, task=task)
-    return jax.device_get(adapters), metadata
+    *_, adapters, info = common.load_run(run_dir, task=task)
+    return jax.device_get(adapters), info
 
 
 def test_each_task_trains_as_it_would_alone_and_gets_its_merged_export(runs):
@@ -48,7 +48,7 @@ def test_each_task_trains_as_it_would_alone_and_gets_its_merged_export(runs):
     for name in ("romeo", "hamlet"):
         together, metadata = adapters_of(root / "both", name)
         alone, _ = adapters_of(root / name)
-        assert metadata["tasks"] == ["romeo", "hamlet"]
+        assert metadata.tasks == ["romeo", "hamlet"]
         leaves = jax.tree.leaves_with_path(alone)
         assert len(leaves) == len(jax.tree.leaves(together)) > 0
         for (path, a), b in zip(leaves, jax.tree.leaves(together)):
@@ -138,7 +138,7 @@ def test_an_interrupted_task_run_resumes_exactly(runs, tmp_path, monkeypatch, ca
     for name in ("romeo", "hamlet"):
         resumed, metadata = adapters_of(tmp_path / "run", name)
         straight, _ = adapters_of(root / "both", name)
-        assert metadata["step"] == 2
+        assert metadata.step == 2
         for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
             np.testing.assert_allclose(b, a, atol=1e-6)
 
