@@ -11,6 +11,7 @@ from jlora import cli
 from jlora import training as train
 from jlora.cli import common
 
+pytestmark = [pytest.mark.slow, pytest.mark.interop]  # real finetune runs, on a base torch builds
 FLAGS = ["--seq-len", "16", "--max-steps", "2", "--warmup", "1", "--lr", "1e-2", "--grad-clip", "0",
          "--valid-fraction", "0.2", "--eval-batches", "2", "--sample-tokens", "0", "--rank", "4"]
 
