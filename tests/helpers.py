@@ -3,6 +3,7 @@ and the check that ``jlora.adapt(fn)`` is ``fn`` of the merged params."""
 
 import functools
 import warnings
+from pathlib import Path
 
 import chex
 import jax
@@ -129,3 +130,30 @@ def load_base_once(name="smollm2-135m", dtype="float32", quantize=None):
 
     return common.load_base(name, dtype, quantize)
 
+
+def tiny_llama_dir(directory: Path, **sizes) -> Path:
+    """A random 2-layer Llama with a byte-level tokenizer (256 bytes + eos), as a Hugging Face directory
+    (``sizes``: other ``LlamaConfig`` sizes). torch and transformers are imported here, so that
+    importing this module does not need them."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))} | {"<eos>": 256}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<eos>"])
+    directory.mkdir()
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    config = transformers.LlamaConfig(**dict(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                             eos_token_id=256, bos_token_id=None) | sizes)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.save_pretrained(directory)
+    return directory

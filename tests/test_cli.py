@@ -1,8 +1,10 @@
 """The `jlora` command end to end on the real default base (SmolLM2-135M), small settings."""
 
-import functools
+import contextlib
+import io
 import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -14,11 +16,12 @@ from jlora.training import checkpoint, metrics
 from jlora import training as train
 from jlora.cli import common
 
-pytestmark = pytest.mark.slow
 SMALL = ["--seq-len", "16", "--batch-size", "8", "--eval-batches", "1", "--sample-tokens", "4", "--warmup", "1"]
+# For runs whose samples and merged export no assertion reads: each costs a compile or a 135M write.
+LEAN = ["--sample-tokens", "0", "--merged", "none"]
 
 
-_load_base_once = functools.lru_cache(maxsize=None)(common.load_base)
+from helpers import load_base_once as _load_base_once  # noqa: E402 - once per test process
 
 
 @pytest.fixture(autouse=True)
@@ -32,27 +35,42 @@ def run(*argv):
 
 
 def adapters_of(run_dir):
-    *_, adapters, metadata = common.load_run(run_dir)
-    return jax.device_get(adapters), metadata
+    *_, adapters, info = common.load_run(run_dir)
+    return jax.device_get(adapters), info
 
 
-def test_finetune_leaves_checkpoint_merged_export_and_plot(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run("finetune", "--max-steps", 3, "--out", out, *SMALL) == 0
-    err = capsys.readouterr().err
+@pytest.fixture(scope="module")
+def two_step_run_and_err(tmp_path_factory):
+    """One default run of 2 steps, a checkpoint each, and what it said on stderr: the tests that only
+    read a run share it (copying it where they would change it)."""
+    out = tmp_path_factory.mktemp("two-steps") / "run"
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert run("finetune", "--max-steps", 2, "--save-every", 1, "--out", out, *SMALL) == 0
+    return out, err.getvalue()
+
+
+@pytest.fixture
+def two_step_run(two_step_run_and_err):
+    return two_step_run_and_err[0]
+
+
+@pytest.mark.slow
+def test_finetune_leaves_checkpoint_merged_export_and_plot(two_step_run_and_err):
+    out, err = two_step_run_and_err
     assert "validation perplexity before" in err and "validation perplexity after" in err
-    assert (out / "checkpoints" / "3").is_dir()
+    assert (out / "checkpoints" / "2").is_dir()
     assert (out / "merged" / "config.json").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert (out / "loss.png").stat().st_size > 1000
     report = json.loads((out / "run.json").read_text())
-    assert report["steps"] == 3 and report["checkpoint_bytes"] < report["base_bytes"] / 50
+    assert report["steps"] == 2 and report["checkpoint_bytes"] < report["base_bytes"] / 50
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_best_checkpoint_metrics_and_tensorboard(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run("finetune", "--max-steps", 4, "--eval-every", 2, "--out", out, *SMALL) == 0
+    assert run("finetune", "--max-steps", 4, "--eval-every", 2, "--out", out, *SMALL, *LEAN) == 0
     err = capsys.readouterr().err
     for status in ("loading base smollm2-135m ...", "evaluating on 8 sequences ...", "compiling the train step ..."):
         assert err.count(status) == (3 if status.startswith("evaluating") else 1), status
@@ -89,9 +107,10 @@ def test_periodic_evaluation_best_checkpoint_metrics_and_tensorboard(tmp_path, c
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(best["valid_perplexity"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch, capsys):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    args = ["--max-steps", 4, "--save-every", 2, "--dropout", 0.1, *SMALL]
+    args = ["--max-steps", 3, "--save-every", 2, "--dropout", 0.1, *SMALL, *LEAN]
     assert run("finetune", "--out", straight, *args) == 0
 
     real_make_step = train.make_step
@@ -114,14 +133,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert run("finetune", "--out", interrupted, "--resume", *args) == 0
 
     (a, meta_a), (b, meta_b) = adapters_of(straight), adapters_of(interrupted)
-    assert meta_a["step"] == meta_b["step"] == 4
+    assert meta_a.step == meta_b.step == 3
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_generate_eval_and_merge_from_a_checkpoint(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run("finetune", "--max-steps", 1, "--out", out, *SMALL) == 0
-    capsys.readouterr()
+@pytest.mark.slow
+def test_generate_eval_and_merge_from_a_checkpoint(two_step_run, tmp_path, capsys):
+    out = two_step_run
     assert run("generate", "--checkpoint", out, "--prompt", "ROMEO:", "--max-new-tokens", 3) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
     assert run("eval", "--checkpoint", out, "--seq-len", 16, "--batch-size", 8, "--max-batches", 1) == 0
@@ -130,10 +148,10 @@ def test_generate_eval_and_merge_from_a_checkpoint(tmp_path, capsys):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
-def test_generate_runs_several_checkpoints_in_one_batch(tmp_path, capsys):
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for out, lr in zip(runs, ["1e-2", "3e-2"]):
-        assert run("finetune", "--max-steps", 1, "--lr", lr, "--out", out, *SMALL) == 0
+@pytest.mark.slow
+def test_generate_runs_several_checkpoints_in_one_batch(two_step_run, tmp_path, capsys):
+    runs = [two_step_run, tmp_path / "b"]  # the shared run (--lr 1e-3) and one more at --lr 3e-2
+    assert run("finetune", "--max-steps", 1, "--lr", "3e-2", "--out", runs[1], *SMALL, *LEAN) == 0
     capsys.readouterr()
     flags = ["--prompt", "ROMEO:", "--max-new-tokens", 6, "--temperature", 0]  # one key draws a whole batch
     alone = []
@@ -144,6 +162,7 @@ def test_generate_runs_several_checkpoints_in_one_batch(tmp_path, capsys):
     assert capsys.readouterr().out == "".join(f"==> {out} <==\n{text}" for out, text in zip(runs, alone))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     real_make_step = train.make_step
 
@@ -158,7 +177,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(train, "make_step", nan_at_step_3)
     out = tmp_path / "run"
-    assert run("finetune", "--max-steps", 5, "--save-every", 1, "--out", out, *SMALL) == 1
+    assert run("finetune", "--max-steps", 3, "--save-every", 1, "--out", out, *SMALL, *LEAN) == 1
     assert "loss is nan at step 3" in capsys.readouterr().err
     assert checkpoint.Checkpointer(out / "checkpoints").latest_step() == 2
 
@@ -171,11 +190,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
         (["--resume"], r"--resume: no checkpoint in"),
     ],
 )
+@pytest.mark.slow
 def test_bad_settings_are_clear_errors(tmp_path, capsys, extra, message):
     assert run("finetune", "--max-steps", 1, "--out", tmp_path / "run", *SMALL, *extra) == 2
     assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_bad_data_files_are_clear_errors(tmp_path, capsys):
     empty, short, jsonl = tmp_path / "empty.txt", tmp_path / "short.txt", tmp_path / "pairs.jsonl"
     empty.write_text("")
@@ -187,42 +208,44 @@ def test_bad_data_files_are_clear_errors(tmp_path, capsys):
         assert re.search(message, err), err
 
 
-def test_unwritable_out_and_existing_or_mismatched_checkpoints_lose_nothing(tmp_path, capsys):
+@pytest.mark.slow
+def test_unwritable_out_and_existing_or_mismatched_checkpoints_lose_nothing(two_step_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert run("finetune", "--out", blocker / "run", *SMALL) == 2
     assert "cannot create output directory" in capsys.readouterr().err
 
     out = tmp_path / "run"
-    assert run("finetune", "--max-steps", 1, "--out", out, *SMALL) == 0
-    capsys.readouterr()
-    assert run("finetune", "--max-steps", 2, "--out", out, *SMALL) == 2
-    assert "already holds checkpoints up to step 1; pass --resume" in capsys.readouterr().err
-    assert run("finetune", "--max-steps", 2, "--out", out, "--resume", "--rank", 4, *SMALL) == 2
+    shutil.copytree(two_step_run, out)
+    assert run("finetune", "--max-steps", 3, "--out", out, *SMALL) == 2
+    assert "already holds checkpoints up to step 2; pass --resume" in capsys.readouterr().err
+    assert run("finetune", "--max-steps", 3, "--out", out, "--resume", "--rank", 4, *SMALL) == 2
     assert "--resume continues the adapters in" in (err := capsys.readouterr().err) and "drop --rank 4" in err
-    assert checkpoint.Checkpointer(out / "checkpoints").latest_step() == 1
+    assert checkpoint.Checkpointer(out / "checkpoints").latest_step() == 2
 
 
+@pytest.mark.slow
 def test_export_peft_then_import_peft_gives_the_same_adapters(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run("finetune", "--max-steps", 1, "--out", out, "--rank", 4, "--alpha", 6, *SMALL) == 0
+    assert run("finetune", "--max-steps", 1, "--out", out, "--rank", 4, "--alpha", 6, *SMALL, *LEAN) == 0
     assert run("export-peft", out, tmp_path / "peft") == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
     assert run("import-peft", tmp_path / "peft", tmp_path / "imported") == 0
     (original, _), (imported, meta) = adapters_of(out), adapters_of(tmp_path / "imported")
-    assert meta["adapter"]["method"] == "lora"
+    assert meta.method == "lora"
     jax.tree.map(np.testing.assert_array_equal, imported, original)
     assert run("import-peft", tmp_path / "peft", tmp_path / "imported") == 2
     assert "already holds checkpoints" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ia3", "dora"])
 def test_other_adapter_kinds_train_and_reload(tmp_path, capsys, method):
     out = tmp_path / method
-    assert run("finetune", "--method", method, "--max-steps", 1, "--out", out, *SMALL) == 0
+    assert run("finetune", "--method", method, "--max-steps", 1, "--out", out, *SMALL, *LEAN) == 0
     adapters, meta = adapters_of(out)
-    assert meta["adapter"]["method"] == method
+    assert meta.method == method
     kinds = {type(a).__name__ for a in jlora.adapter.table(adapters).values()}
     assert kinds == {"IA3" if method == "ia3" else "DoRA"}
     assert run("generate", "--checkpoint", out, "--max-new-tokens", 2) == 0
@@ -251,6 +274,7 @@ def test_bad_flags_are_one_line_errors_with_status_2(tmp_path, capsys, flags, me
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["finetune", "--targets", "q_proj("], "error: targets 'q_proj(' is not a valid regular expression"),
     (["finetune", "--targets", "q_proj,v_prj"], "targets 'v_prj' match no weight; 'v_prj': did you mean 'v_proj'"),
@@ -268,6 +292,8 @@ def test_refusals_from_the_library_are_one_line_errors(tmp_path, capsys, argv, m
     assert message in err and "Traceback" not in err and len(said) == 1, err
 
 
+@pytest.mark.slow
+@pytest.mark.interop
 def test_an_unsupported_base_is_a_one_line_error(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -282,13 +308,7 @@ def test_an_unsupported_base_is_a_one_line_error(tmp_path, capsys):
     assert "has no tokenizer (tokenizer.json, or vocab.json + merges.txt)" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two-steps") / "run"
-    assert run("finetune", "--max-steps", 2, "--save-every", 1, "--out", out, *SMALL) == 0
-    return out
-
-
+@pytest.mark.slow
 def test_merge_and_export_peft_never_replace_files_without_overwrite(two_step_run, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -304,13 +324,12 @@ def test_merge_and_export_peft_never_replace_files_without_overwrite(two_step_ru
     assert (taken / "adapter_config.json").is_file() and (taken / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(two_step_run, tmp_path, capsys):
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(two_step_run, out)
     (out / "checkpoints" / "2" / "meta" / "metadata").unlink()
-    assert run("finetune", "--max-steps", 3, "--save-every", 1, "--out", out, "--resume", *SMALL) == 0
+    assert run("finetune", "--max-steps", 3, "--save-every", 1, "--out", out, "--resume", *SMALL, *LEAN) == 0
     err = capsys.readouterr().err
     assert f"warning: skipped a damaged checkpoint: cannot read the metadata of {out / 'checkpoints' / '2'}" in err
     assert "resuming from step 1" in err
@@ -318,6 +337,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(two_step_run, tmp_
     assert checkpoint.Checkpointer(out / "checkpoints").latest_step() == 3
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_step_finishes_says_nothing_is_saved(tmp_path, monkeypatch, capsys):
     def interrupted_while_compiling(*a, **kw):
         def step(state, frozen, batch):
@@ -326,7 +346,7 @@ def test_ctrl_c_before_the_first_step_finishes_says_nothing_is_saved(tmp_path, m
         return step
 
     monkeypatch.setattr(train, "make_step", interrupted_while_compiling)
-    assert run("finetune", "--max-steps", 2, "--out", tmp_path / "run", *SMALL) == 130
+    assert run("finetune", "--max-steps", 2, "--out", tmp_path / "run", *SMALL, *LEAN) == 130
     err = capsys.readouterr().err
     assert "interrupted after step 0; no checkpoint was written yet" in err and "Traceback" not in err
     assert checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").latest_step() is None
@@ -339,14 +359,15 @@ def test_the_base_directory_itself_is_never_an_export_target(tmp_path):
         common.prepare_out(tmp_path / "base", overwrite=True, base=tmp_path / "base")
 
 
+@pytest.mark.slow
 def test_scanned_remat_chunked_run_exports_as_an_unrolled_one(tmp_path, capsys):
     """--scan trains stacked adapters; the checkpoint says so, and merge/export-peft/resume unstack
     them: the exported adapters have the per-layer names and equal the stacked ones layer by layer."""
     out = tmp_path / "run"
     flags = ["--scan", "--remat", "full", "--loss-chunk", 5, "--rank", 4]
-    assert run("finetune", "--max-steps", 1, "--out", out, *flags, *SMALL) == 0
+    assert run("finetune", "--max-steps", 1, "--out", out, *flags, *SMALL, "--merged", "none") == 0
     adapters, metadata = adapters_of(out)
-    assert metadata["model"] == {"scan": "layers"}
+    assert metadata.scan == "layers" and metadata.to_json()["model"] == {"scan": "layers"}
     stacked = checkpoint.Checkpointer(out / "checkpoints").restore()[0].trainable.adapters
     q = stacked["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.a.shape == (30, 576, 4) and q.stack_axes == 1
@@ -357,14 +378,15 @@ def test_scanned_remat_chunked_run_exports_as_an_unrolled_one(tmp_path, capsys):
     assert "the checkpoint was trained with --scan; pass --scan to continue it" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_eval_and_merge_on_a_4bit_base(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run("finetune", "--quantize", "nf4", "--max-steps", 1, "--out", out, *SMALL) == 0
+    assert run("finetune", "--quantize", "nf4", "--max-steps", 1, "--out", out, *SMALL, *LEAN) == 0
     report = json.loads((out / "run.json").read_text())
     # NF4 codes and scales of every matrix (69,460,732 bytes, experiments/README.md) and 61 float32 norms of 576.
     assert report["base_bytes"] == 69_460_732 + 61 * 576 * 2
     _, metadata = adapters_of(out)
-    assert metadata["base"]["quantize"] == "nf4"
+    assert metadata.quantize == "nf4"
     capsys.readouterr()
     # eval and merge load the base quantised as the run's was, from the checkpoint's metadata.
     assert run("eval", "--checkpoint", out, "--seq-len", 16, "--batch-size", 8, "--max-batches", 1) == 0
@@ -373,11 +395,13 @@ def test_finetune_eval_and_merge_on_a_4bit_base(tmp_path, capsys):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.interop
 def test_a_scanned_run_on_a_4bit_base_trains_the_unrolled_runs_adapters(tmp_path, capsys):
     """--scan --quantize nf4: the quantised layers stack for the scan and unstack, each its own
     Quantized again, for the checkpoint's eval, generate and merged export. The scanned run also
     takes the MLP 7 tokens at a time (--mlp-block), which changes no number beyond rounding."""
-    from test_distributed import tiny_llama_dir
+    from helpers import tiny_llama_dir
 
     # Sizes NF4's blocks of 64 divide (the vocabulary 320 beyond the tokenizer's 257 entries).
     base = tiny_llama_dir(tmp_path / "base", vocab_size=320, hidden_size=64, intermediate_size=128)
@@ -390,7 +414,7 @@ def test_a_scanned_run_on_a_4bit_base_trains_the_unrolled_runs_adapters(tmp_path
     stacked = checkpoint.Checkpointer(tmp_path / "scan" / "checkpoints").restore()[0].trainable.adapters
     assert stacked["params"]["layers"]["mlp"]["up_proj"]["kernel"].stack_axes == 1
     scanned, metadata = adapters_of(tmp_path / "scan")
-    assert metadata["base"]["quantize"] == "nf4" and metadata["model"] == {"scan": "layers"}
+    assert metadata.quantize == "nf4" and metadata.to_json()["model"] == {"scan": "layers"}
     unrolled, _ = adapters_of(tmp_path / "unrolled")
     assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
     for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled), strict=True):
@@ -407,6 +431,7 @@ def test_a_scanned_run_on_a_4bit_base_trains_the_unrolled_runs_adapters(tmp_path
     assert run("generate", "--checkpoint", tmp_path / "scan", "--prompt", "ROMEO", "--max-new-tokens", 3) == 0
 
 
+@pytest.mark.subprocess
 def test_help_does_not_import_jax_and_the_method_choices_are_the_adapter_kinds():
     import subprocess
     import sys
@@ -465,6 +490,7 @@ class Typed:
         return self.lines.pop(0) if self.lines else ""
 
 
+@pytest.mark.slow
 def test_chat_replies_as_generate_does_and_compiles_once(monkeypatch, capsys):
     import importlib
     import sys
@@ -484,9 +510,10 @@ def test_chat_replies_as_generate_does_and_compiles_once(monkeypatch, capsys):
     assert len(compiles) == 2 and compiles[0] == compiles[1]  # the second prompt compiled nothing
 
 
+@pytest.mark.slow
 def test_finetune_samples_with_the_sampling_flags(tmp_path, capsys):
     flags = ["--temperature", 1.5, "--top-k", 50, "--top-p", 0.95, "--repetition-penalty", 1.3, "--seed", 3]
-    assert run("finetune", "--max-steps", 1, "--out", tmp_path / "run", *SMALL, *flags) == 0
+    assert run("finetune", "--max-steps", 1, "--out", tmp_path / "run", *SMALL, *flags, "--merged", "none") == 0
     before = json.loads((tmp_path / "run" / "run.json").read_text())["sample_before"]
     capsys.readouterr()
     assert run("generate", "--max-new-tokens", 4, *flags) == 0
@@ -495,6 +522,7 @@ def test_finetune_samples_with_the_sampling_flags(tmp_path, capsys):
     assert capsys.readouterr().out != cli.DEFAULT_PROMPT + before + "\n"
 
 
+@pytest.mark.slow
 def test_failed_commands_leave_no_new_empty_folder(tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "run"
     assert run("finetune", "--out", out, "--data", tmp_path / "missing.txt", *SMALL) == 2

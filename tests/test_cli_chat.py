@@ -62,7 +62,7 @@ def test_finetune_on_chat_and_alpaca_from_a_config_learns_only_assistant_tokens(
     (tmp_path / "run.yaml").write_text(
         f"data: [{tmp_path / 'chat.jsonl'}, {tmp_path / 'alpaca.jsonl'}]\nseq-len: 48\nbatch_size: 8\nmax_steps: 50\n"
         f"warmup: 1\neval-batches: 1\nsample_tokens: 0\nrank: 4\nout: {tmp_path / 'elsewhere'}\n")
-    argv = ["finetune", "--config", tmp_path / "run.yaml", "--max-steps", 2, "--out", out]
+    argv = ["finetune", "--config", tmp_path / "run.yaml", "--max-steps", 2, "--merged", "none", "--out", out]
     args = cli.parse([str(a) for a in argv])
 
     model, params, tokenizer, config = common.load_base(args.base)

@@ -5,12 +5,13 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_distributed import tiny_llama_dir
+from helpers import tiny_llama_dir
 
 from jlora import cli
 from jlora import training as train
 from jlora.cli import common
 
+pytestmark = [pytest.mark.slow, pytest.mark.interop]  # real finetune runs, on a base torch builds
 FLAGS = ["--seq-len", "16", "--max-steps", "2", "--warmup", "1", "--lr", "1e-2", "--grad-clip", "0",
          "--valid-fraction", "0.2", "--eval-batches", "2", "--sample-tokens", "0", "--rank", "4"]
 
@@ -39,8 +40,8 @@ def runs(tmp_path_factory):
 
 
 def adapters_of(run_dir, task=None):
-    *_, adapters, metadata = common.load_run(run_dir, task=task)
-    return jax.device_get(adapters), metadata
+    *_, adapters, info = common.load_run(run_dir, task=task)
+    return jax.device_get(adapters), info
 
 
 def test_each_task_trains_as_it_would_alone_and_gets_its_merged_export(runs):
@@ -48,7 +49,7 @@ def test_each_task_trains_as_it_would_alone_and_gets_its_merged_export(runs):
     for name in ("romeo", "hamlet"):
         together, metadata = adapters_of(root / "both", name)
         alone, _ = adapters_of(root / name)
-        assert metadata["tasks"] == ["romeo", "hamlet"]
+        assert metadata.tasks == ["romeo", "hamlet"]
         leaves = jax.tree.leaves_with_path(alone)
         assert len(leaves) == len(jax.tree.leaves(together)) > 0
         for (path, a), b in zip(leaves, jax.tree.leaves(together)):
@@ -138,7 +139,7 @@ def test_an_interrupted_task_run_resumes_exactly(runs, tmp_path, monkeypatch, ca
     for name in ("romeo", "hamlet"):
         resumed, metadata = adapters_of(tmp_path / "run", name)
         straight, _ = adapters_of(root / "both", name)
-        assert metadata["step"] == 2
+        assert metadata.step == 2
         for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
             np.testing.assert_allclose(b, a, atol=1e-6)
 

@@ -19,6 +19,7 @@ from jlora.training import data, distributed
 from jlora.core import paths
 from jlora import training as train
 from jlora.models.gpt2 import GPT2, GPT2Config
+from helpers import tiny_llama_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -196,33 +197,6 @@ def test_no_process_gathers_from_another_beyond_the_steps_collectives(two_jobs, 
 
 
 # ---- the command as 2 processes ----
-
-
-def tiny_llama_dir(directory: Path, **sizes) -> Path:
-    """A random 2-layer Llama with a byte-level tokenizer (256 bytes + eos), as a Hugging Face directory
-    (``sizes``: other ``LlamaConfig`` sizes)."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))} | {"<eos>": 256}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<eos>"])
-    directory.mkdir()
-    backend.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
-    config = transformers.LlamaConfig(**dict(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                             eos_token_id=256, bos_token_id=None) | sizes)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(1.0 if "norm" in name else 0.0, 0.2)
-    model.save_pretrained(directory)
-    return directory
 
 
 def test_finetune_as_two_processes_is_one_job_with_one_set_of_outputs(tmp_path):

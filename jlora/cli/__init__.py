@@ -94,29 +94,26 @@ def sampling_flags(p, what, temperature):
                         "as transformers' repetition_penalty; 1: off")
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                  formatter_class=Help)
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_command(sub, name, help, base_help, quantize=True):
+    """A subcommand's parser with the flags every command takes: --base, --dtype, --config (--quantize, --task)."""
+    p = sub.add_parser(name, help=help, description=help, allow_abbrev=False, formatter_class=Help)
+    p.add_argument("--base", default=DEFAULT_BASE if name in ("finetune", "import-peft") else None,
+                   help=f"the base model: a name, a GGUF file or a Hugging Face directory{base_help}")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the base's weights and compute")
+    p.add_argument("--config", metavar="FILE", help="read flags from a .yaml or .toml file (keys: the flag names, "
+                   "e.g. max_steps: 200); flags given here override it")
+    if quantize:
+        p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a "
+                       "GGUF base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: what the checkpoint's run used, "
+                       "else none)" if name != "finetune" else "keep the frozen base in 4 or 8 bits (QLoRA); "
+                       "gguf: a GGUF base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: none)")
+    if name in ("generate", "chat", "eval", "merge", "export-peft"):
+        p.add_argument("--task", metavar="NAME", help="of a checkpoint trained with --task: this task's adapter")
+    return p
 
-    def command(name, help, base_help, quantize=True):
-        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False, formatter_class=Help)
-        p.add_argument("--base", default=DEFAULT_BASE if name in ("finetune", "import-peft") else None,
-                       help=f"the base model: a name, a GGUF file or a Hugging Face directory{base_help}")
-        p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the base's weights and compute")
-        p.add_argument("--config", metavar="FILE", help="read flags from a .yaml or .toml file (keys: the flag names, "
-                       "e.g. max_steps: 200); flags given here override it")
-        if quantize:
-            p.add_argument("--quantize", choices=QUANTIZE, help="keep the frozen base in 4 or 8 bits (QLoRA); gguf: a "
-                           "GGUF base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: what the checkpoint's run used, "
-                           "else none)" if name != "finetune" else "keep the frozen base in 4 or 8 bits (QLoRA); "
-                           "gguf: a GGUF base's Q4_0/Q4_1/Q8_0 blocks as shipped (default: none)")
-        if name in ("generate", "chat", "eval", "merge", "export-peft"):
-            p.add_argument("--task", metavar="NAME", help="of a checkpoint trained with --task: this task's adapter")
-        return p
 
-    with_checkpoint = f" (default: the base the checkpoint records; without --checkpoint, {DEFAULT_BASE})"
-    p = command("finetune", "fine-tune adapters on text or prompt/completion JSONL", "")
+def data_and_adapter_flags(p):
+    """finetune's data and adapter flags."""
     p.add_argument("--data", nargs="+", help="training .txt or .jsonl files (default: bundled Shakespeare)")
     p.add_argument("--task", action="append", metavar="NAME=PATH",
                    help="instead of --data: one adapter per task, trained on PATH, all in one run on one base (repeat)")
@@ -130,6 +127,10 @@ def parser() -> argparse.ArgumentParser:
                    help="scale by alpha/sqrt(rank) instead of alpha/rank")
     p.add_argument("--targets", help="comma-separated module names or a regex (default: the kind's)")
     p.add_argument("--bias", choices=["none", "all", "lora_only"], help="base biases that train (default: none)")
+
+
+def optimizer_flags(p):
+    """finetune's optimisation flags."""
     p.add_argument("--max-steps", type=COUNT, default=100, help="optimizer steps in all (a resumed run counts its earlier ones)")
     p.add_argument("--batch-size", type=SIZE, default=4, help="sequences per step")
     p.add_argument("--seq-len", type=number(int, 2), default=128, help="tokens per training sequence")
@@ -141,6 +142,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="global norm clip (0: none)")
     p.add_argument("--dropout", type=SHARE, default=0.0, help="LoRA dropout")
     p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: B's learning rate over A's (default: 1, plain LoRA)")
+
+
+def scale_flags(p):
+    """finetune's flags for many devices, processes and long sequences."""
     p.add_argument("--fsdp", nargs="?", const=0, type=COUNT, metavar="N",
                    help="shard the frozen base over every device, or over groups of N devices (a copy per group)")
     p.add_argument("--distributed", action=argparse.BooleanOptionalAction,
@@ -163,6 +168,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-vocab-block", type=COUNT, metavar="N",
                    help="with --loss-chunk: also N vocabulary entries at a time (an online softmax), never holding "
                         "a chunk's full logits (large vocabularies; default: all at once)")
+
+
+def eval_and_output_flags(p):
+    """finetune's validation, checkpoint, sample and output flags."""
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the adapters' init, data order, dropout and samples")
     p.add_argument("--eval-batches", type=COUNT, help="validate on this many batches of --batch-size sequences instead of --eval-tokens")
     p.add_argument("--eval-tokens", type=COUNT, help="validate on this many tokens, in sequences spread over the "
@@ -180,7 +189,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
     p.set_defaults(run="finetune:finetune")
 
-    p = command("generate", "continue a prompt with the base or base + adapters", with_checkpoint)
+
+def generate_flags(p):
+    """generate's flags."""
     p.add_argument("--checkpoint", action="append",
                    help="a run directory or its checkpoints/; repeat it to run several in one batch, one sequence each")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the text to continue (default: {DEFAULT_PROMPT!r})")
@@ -190,8 +201,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the sampling")
     p.set_defaults(run="generate:generate_cmd")
 
-    p = command("chat", "talk to the base or base + adapters: one prompt per line of stdin, until end of input; "
-                "loaded and compiled once", with_checkpoint)
+
+def chat_flags(p):
+    """chat's flags."""
     p.add_argument("--checkpoint", help="a run directory or its checkpoints/")
     p.add_argument("--template", action=argparse.BooleanOptionalAction,
                    help="keep the conversation in the model's chat template (default: when the model has one); "
@@ -203,7 +215,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEGATIVE, default=0, help="random seed of the sampling; every reply starts from it")
     p.set_defaults(run="generate:chat_cmd")
 
-    p = command("eval", "perplexity of the base or base + adapters on a file", with_checkpoint)
+
+def eval_flags(p):
+    """eval's flags."""
     p.add_argument("--checkpoint", help="a run directory or its checkpoints/ (default: the base alone)")
     p.add_argument("--data", nargs="+", help="text or JSONL files (default: the corpus's validation plays)")
     p.add_argument("--seq-len", type=number(int, 2), help="tokens per sequence (default: the checkpoint's, else 128)")
@@ -213,25 +227,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=COUNT, help="score at most this many batches of the sample")
     p.set_defaults(run="generate:eval_cmd")
 
-    for name, help, run in (("merge", "write base + adapters as one Hugging Face safetensors model", "export:merge_cmd"),
-                            ("export-peft", "write a checkpoint's adapters in PEFT's format", "export:export_peft_cmd")):
-        p = command(name, help, " (default: the base the checkpoint records)", quantize=False)
-        p.add_argument("checkpoint", help="a run directory or its checkpoints/")
-        p.add_argument("out", help="a new or empty directory")
-        p.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
-        if name == "merge":
-            p.add_argument("--save-dtype", choices=MERGED[1:], default="bf16",
-                           help="dtype of the weights written (--dtype is the one the base is loaded and merged in)")
-        if name == "export-peft":
-            p.add_argument("--with-base", nargs="?", const="", metavar="DIR",
-                           help="also write the exact base weights trained on (dequantised, float32, HF layout) to DIR "
-                                "(default OUT/base) and name it as the adapter's base_model_name_or_path")
-        p.set_defaults(run=run)
 
-    p = command("import-peft", "turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint", "", quantize=False)
+def export_flags(p, name):
+    """merge's and export-peft's flags."""
+    p.add_argument("checkpoint", help="a run directory or its checkpoints/")
+    p.add_argument("out", help="a new or empty directory")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
+    if name == "merge":
+        p.add_argument("--save-dtype", choices=MERGED[1:], default="bf16",
+                       help="dtype of the weights written (--dtype is the one the base is loaded and merged in)")
+    if name == "export-peft":
+        p.add_argument("--with-base", nargs="?", const="", metavar="DIR",
+                       help="also write the exact base weights trained on (dequantised, float32, HF layout) to DIR "
+                            "(default OUT/base) and name it as the adapter's base_model_name_or_path")
+
+
+def import_flags(p):
+    """import-peft's flags."""
     p.add_argument("peft_dir", help="a directory with adapter_config.json and adapter_model.safetensors")
     p.add_argument("out", help="an empty directory for the checkpoint")
     p.set_defaults(run="export:import_peft_cmd")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="jlora", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                  formatter_class=Help)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    with_checkpoint = f" (default: the base the checkpoint records; without --checkpoint, {DEFAULT_BASE})"
+    p = add_command(sub, "finetune", "fine-tune adapters on text or prompt/completion JSONL", "")
+    for flags in (data_and_adapter_flags, optimizer_flags, scale_flags, eval_and_output_flags):
+        flags(p)
+    generate_flags(add_command(sub, "generate", "continue a prompt with the base or base + adapters", with_checkpoint))
+    chat_flags(add_command(sub, "chat", "talk to the base or base + adapters: one prompt per line of stdin, until end of "
+                       "input; loaded and compiled once", with_checkpoint))
+    eval_flags(add_command(sub, "eval", "perplexity of the base or base + adapters on a file", with_checkpoint))
+    for name, help, run in (("merge", "write base + adapters as one Hugging Face safetensors model", "export:merge_cmd"),
+                            ("export-peft", "write a checkpoint's adapters in PEFT's format", "export:export_peft_cmd")):
+        p = add_command(sub, name, help, " (default: the base the checkpoint records)", quantize=False)
+        export_flags(p, name)
+        p.set_defaults(run=run)
+    import_flags(add_command(sub, "import-peft", "turn a PEFT adapter (LoRA, DoRA, IA3) into a jlora checkpoint", "",
+                         quantize=False))
     top.commands = sub.choices  # each command's parser by name, for --config
     return top
 

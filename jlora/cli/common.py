@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jlora import kinds  # noqa: F401 - registers the bundled kinds: --method looks them up by name
 from jlora.core import adapter
 from jlora.training import checkpoint
+from jlora.training.runinfo import RunInfo
 from jlora.cli import ADAPTER_FLAGS, DEFAULT_METHOD, UsageError
 from jlora.core import multi
 from jlora.core.partition import combine
@@ -67,10 +68,10 @@ def run_dir_checkpoints(path) -> Path:
     raise UsageError(f"no checkpoint directory at {path}")
 
 
-def pick_task(adapters, metadata, task, where):
+def pick_task(adapters, info: RunInfo, task, where):
     """Task ``task``'s adapters of a run trained with --task (a stack of one adapter tree per task);
     a run with one adapter tree is returned as it is."""
-    names = metadata.get("tasks")
+    names = info.tasks
     if not names:
         if task is not None:
             raise UsageError(f"--task {task}: {where} was trained on one dataset, not with --task")
@@ -83,24 +84,25 @@ def pick_task(adapters, metadata, task, where):
 
 def load_run(checkpoint_path, base=None, dtype="float32", quantize=None, task=None):
     """Base model (quantised as the run's was, unless ``quantize`` says otherwise) plus the adapters of
-    a run's latest checkpoint: (model, params, tokenizer, config, adapters, metadata); of task ``task``
-    in a run trained with --task."""
+    a run's latest checkpoint: (model, params, tokenizer, config, adapters, info), ``info`` its
+    :class:`RunInfo`; of task ``task`` in a run trained with --task."""
     ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
-    metadata = ckpt.metadata()
-    quantize = quantize or metadata["base"].get("quantize")
-    model, params, tokenizer, config = load_base(base or metadata["base"]["name"], dtype, quantize)
+    info = RunInfo.from_json(ckpt.metadata())
+    quantize = quantize or info.quantize
+    model, params, tokenizer, config = load_base(base or info.base_name, dtype, quantize)
     from jlora.models import layers
 
     # A run with --scan saved its adapters stacked like the scanned layers; unstack them for the unrolled model.
-    stacked = (metadata.get("model") or {}).get("scan")
-    expect = {"base": base_identity(metadata["base"]["name"], params, quantize)}
+    stacked = info.scan
+    expect = {"base": base_identity(info.base_name, params, quantize)}
     base = layers.stack_layers(params, stacked) if stacked else params
     state, metadata = ckpt.restore(expect=expect, base=base)
+    info = RunInfo.from_json(metadata)
     params, adapters = combine(base, state.trainable)
-    adapters = pick_task(adapters, metadata, task, checkpoint_path)
+    adapters = pick_task(adapters, info, task, checkpoint_path)
     if stacked:
         params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
-    return model, params, tokenizer, config, adapters, metadata
+    return model, params, tokenizer, config, adapters, info
 
 
 def base_identity(name, params, quantize=None) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 from jlora.core import adapter
 from jlora import training
 from jlora.training import checkpoint
+from jlora.training.runinfo import RunInfo
 from jlora.cli import DEFAULT_BASE, UsageError, common
 from jlora.core.merge import merge
 from jlora.core.partition import split
@@ -33,16 +34,16 @@ def run_report(checkpoint_path) -> dict:
         return {}  # a card without those facts beats a refused export
 
 
-def card_facts(metadata, report, task=None) -> dict:
-    """The :func:`jlora.models.export.model_card` arguments a run's checkpoint metadata and run.json give."""
-    options = (metadata.get("adapter") or {}).get("options") or {}
-    data = (metadata.get("data") or {}).get("train")
+def card_facts(info: RunInfo, report, task=None) -> dict:
+    """The :func:`jlora.models.export.model_card` arguments a run's :class:`RunInfo` and run.json give."""
+    options = info.options
+    data = (info.data or {}).get("train")
     key = "valid_perplexity" + (f"/{task}" if task else "")
     if isinstance(data, dict):  # a --task run: NAME -> PATH
         data = data.get(task)
     before, after = report.get(f"{key}_before"), report.get(f"{key}_after")
-    return {"use_rslora": bool(options.get("use_rslora")), "quantize": metadata["base"].get("quantize"),
-            "data": data, "steps": metadata.get("step"), "command": report.get("command"),
+    return {"use_rslora": bool(options.get("use_rslora")), "quantize": info.quantize,
+            "data": data, "steps": info.step, "command": report.get("command"),
             "perplexity": (before, after) if before is not None or after is not None else None}
 
 
@@ -59,11 +60,11 @@ def save_merged(out, merged, adapters, config, tokenizer, base, dtype, facts) ->
 
 
 def merge_cmd(args) -> int:
-    model, params, tokenizer, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
-    base = args.base or metadata["base"]["name"]
+    model, params, tokenizer, config, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
+    base = args.base or info.base_name
     out = common.prepare_out(args.out, args.overwrite, base)
     save_merged(out, merge(params, adapters), adapters, config, tokenizer, base, args.save_dtype,
-                card_facts(metadata, run_report(args.checkpoint), args.task))
+                card_facts(info, run_report(args.checkpoint), args.task))
     print(f"merged model ({args.save_dtype}, with tokenizer) written to {args.out}", file=sys.stderr)
     return 0
 
@@ -71,11 +72,11 @@ def merge_cmd(args) -> int:
 def export_peft_cmd(args) -> int:
     from jlora.models import export
 
-    model, params, tokenizer, config, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
-    base = args.base or metadata["base"]["name"]
+    model, params, tokenizer, config, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
+    base = args.base or info.base_name
     out = common.prepare_out(args.out, args.overwrite, base)
     source = export.base_source(base)
-    facts = card_facts(metadata, run_report(args.checkpoint), args.task)
+    facts = card_facts(info, run_report(args.checkpoint), args.task)
     reference, base_copy = source.reference, None
     if args.with_base is not None:
         # Absolute: PEFT reads a relative base_model_name_or_path from the working directory, not the adapter's.
@@ -106,9 +107,9 @@ def import_peft_cmd(args) -> int:
     kinds = sorted({a.name for a in adapter.table(adapters).values()})
     frozen, trainable = split(params, adapters)
     state = training.init_state(trainable, training.TrainConfig())
-    metadata = {"base": common.base_identity(base, params),
-                "adapter": {"method": "+".join(kinds), "options": {}, "bias": "none"},
-                "train": dataclasses.asdict(training.TrainConfig()), "data": {"imported_from": str(args.peft_dir)}}
-    path = ckpt.save(state, metadata)
+    info = RunInfo(base=common.base_identity(base, params),
+                   adapter={"method": "+".join(kinds), "options": {}, "bias": "none"},
+                   train=dataclasses.asdict(training.TrainConfig()), data={"imported_from": str(args.peft_dir)})
+    path = ckpt.save(state, info.to_json())
     print(f"jlora checkpoint written to {path}", file=sys.stderr)
     return 0

@@ -6,16 +6,14 @@ import dataclasses
 import functools
 import json
 import shlex
-import math
 import sys
 import time
 
 import jax
-import numpy as np
-
 from jlora.core import adapter
 from jlora import training
-from jlora.training import checkpoint, data, distributed, loop, metrics
+from jlora.training import checkpoint, data, distributed, loop, metrics, tasks
+from jlora.training.runinfo import RunInfo
 from jlora.cli import DEFAULT_METHOD, ADAPTER_FLAGS, UsageError, common
 from jlora.cli import config as cli_config  # `config` is the model's config below
 from jlora.core import multi
@@ -88,9 +86,8 @@ def join_job(args) -> bool:
         raise UsageError(str(error)) from None
 
 
-def task_splits(args, tokenizer) -> tuple[list[str], list]:
-    """``--task NAME=PATH``'s names and each task's ``(train, valid)`` (``valid`` from
-    --valid-fraction, or None), after checking the flags that --task changes."""
+def check_task_flags(args) -> dict:
+    """``--task NAME=PATH``'s tasks, name -> path, after checking the flags that --task changes."""
     names, paths = zip(*(t.split("=", 1) if "=" in t else (t, "") for t in args.task))
     bad = [t for t, name, path in zip(args.task, names, paths) if not name.isidentifier() or not path]
     if bad:
@@ -106,23 +103,23 @@ def task_splits(args, tokenizer) -> tuple[list[str], list]:
     if args.batch_size % (len(names) * jax.device_count()):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {len(names)} tasks times "
                          f"the {jax.device_count()} devices (each step takes batch-size / tasks rows of each task)")
-    splits = [data.load_splits(tokenizer, args.seq_len, [path], None, args.valid_fraction, args.seed) for path in paths]
-    for name, (train_set, _) in zip(names, splits):
-        if len(train_set) < args.batch_size // len(names):
-            raise UsageError(f"task {name} has {len(train_set)} training sequences of {args.seq_len} tokens, "
-                             f"fewer than its {args.batch_size // len(names)} rows of each batch")
-    return list(names), splits
+    return dict(zip(names, paths))
 
 
-def finetune(args) -> int:
-    start_time = time.perf_counter()
-    join_job(args)
-    writer = distributed.is_writer()  # one process prints and writes what the job has one of
+def check_flags(args):
+    """The refusals that need no base: batch split, loss chunks, FSDP."""
+    if args.batch_size % (args.accumulate * jax.device_count()):
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
+                         f"times the {jax.device_count()} devices the batch is split over")
+    if args.loss_vocab_block and not args.loss_chunk:
+        raise UsageError("--loss-vocab-block splits the chunks of --loss-chunk; give --loss-chunk too")
+    if args.fsdp and jax.device_count() % args.fsdp:
+        raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
 
-    def say(text):
-        if writer:
-            print(text, file=sys.stderr)
 
+def open_out(args) -> tuple:
+    """``(out, checkpointer)``: the run directory, refused when --resume finds nothing to continue or
+    a fresh run would write over checkpoints."""
     out = checkpoint.writable_dir(args.out)
     ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=args.keep)
     latest = ckpt.latest_step()
@@ -131,150 +128,175 @@ def finetune(args) -> int:
     if not args.resume and latest is not None:
         raise UsageError(f"{ckpt.directory} already holds checkpoints up to step {latest}; "
                          "pass --resume to continue that run, or choose another --out")
+    return out, ckpt
 
-    if args.batch_size % (args.accumulate * jax.device_count()):
-        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --accumulate ({args.accumulate}) "
-                         f"times the {jax.device_count()} devices the batch is split over")
-    if args.loss_vocab_block and not args.loss_chunk:
-        raise UsageError("--loss-vocab-block splits the chunks of --loss-chunk; give --loss-chunk too")
-    if args.fsdp and jax.device_count() % args.fsdp:
-        raise UsageError(f"--fsdp {args.fsdp} must divide the {jax.device_count()} devices")
+
+@dataclasses.dataclass
+class Setup:
+    """What training reads: the base (as loaded, and as trained: stacked along ``scan``), the tasks
+    (one unnamed task for a run on one dataset), the settings and the metadata checkpoints carry."""
+
+    base_model: object
+    model: object
+    base_params: dict
+    params: dict
+    tokenizer: object
+    config: object
+    tasks: list
+    train: training.TrainConfig
+    eval_rows: int
+    eval_tokens: int
+    info: RunInfo
+    mesh: object
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks if t.name]
+
+
+def load_tasks(args, tokenizer) -> list:
+    """--task's datasets, else --data / --valid's (the default corpus without them), as tasks."""
+    if not args.task:
+        train_set, valid_set = data.load_splits(tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
+        if len(train_set) < args.batch_size:
+            raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
+                             f"fewer than one batch of {args.batch_size}")
+        return [tasks.Task("", train_set, valid_set)]
+    paths = check_task_flags(args)
+    try:
+        return tasks.load_tasks(tokenizer, args.seq_len, paths, args.valid_fraction, args.seed, args.batch_size)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def load(args, say) -> Setup:
+    """The base, the data and the run's settings (phase 1 after the flags)."""
     from jlora.models import layers
 
     say(f"loading base {args.base} ...")
-    base_model, params, tokenizer, config = common.load_base(args.base, args.dtype, args.quantize)
-    base_params = params  # this host's whole copy, unstacked: the sample before training reads it
+    base_model, base_params, tokenizer, config = common.load_base(args.base, args.dtype, args.quantize)
     model = base_model.clone(scan=args.scan, remat=args.remat, attention_block=args.attention_block,
                              mlp_block=args.mlp_block)
     # The scanned layers' name ("layers", "h"): params and adapters train stacked along it, and are
     # unstacked again for sampling, merging and export.
-    stacked = model.layer_name if args.scan else None
+    scan = model.layer_name if args.scan else None
     if args.seq_len > model.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than the base's context of {model.max_length} tokens")
-    names, splits = task_splits(args, tokenizer) if args.task else ([], [])
-    train_set, valid_set = splits[0] if splits else data.load_splits(
-        tokenizer, args.seq_len, args.data, args.valid, args.valid_fraction, args.seed)
-    if not names and len(train_set) < args.batch_size:
-        raise UsageError(f"training data has {len(train_set)} sequences of {args.seq_len} tokens, "
-                         f"fewer than one batch of {args.batch_size}")
-    config_train = training.TrainConfig(
+    run_tasks = load_tasks(args, tokenizer)
+    train = training.TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
         accumulate=args.accumulate, dropout=args.dropout, lora_plus_ratio=args.lora_plus_ratio, seed=args.seed,
         loss_chunk=args.loss_chunk or 0, loss_vocab_block=args.loss_vocab_block or 0,
     )
-    # The validation sample (`jlora eval`'s default for this run, from metadata["eval"]): --eval-batches
+    # The validation sample (`jlora eval`'s default for this run, from RunInfo.eval): --eval-batches
     # batches of the step's rows (of each task's), else --eval-tokens, spread over the held-out data.
-    eval_rows = args.batch_size // max(len(names), 1)
+    eval_rows = args.batch_size // len(run_tasks)
     eval_tokens = args.eval_batches * eval_rows * args.seq_len if args.eval_batches else args.eval_tokens or training.EVAL_TOKENS
-    splits = [(t, v if v is None else training.eval_sample(v, eval_tokens)) for t, v in splits]
-    valid_set = valid_set if valid_set is None else training.eval_sample(valid_set, eval_tokens)
-    metadata = {
-        "base": common.base_identity(args.base, params, args.quantize),
-        "train": dataclasses.asdict(config_train),
-        "data": {"train": [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
-        "model": {"scan": stacked},
-        "eval": {"tokens": eval_tokens, "seq_len": args.seq_len},
-    }
+    run_tasks = [dataclasses.replace(t, valid=t.valid if t.valid is None else training.eval_sample(t.valid, eval_tokens))
+                 for t in run_tasks]
+    named = tasks.stacked(run_tasks)
+    info = RunInfo(base=common.base_identity(args.base, base_params, args.quantize), train=dataclasses.asdict(train),
+                   data={"train": dict(zip((t.name for t in run_tasks), (t.split("=", 1)[1] for t in args.task)))
+                         if named else [str(p) for p in args.data or []] or "default corpus", "seq_len": args.seq_len},
+                   scan=scan, eval={"tokens": eval_tokens, "seq_len": args.seq_len},
+                   tasks=[t.name for t in run_tasks] if named else None)
+    params = layers.stack_layers(base_params, scan) if scan else base_params
+    return Setup(base_model, model, base_params, params, tokenizer, config, run_tasks, train, eval_rows, eval_tokens,
+                 info, training.mesh(fsdp=args.fsdp or 1))
+
+
+def resume(args, run: Setup, ckpt, say):
+    """``(state, adapters)`` of the run's checkpoint, refused where the flags would change what it trains."""
+    try:
+        state, saved, damaged = ckpt.restore_intact(expect={"base": run.info.base}, base=run.params)
+    except checkpoint.CheckpointError as error:
+        raise UsageError(f"--resume: {error}") from None
+    for report in damaged:
+        say(f"warning: skipped a damaged checkpoint: {report}")
+    saved = RunInfo.from_json(saved)
+    conflicts = resume_conflicts(args, saved.adapter or {})
+    if conflicts:
+        raise UsageError(f"--resume continues the adapters in {ckpt.directory}, made with "
+                         f"{saved.adapter}; drop {', '.join(conflicts)}")
+    say(f"resuming from step {int(state.step)} in {ckpt.directory}")
+    run.info.adapter = saved.adapter
+    differences = run.info.resume_differences(saved)
+    if "tasks" in differences:
+        raise UsageError(f"--resume: the checkpoint trained "
+                         f"{'tasks ' + ', '.join(saved.tasks) if saved.tasks else 'one dataset'}; "
+                         "give the same --task flags (or none) to continue it")
+    if "scan" in differences:
+        stacked = run.info.scan
+        raise UsageError(f"--resume: the checkpoint was trained {'with' if not stacked else 'without'} --scan; "
+                         f"{'pass' if not stacked else 'drop'} --scan to continue it")
+    if "train" in differences:
+        say(f"note: training settings differ from the checkpoint's {saved.train}; "
+            "the resumed run will not equal an uninterrupted one")
+    _, adapters = combine(run.params, state.trainable)
+    adapters = multi.take(adapters, 0) if run.names else adapters  # each task's adapter splits the base alike
+    return state, adapters
+
+
+def initialize(args, run: Setup):
+    """``(state, adapters)`` of a fresh run: --method's adapters, one per task (each as a run on that task alone would be)."""
+    from jlora.models import layers
+
+    method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
+    options = common.adapter_options(args)
+    adapters = adapter.kind(method).create(run.base_params, **options)
+    adapters = layers.stack_layers(adapters, run.info.scan) if run.info.scan else adapters
+    run.info.adapter = {"method": method, "options": options, "bias": bias}
+    _, trainable = split(run.params, adapters, bias)
+    if run.names:
+        trainable = trainable._replace(adapters=stack([adapters] * len(run.names)))
+    return training.init_state(trainable, run.train), adapters
+
+
+def place(args, run: Setup, state, adapters, say):
+    """``(frozen, state)`` on the mesh: the base replicated (or FSDP-split), the trainable arrays beside it."""
+    say(count_params(run.params, adapters, run.info.bias))
+    if run.names:
+        say(f"{len(run.names)} tasks, one such adapter each: {', '.join(run.names)}")
+    frozen, _ = split(run.params, adapters, run.info.bias)
+    frozen = training.shard_fsdp(frozen, run.mesh) if args.fsdp is not None else training.replicate(frozen, run.mesh)
+    return frozen, training.shard_state(state, frozen, run.mesh)
+
+
+def finetune(args) -> int:
+    start_time = time.perf_counter()
+    join_job(args)
+    writer = distributed.is_writer()  # one process prints and writes what the job has one of
+    say = (lambda text: print(text, file=sys.stderr)) if writer else (lambda text: None)
+    out, ckpt = open_out(args)
+    check_flags(args)
+    run = load(args, say)
     if writer:  # every flag's final value: `jlora finetune --config OUT/config.yaml` runs this again
         (out / "config.yaml").write_text(cli_config.dump(args), encoding="utf-8")
-    if names:
-        metadata |= {"tasks": names, "data": {"train": dict(zip(names, (t.split("=", 1)[1] for t in args.task))),
-                                              "seq_len": args.seq_len}}
-    params = layers.stack_layers(params, stacked) if stacked else params
-    mesh = training.mesh(fsdp=args.fsdp or 1)
-    if args.resume:
-        try:
-            state, saved, damaged = ckpt.restore_intact(expect={"base": common.base_identity(args.base, params, args.quantize)}, base=params)
-        except checkpoint.CheckpointError as error:
-            raise UsageError(f"--resume: {error}") from None
-        for report in damaged:
-            say(f"warning: skipped a damaged checkpoint: {report}")
-        conflicts = resume_conflicts(args, saved.get("adapter") or {})
-        if conflicts:
-            raise UsageError(f"--resume continues the adapters in {ckpt.directory}, made with "
-                             f"{saved.get('adapter')}; drop {', '.join(conflicts)}")
-        say(f"resuming from step {int(state.step)} in {ckpt.directory}")
-        metadata["adapter"] = saved.get("adapter")
-        if (saved.get("tasks") or []) != names:
-            raise UsageError(f"--resume: the checkpoint trained "
-                             f"{'tasks ' + ', '.join(saved['tasks']) if saved.get('tasks') else 'one dataset'}; "
-                             "give the same --task flags (or none) to continue it")
-        if (saved.get("model") or {}).get("scan") != stacked:
-            raise UsageError(f"--resume: the checkpoint was trained {'with' if not stacked else 'without'} --scan; "
-                             f"{'pass' if not stacked else 'drop'} --scan to continue it")
-        if saved.get("train") != metadata["train"]:
-            say(f"note: training settings differ from the checkpoint's {saved.get('train')}; "
-                "the resumed run will not equal an uninterrupted one")
-        params, adapters = combine(params, state.trainable)
-        adapters = multi.take(adapters, 0) if names else adapters  # each task's adapter splits the base alike
-        frozen, _ = split(params, adapters, metadata["adapter"].get("bias", "none"))
-    else:
-        method, bias = args.method or DEFAULT_METHOD, args.bias or "none"
-        options = common.adapter_options(args)
-        adapters = adapter.kind(method).create(base_params, **options)
-        adapters = layers.stack_layers(adapters, stacked) if stacked else adapters
-        metadata["adapter"] = {"method": method, "options": options, "bias": bias}
-        frozen, trainable = split(params, adapters, bias)
-        if names:  # one adapter per task, each initialized as a run on that task alone would be
-            trainable = trainable._replace(adapters=stack([adapters] * len(names)))
-        state = training.init_state(trainable, config_train)
-    say(count_params(params, adapters, metadata["adapter"].get("bias", "none")))
-    if names:
-        say(f"{len(names)} tasks, one such adapter each: {', '.join(names)}")
-    frozen = training.shard_fsdp(frozen, mesh) if args.fsdp is not None else training.replicate(frozen, mesh)
-    state = training.shard_state(state, frozen, mesh)
-    start = int(state.step)
-
-    evaluate = training.make_eval(model.apply)
-    report = {"base": args.base, "method": metadata["adapter"].get("method"), "devices": jax.device_count(),
+    state, adapters = resume(args, run, ckpt, say) if args.resume else initialize(args, run)
+    frozen, state = place(args, run, state, adapters, say)
+    report = {"base": args.base, "method": run.info.method, "devices": jax.device_count(),
               "processes": jax.process_count()}
-    if args.sample_tokens and start == 0 and writer:
-        report["sample_before"] = sample(base_model, dequantize(base_params), tokenizer, args)
+    if args.sample_tokens and int(state.step) == 0 and writer:
+        report["sample_before"] = sample(run.base_model, dequantize(run.base_params), run.tokenizer, args)
         say(f"sample before: {args.prompt}{report['sample_before']}")
+    trained = train(args, run, frozen, state, ckpt, out, writer)
+    if isinstance(trained, int):
+        return trained
+    result, train_seconds, start = trained
+    return finish(args, run, result, report, out, ckpt, writer, steps_run=args.max_steps - start,
+                  train_seconds=train_seconds, start_time=start_time)
 
-    progress = Progress(args.max_steps, args.batch_size * args.seq_len)
 
-    def validation(state):
-        if writer:
-            progress.status(f"evaluating on {len(splits[0][1]) if names else len(valid_set)} sequences"
-                            f"{' per task' if names else ''} ...")
-        params, adapters = combine(frozen, state.trainable)
-        if names:
-            found = {name: training.perplexity(evaluate, params, multi.take(adapters, i), valid, eval_rows, mesh=mesh)
-                     for i, (name, (_, valid)) in enumerate(zip(names, splits))}
-        else:
-            found = {"": training.perplexity(evaluate, params, adapters, valid_set, args.batch_size, mesh=mesh)}
-        suffix = lambda name: f"/{name}" if name else ""
-        return ({f"valid_perplexity{suffix(n)}": ppl for n, ppl in found.items()}
-                | {f"valid_loss{suffix(n)}": math.log(ppl) for n, ppl in found.items()})
-
-    board = None  # opened just before the loop, closed after it
-
-    def log(entry):
-        if board is not None:
-            board(entry)
-        if "loss" in entry:
-            progress.update(entry["step"], entry["loss"])
-        else:
-            when = "before" if entry["step"] == 0 else "after" if entry["step"] == args.max_steps else f"at step {entry['step']}"
-            for key, value in entry.items():
-                if key.startswith("valid_perplexity"):
-                    progress.status(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}")
-
-    step_fn = (training.make_step(functools.partial(model.apply, hidden=True), config_train, head_fn=model.head,
-                               vocab_size=config.vocab_size)
-               if args.loss_chunk else training.make_step(model.apply, config_train, tasks=len(names)))
-    rows = distributed.process_rows(args.batch_size, training.batch_sharding(mesh))  # this process's share
-
-    def batch_at(k):
-        if not names:
-            return data.batch_at(train_set, args.batch_size, args.seed, k, rows=rows)
-        per = args.batch_size // len(names)  # each task's rows, shuffled as a run on that task alone
-        parts = [data.batch_at(t, per, args.seed, k) for t, _ in splits]
-        whole = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        return {key: v[rows] for key, v in (whole | {"adapter_ids": np.repeat(np.arange(len(names)), per)}).items()}
-
+def train(args, run: Setup, frozen, state, ckpt, out, writer):
+    """``loop.fit`` with progress, validation, TensorBoard and checkpoints: ``(result, seconds, first
+    step)``, or the exit status of a run that stopped (non-finite loss, failed save, Ctrl-C)."""
+    start, progress = int(state.step), Progress(args.max_steps, args.batch_size * args.seq_len)
+    validation = make_validation(run, frozen, progress, writer)
+    step_fn = (training.make_step(functools.partial(run.model.apply, hidden=True), run.train, head_fn=run.model.head,
+                                  vocab_size=run.config.vocab_size)
+               if args.loss_chunk else training.make_step(run.model.apply, run.train, tasks=len(run.names)))
+    rows = distributed.process_rows(args.batch_size, training.batch_sharding(run.mesh))  # this process's share
     compiled = []
 
     def step(state, batch):
@@ -283,24 +305,18 @@ def finetune(args) -> int:
         compiled.append(True)
         return step_fn(state, frozen, batch)
 
-    best = checkpoint.Checkpointer(out / "best", max_to_keep=1) if valid_set is not None else None
-    if writer:
-        try:
-            board = metrics.TensorBoard(out / "tensorboard", start=start)
-        except ImportError as error:
-            say(f"note: no TensorBoard files: {error}")
-    train_began = time.perf_counter()
+    has_valid = run.tasks[0].valid is not None
+    best = checkpoint.Checkpointer(out / "best", max_to_keep=1) if has_valid else None
+    board = open_board(out, start) if writer else None
+    began = time.perf_counter()
     try:
         result = loop.fit(
-            step, state, lambda k: training.shard_batch(batch_at(k), mesh),
-            max_steps=args.max_steps, checkpointer=ckpt, metadata=metadata, save_every=args.save_every,
-            evaluate=validation if valid_set is not None else None, eval_every=args.eval_every,
-            history_path=out / "history.jsonl", log=log, tokens_per_step=args.batch_size * args.seq_len, best=best,
+            step, state, lambda k: training.shard_batch(tasks.batch_at(run.tasks, args.batch_size, args.seed, k, rows), run.mesh),
+            max_steps=args.max_steps, checkpointer=ckpt, metadata=run.info.to_json(), save_every=args.save_every,
+            evaluate=validation if has_valid else None, eval_every=args.eval_every, history_path=out / "history.jsonl",
+            log=make_log(args, progress, board), tokens_per_step=args.batch_size * args.seq_len, best=best,
         )
-    except loop.LossNotFinite as error:
-        print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
-        return 1
-    except loop.SaveFailed as error:
+    except (loop.LossNotFinite, loop.SaveFailed) as error:
         print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
         return 1
     except loop.Interrupted as interrupt:
@@ -310,46 +326,69 @@ def finetune(args) -> int:
         progress.close()
         if board is not None:
             board.close()
-    train_seconds = time.perf_counter() - train_began
+    return result, time.perf_counter() - began, start
+
+
+def open_board(out, start):
+    """The run's TensorBoard writer, or None (with a note) where TensorBoard is not installed."""
+    try:
+        return metrics.TensorBoard(out / "tensorboard", start=start)
+    except ImportError as error:
+        print(f"note: no TensorBoard files: {error}", file=sys.stderr)
+        return None
+
+
+def make_validation(run: Setup, frozen, progress, writer):
+    """The loop's ``evaluate``: each task's validation perplexity and loss of a state."""
+    evaluate = training.make_eval(run.model.apply)
+
+    def validation(state):
+        if writer:
+            progress.status(f"evaluating on {len(run.tasks[0].valid)} sequences"
+                            f"{' per task' if run.names else ''} ...")
+        params, adapters = combine(frozen, state.trainable)
+        return tasks.validation_metrics(tasks.perplexities(evaluate, params, adapters, run.tasks, run.eval_rows, run.mesh))
+
+    return validation
+
+
+def make_log(args, progress, board):
+    """The loop's ``log``: each entry to TensorBoard, a step's loss to the progress bar, a validation as a line."""
+    def log(entry):
+        if board is not None:
+            board(entry)
+        if "loss" in entry:
+            progress.update(entry["step"], entry["loss"])
+            return
+        when = "before" if entry["step"] == 0 else "after" if entry["step"] == args.max_steps else f"at step {entry['step']}"
+        for key, value in entry.items():
+            if key.startswith("valid_perplexity"):
+                progress.status(f"validation perplexity{key[16:].replace('/', ' of ')} {when}: {value:.3f}")
+
+    return log
+
+
+def finish(args, run: Setup, result, report, out, ckpt, writer, *, steps_run, train_seconds, start_time) -> int:
+    """After training: the merged exports, the sample after, the loss plot, run.json and the summary."""
+    from jlora.models import layers
 
     # The frozen base did not change: this host's copy plus the trained arrays (gathered where they
     # are split across processes) is the whole model, and no shard of the base is fetched.
-    params, adapters = combine(params, distributed.fetch(result.state.trainable))
-    tasks = [multi.take(adapters, i) for i in range(len(names))] or [adapters]
-    if stacked:
-        params, tasks = layers.unstack_layers(params, stacked), [layers.unstack_layers(a, stacked) for a in tasks]
+    params, adapters = combine(run.params, distributed.fetch(result.state.trainable))
+    per_task = [multi.take(adapters, i) for i in range(len(run.names))] or [adapters]
+    if run.info.scan:
+        params, per_task = layers.unstack_layers(params, run.info.scan), [layers.unstack_layers(a, run.info.scan) for a in per_task]
     if not writer:
         return 0
-    evaluated = [h for h in result.history if any(k.startswith("valid_perplexity") for k in h)]
-    for key in (k for k in evaluated[-1] if k.startswith("valid_perplexity")) if evaluated else ():
-        report[f"{key}_before"] = evaluated[0][key] if evaluated[0]["step"] == 0 else None
-        report[f"{key}_after"] = evaluated[-1][key]
-    if result.best is not None:  # the checkpoint in OUT/best: `jlora generate --checkpoint OUT/best`
-        report["best"] = {k: v for k, v in result.best.items() if k == "step" or k.startswith("valid_")}
-    report["eval_sequences"] = sum(len(v) for _, v in splits) if names else len(valid_set) if valid_set is not None else 0
-    report["eval_tokens"] = eval_tokens
-    from jlora.cli import export
-
+    report |= validation_report(result, run)
     report["command"] = "jlora " + shlex.join(map(str, getattr(args, "argv", [])))  # for cards and `jlora merge`
-    for name, task_adapters in zip(names, tasks) if args.merged != "none" else ():
-        # each task's own merged model, with tokenizer and model card
-        export.save_merged(out / "tasks" / name / "merged", merge(params, task_adapters), task_adapters, config,
-                           tokenizer, args.base, args.merged, export.card_facts(metadata | {"step": args.max_steps}, report, name))
-        print(f"task {name}: merged export {out / 'tasks' / name / 'merged'}", file=sys.stderr)
-    merged = merge(params, tasks[0])
-    if args.sample_tokens:
-        report["sample_after"] = sample(base_model, merged, tokenizer, args)
-        print(f"sample after{f' (task {names[0]})' if names else ''}: {args.prompt}{report['sample_after']}", file=sys.stderr)
+    export_merged(args, run, params, per_task, report, out)
     try:
         loop.plot_history(result.history, out / "loss.png")
     except ImportError as error:
         print(f"note: no loss plot: {error}", file=sys.stderr)
-    if not names and args.merged != "none":
-        export.save_merged(out / "merged", merged, tasks[0], config, tokenizer, args.base, args.merged,
-                           export.card_facts(metadata | {"step": args.max_steps}, report))
     checkpoint_bytes = checkpoint.dir_bytes(ckpt.directory / str(ckpt.latest_step()))
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # a quantised base: its codes and scales
-    steps_run = args.max_steps - start
     report |= {
         "steps": args.max_steps, "steps_this_run": steps_run, "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round(steps_run * args.batch_size * args.seq_len / max(train_seconds, 1e-9), 1),
@@ -357,11 +396,44 @@ def finetune(args) -> int:
         "total_seconds": round(time.perf_counter() - start_time, 1),
     }
     (out / "run.json").write_text(json.dumps(report, indent=2))
-    merged_at = "none (--merged none)" if args.merged == "none" else out / "tasks/*/merged" if names else out / "merged"
+    merged_at = "none (--merged none)" if args.merged == "none" else out / "tasks/*/merged" if run.names else out / "merged"
     print(f"checkpoint: {ckpt.directory / str(ckpt.latest_step())} ({common.human_bytes(checkpoint_bytes)}; "
           f"base model {common.human_bytes(base_bytes)})\nmerged export: {merged_at}\nloss curve: {out / 'loss.png'}",
           file=sys.stderr)
     return 0
+
+
+def validation_report(result, run: Setup) -> dict:
+    """run.json's perplexities before and after (per task), the best checkpoint's, and the sample's size."""
+    report = {}
+    evaluated = [h for h in result.history if any(k.startswith("valid_perplexity") for k in h)]
+    for key in (k for k in evaluated[-1] if k.startswith("valid_perplexity")) if evaluated else ():
+        report[f"{key}_before"] = evaluated[0][key] if evaluated[0]["step"] == 0 else None
+        report[f"{key}_after"] = evaluated[-1][key]
+    if result.best is not None:  # the checkpoint in OUT/best: `jlora generate --checkpoint OUT/best`
+        report["best"] = {k: v for k, v in result.best.items() if k == "step" or k.startswith("valid_")}
+    report["eval_sequences"] = sum(len(t.valid) for t in run.tasks if t.valid is not None)
+    report["eval_tokens"] = run.eval_tokens
+    return report
+
+
+def export_merged(args, run: Setup, params, per_task, report, out):
+    """Each task's merged model (or the run's) with tokenizer and card, and the sample after training."""
+    from jlora.cli import export
+
+    facts = lambda name=None: export.card_facts(dataclasses.replace(run.info, step=args.max_steps), report, name)
+    for name, task_adapters in zip(run.names, per_task) if args.merged != "none" else ():
+        export.save_merged(out / "tasks" / name / "merged", merge(params, task_adapters), task_adapters, run.config,
+                           run.tokenizer, args.base, args.merged, facts(name))
+        print(f"task {name}: merged export {out / 'tasks' / name / 'merged'}", file=sys.stderr)
+    merged = merge(params, per_task[0])
+    if args.sample_tokens:
+        report["sample_after"] = sample(run.base_model, merged, run.tokenizer, args)
+        print(f"sample after{f' (task {run.names[0]})' if run.names else ''}: {args.prompt}{report['sample_after']}",
+              file=sys.stderr)
+    if not run.names and args.merged != "none":
+        export.save_merged(out / "merged", merged, per_task[0], run.config, run.tokenizer, args.base, args.merged,
+                           facts())
 
 
 def saved_note(last_saved, ckpt) -> str:

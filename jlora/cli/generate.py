@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jlora import training
 from jlora.training import checkpoint, data
+from jlora.training.runinfo import RunInfo
 from jlora.cli import DEFAULT_BASE, UsageError, common
 from jlora.core.merge import merge
 from jlora.core.multi import stack
@@ -23,19 +24,20 @@ def generate_many(args) -> int:
     from jlora.models import generate
 
     checkpoints = [checkpoint.Checkpointer(common.run_dir_checkpoints(path)) for path in args.checkpoint]
-    bases = {ckpt.metadata()["base"]["name"] for ckpt in checkpoints}
+    infos = [RunInfo.from_json(ckpt.metadata()) for ckpt in checkpoints]
+    bases = {info.base_name for info in infos}
     if args.base is None and len(bases) > 1:
         raise UsageError(f"the checkpoints were trained on different bases ({', '.join(sorted(bases))}); "
                          "one batch runs on one base")
     name = args.base or bases.pop()
     model, params, tokenizer, _ = common.load_base(name, args.dtype)
     trees = []
-    for path, ckpt in zip(args.checkpoint, checkpoints):
-        state, saved = ckpt.restore(expect={"base": common.base_identity(ckpt.metadata()["base"]["name"], params)}, base=params)
+    for path, ckpt, info in zip(args.checkpoint, checkpoints, infos):
+        state, saved = ckpt.restore(expect={"base": common.base_identity(info.base_name, params)}, base=params)
         if jax.tree.leaves(state.trainable.base):
             raise UsageError(f"{path} also trains base weights (--bias), which one shared base cannot hold per "
                              "sequence; generate with it alone")
-        trees.append(common.pick_task(state.trainable.adapters, saved, args.task, path))
+        trees.append(common.pick_task(state.trainable.adapters, RunInfo.from_json(saved), args.task, path))
     try:
         stacked = stack(trees)
     except ValueError as error:
@@ -113,14 +115,14 @@ def chat_cmd(args) -> int:
 
 
 def eval_cmd(args) -> int:
-    metadata = {}
+    info = None
     if args.checkpoint:
-        model, params, tokenizer, _, adapters, metadata = common.load_run(args.checkpoint, args.base, args.dtype, args.quantize, task=args.task)
+        model, params, tokenizer, _, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype, args.quantize, task=args.task)
     else:
         (model, params, tokenizer, _), adapters = common.load_base(args.base or DEFAULT_BASE, args.dtype, args.quantize), None
     # By default the sample the run validated on (`jlora finetune`'s final perplexity), else the library's.
-    recorded = metadata.get("eval") or {}
-    seq_len = args.seq_len or recorded.get("seq_len") or (metadata.get("data") or {}).get("seq_len") or 128
+    recorded = info.eval or {} if info else {}
+    seq_len = args.seq_len or (info.seq_len if info else None) or 128
     tokens = args.eval_tokens or recorded.get("tokens") or training.EVAL_TOKENS
     dataset = data.load(args.data, tokenizer, seq_len) if args.data else data.load_splits(tokenizer, seq_len)[1]
     sample = training.eval_sample(dataset, tokens)
