@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from jlora.cli.common import load_base as _LOAD_BASE  # the tests patch common.load_base with this cache
 from jlora.core import paths
 from jlora.core.adapter import is_adapter
 
@@ -126,9 +127,7 @@ def assert_adapt_equals_merge(fn, params, adapters, *args, strict=True):
 def load_base_once(name="smollm2-135m", dtype="float32", quantize=None):
     """``jlora.cli.common.load_base``, once per test process: SmolLM2 (or any base) is read, dequantised
     and tokenized once a session, whichever test module asks first."""
-    from jlora.cli import common
-
-    return common.load_base(name, dtype, quantize)
+    return _LOAD_BASE(name, dtype, quantize)
 
 
 def tiny_llama_dir(directory: Path, **sizes) -> Path:

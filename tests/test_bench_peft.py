@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.subprocess]
 
 SCRIPT = Path(__file__).parent.parent / "experiments" / "bench_peft.py"
 CONFIGS = ["lora_c_attn", "lora_all", "full_finetune", "forward"]

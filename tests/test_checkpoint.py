@@ -118,6 +118,7 @@ KILLED_MID_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_sigkill_mid_save_keeps_the_last_complete_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == -9, result.stderr[-2000:]

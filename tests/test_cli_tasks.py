@@ -147,7 +147,7 @@ def test_an_interrupted_task_run_resumes_exactly(runs, tmp_path, monkeypatch, ca
     (["a=x.txt", "a=y.txt"], [], "--task names must differ"),
     (["a-b=x.txt"], [], "give NAME=PATH"),
     (["a"], [], "give NAME=PATH"),
-    (["a=x.txt", "b=y.txt"], ["--batch-size", "24"], "must be a multiple of the 2 tasks"),
+    (["a=x.txt", "b=y.txt"], ["--batch-size", "15"], "must be a multiple of the 2 tasks"),
     (["a=x.txt", "b=y.txt"], ["--data", "x.txt"], "does not combine with --data"),
     (["a=x.txt", "b=y.txt"], ["--accumulate", "2"], "does not combine with --accumulate > 1"),
     (["a=x.txt", "b=y.txt"], ["--loss-chunk", "4"], "does not combine with --loss-chunk"),

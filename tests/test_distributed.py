@@ -167,6 +167,7 @@ def two_jobs(tmp_path_factory):
     return [json.loads((out / f"result_{n}.json").read_text()) for n in (1, 2)]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["data_parallel", "fsdp", "fsdp_groups_of_2"])
 def test_two_processes_train_and_restore_like_one(two_jobs, mode):
     one, two = two_jobs
@@ -182,6 +183,7 @@ def test_two_processes_train_and_restore_like_one(two_jobs, mode):
                                                     "fsdp_groups_of_2": "P(None, 'fsdp')"}[mode]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["data_parallel", "fsdp", "fsdp_groups_of_2"])
 def test_no_process_gathers_from_another_beyond_the_steps_collectives(two_jobs, mode):
     two = two_jobs[1]
@@ -199,6 +201,7 @@ def test_no_process_gathers_from_another_beyond_the_steps_collectives(two_jobs, 
 # ---- the command as 2 processes ----
 
 
+@pytest.mark.subprocess
 def test_finetune_as_two_processes_is_one_job_with_one_set_of_outputs(tmp_path):
     base = tiny_llama_dir(tmp_path / "base")
     text = tmp_path / "play.txt"

@@ -5,11 +5,14 @@ import math
 import os
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 SCRIPT = Path(__file__).parent.parent / "experiments" / "gpu_check.sh"
 
 
+@pytest.mark.subprocess
 def test_dry_run_reports_tokens_per_second_and_mfu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}  # the interpreter running the tests
     out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=600)

@@ -357,7 +357,7 @@ def test_unrecognised_use_falls_back_with_warning_or_raises_when_strict():
 def test_lora_dropout_only_with_rng():
     params = {"w": jnp.zeros((64, 64))}
     adapters = jlora.init(params, rank=4, targets=["w"])
-    adapters["w"] = jlora.LoRA(jnp.ones((64, 4)), jnp.ones((4, 64)), 1.0)
+    adapters["w"] = jlora.LoRA(jnp.ones((64, 4)), jnp.ones((4, 64)), alpha=4.0)  # scaling alpha / r = 1
     x = jnp.ones((1, 64))
     adapted = jlora.adapt(lambda p, x: x @ p["w"], dropout=0.5)
     np.testing.assert_array_equal(adapted(params, adapters, x), jnp.full((1, 64), 256.0))

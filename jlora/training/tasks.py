@@ -43,11 +43,6 @@ def load_tasks(tokenizer, seq_len: int, paths: dict, valid_fraction: float | Non
 
     Returns:
       One :class:`Task` per entry of ``paths``, in order.
-
-    Example:
-      >>> tasks = load_tasks(tokenizer, 16, {"romeo": "romeo.txt", "hamlet": "hamlet.txt"}, 0.2)  # doctest: +SKIP
-      >>> [t.name for t in tasks]  # doctest: +SKIP
-      ['romeo', 'hamlet']
     """
     found = []
     for name, path in paths.items():
