@@ -18,7 +18,7 @@ from jlora.training.runinfo import RunInfo
 from jlora.cli import DEFAULT_BASE, UsageError, common
 from jlora.core.merge import merge
 from jlora.core.partition import split
-from jlora.interop import peft
+from jlora.interop import card, hf, peft
 from jlora.quant.quantize import dequantize
 
 
@@ -35,7 +35,7 @@ def run_report(checkpoint_path) -> dict:
 
 
 def card_facts(info: RunInfo, report, task=None) -> dict:
-    """The :func:`jlora.models.export.model_card` arguments a run's :class:`RunInfo` and run.json give."""
+    """The :func:`jlora.interop.card.model_card` arguments a run's :class:`RunInfo` and run.json give."""
     options = info.options
     data = (info.data or {}).get("train")
     key = "valid_perplexity" + (f"/{task}" if task else "")
@@ -50,12 +50,10 @@ def card_facts(info: RunInfo, report, task=None) -> dict:
 def save_merged(out, merged, adapters, config, tokenizer, base, dtype, facts) -> Path:
     """``merged`` (``jlora.merge(params, adapters)``) written to ``out`` in ``dtype`` with tokenizer,
     generation config and a model card describing ``adapters``."""
-    from jlora.models import export
-
-    export.save_hf(out, merged, config, dtype=dtype, tokenizer=tokenizer)
-    card = export.model_card(kind="merged", base=export.base_source(base), where=out, adapters=adapters,
-                             dtype=export.SAVE_DTYPES[dtype], **facts)
-    export.save_model_card(out, card)
+    hf.save_hf(out, merged, config, dtype=dtype, tokenizer=tokenizer)
+    text = card.model_card(kind="merged", base=card.base_source(base), where=out, adapters=adapters,
+                             dtype=hf.SAVE_DTYPES[dtype], **facts)
+    card.save_model_card(out, text)
     return Path(out)
 
 
@@ -70,12 +68,10 @@ def merge_cmd(args) -> int:
 
 
 def export_peft_cmd(args) -> int:
-    from jlora.models import export
-
     model, params, tokenizer, config, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
     base = args.base or info.base_name
     out = common.prepare_out(args.out, args.overwrite, base)
-    source = export.base_source(base)
+    source = card.base_source(base)
     facts = card_facts(info, run_report(args.checkpoint), args.task)
     reference, base_copy = source.reference, None
     if args.with_base is not None:
@@ -83,14 +79,14 @@ def export_peft_cmd(args) -> int:
         base_copy = (Path(args.with_base).expanduser() if args.with_base else out / "base").resolve()
         if base_copy.is_dir() and any(base_copy.iterdir()) and not args.overwrite:
             raise UsageError(f"--with-base: {base_copy} already holds files; pass --overwrite to replace them")
-        export.save_hf(base_copy, dequantize(params), config, dtype="float32", tokenizer=tokenizer)
-        export.save_model_card(base_copy, f"# {source.name}, as jlora trained on it\n\nThe base weights of the "
+        hf.save_hf(base_copy, dequantize(params), config, dtype="float32", tokenizer=tokenizer)
+        card.save_model_card(base_copy, f"# {source.name}, as jlora trained on it\n\nThe base weights of the "
                                f"adapter in {out.resolve()}, dequantised to float32 in Hugging Face's layout.\n")
         reference = str(base_copy)
     out = peft.export_peft(adapters, config, out, base_model_name_or_path=reference,
                                  use_rslora=facts["use_rslora"])
-    export.save_tokenizer(out, tokenizer, model_max_length=export.context_length(config))
-    export.save_model_card(out, export.model_card(kind="peft", base=source, where=out, adapters=adapters,
+    hf.save_tokenizer(out, tokenizer, model_max_length=hf.context_length(config))
+    card.save_model_card(out, card.model_card(kind="peft", base=source, where=out, adapters=adapters,
                                                   base_copy=base_copy, **facts))
     print(f"PEFT adapter written to {out} (base_model_name_or_path: {reference})", file=sys.stderr)
     return 0

@@ -3,7 +3,7 @@
 A jlora adapter trained in JAX loads with ``peft.PeftModel.from_pretrained`` on the matching transformers
 model, and a PEFT adapter trained in PyTorch becomes a jlora adapter tree for the same base. LoRA and DoRA
 (``use_dora``, a ``lora_magnitude_vector`` per weight) and (IA)³ (``peft_type`` ``'IA3'``) are read and
-written; other PEFT types are refused. Module names come from the model family's Hugging Face key map (``jlora.models.export.hf_names``), the one table the
+written; other PEFT types are refused. Module names come from the model family's Hugging Face key map (``jlora.interop.hf.hf_names``), the one table the
 loaders use too. Nothing is dropped quietly: every tensor of a file lands on a weight of the base or the
 import fails naming it, since a PEFT adapter whose names do not match is otherwise silently not applied.
 
@@ -29,7 +29,7 @@ from jlora.core.adapter import table
 from jlora.kinds.dora import DoRA
 from jlora.kinds.ia3 import IA3, INPUT, OUTPUT
 from jlora.kinds.lora import LoRA, scaling_for
-from jlora.models import export
+from jlora.interop import hf as export
 from jlora.core.partition import Trainable
 
 CONFIG_FILE = "adapter_config.json"
@@ -180,7 +180,7 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
       out_dir: created if needed; its adapter_config.json and adapter_model.safetensors are replaced.
       base_model_name_or_path: recorded for PEFT, whose ``AutoPeftModelForCausalLM`` loads the base from it: a
         hub id, or a directory (an absolute path; a relative one is read from the working directory).
-        ``jlora.models.export.base_source(name).reference`` gives it for a base jlora loads.
+        ``jlora.interop.card.base_source(name).reference`` gives it for a base jlora loads.
       use_rslora: LoRA only: ``None`` (the default) writes the adapters' own rule; True or False writes every
         alpha for that rule (rsLoRA's scaling = alpha / √r, or alpha / r), re-expressed from the scaling, which
         PEFT then divides back to within an ulp.
@@ -214,7 +214,7 @@ def export_peft(adapters, model_config, out_dir, *, base_model_name_or_path: str
             raise PeftFormatError(
                 f"the trainable state also trains base leaves {paths.fmt_paths(p for p, _ in paths.leaves(adapters.base))}, "
                 "which a PEFT adapter (bias='none') cannot carry; export the merged model with "
-                "jlora.models.export.save_hf instead"
+                "jlora.interop.hf.save_hf instead"
             )
         adapters = adapters.adapters
     found = table(adapters)

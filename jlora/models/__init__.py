@@ -6,20 +6,22 @@
 
 `load` accepts a known name (`KNOWN`), a `.gguf` file, or a Hugging Face directory with config.json
 (dispatched on its `model_type`). Each model file (`gpt2.py`, `llama.py`) reads top to bottom: config,
-blocks, model, and a loader with an explicit key map.
+blocks, model, and a loader with an explicit key map; `gguf.py` maps llama.cpp's files onto `llama.py`.
 """
 
 from pathlib import Path
 
 import jax.numpy as jnp
 
-from jlora.models import gpt2, llama
-from jlora.models.checkpoint import CheckpointError, read_config, read_gguf
+from jlora.core.errors import CheckpointError
+from jlora.models import gguf, gpt2, llama
+from jlora.models.checkpoint import read_config
 from jlora.models.fetch import FetchError, fetch_smollm2
 from jlora.models.generate import chat, complete, generate, penalize_repetition, sample_logits
 from jlora.models.gpt2 import GPT2, GPT2Config
 from jlora.models.llama import Llama, LlamaConfig
 from jlora.models.tokenizer import Tokenizer
+from jlora.quant import gguf as gguf_file
 from jlora.quant.quantize import quantize
 
 HF_LOADERS = {"gpt2": gpt2.from_pretrained, **{model_type: llama.from_pretrained for model_type in llama.VARIANTS}}
@@ -31,8 +33,8 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=jnp.float32):
     Returns:
       `(model, variables, tokenizer, config)`.
     """
-    metadata, tensors = read_gguf(path)
-    model, variables, config = llama.from_gguf(path, dtype=dtype, param_dtype=param_dtype, contents=(metadata, tensors))
+    metadata, tensors = gguf_file.read(path)
+    model, variables, config = gguf.from_gguf(path, dtype=dtype, param_dtype=param_dtype, contents=(metadata, tensors))
     return model, variables, Tokenizer.from_gguf_metadata(metadata), config
 
 
@@ -113,7 +115,7 @@ def quantize_base(name_or_path, variables, config, mode, *, dtype=jnp.float32):
     if not (path.is_file() and path.suffix == ".gguf"):
         raise ValueError(f"quantize 'gguf' keeps a GGUF file's blocks, but the base {str(name_or_path)!r} is not a "
                          "GGUF file; choose nf4, int4 or int8")
-    return llama.keep_gguf_blocks(path, variables, config, dtype=dtype)
+    return gguf.keep_blocks(path, variables, config, dtype=dtype)
 
 
 __all__ = ["load", "quantize_base", "load_gguf", "load_hf_dir", "chat", "complete", "generate", "penalize_repetition", "sample_logits", "Tokenizer", "GPT2", "GPT2Config",

@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A weight file is missing, unreadable, or does not fit the model its config describes."""
+from jlora.core.errors import CheckpointError
 
 
 def transpose(array):
@@ -71,35 +69,6 @@ def read_safetensors(directory):
             raise CheckpointError(f"{path} is not a readable safetensors file ({error}); "
                                   "it may be truncated: download or save it again.") from error
     return tensors
-
-
-def read_gguf(path):
-    """The metadata and dequantized tensors of a GGUF file.
-
-    Returns:
-      `(metadata, tensors)`: `{key: value}` for every metadata field (arrays as lists), and
-      `{name: float32 np.ndarray}` in torch layout (the reverse of the GGML dimension order).
-    """
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file {path} does not exist.")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as error:  # the reader raises bare ValueError/struct errors on bad files
-        raise CheckpointError(f"{path} is not a readable GGUF file ({type(error).__name__}: {error}); "
-                              "it may be truncated: fetch it again.") from error
-    metadata = {key: field.contents() for key, field in reader.fields.items()}
-    tensors = {}
-    for tensor in reader.tensors:
-        try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as error:
-            raise CheckpointError(f"{path}: tensor {tensor.name!r} uses quantization {tensor.tensor_type.name}, "
-                                  f"which the gguf package cannot dequantize ({error}).") from error
-        tensors[tensor.name] = np.asarray(array, np.float32)
-    return metadata, tensors
 
 
 def check_tied(tensors, head, embedding, source):

@@ -1,4 +1,6 @@
-"""Llama-family models (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma) in Flax, from Hugging Face or GGUF.
+"""Llama-family models (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma) in Flax, from Hugging Face.
+
+GGUF files of these families load through `jlora.models.gguf`.
 
 RMSNorm, rotary embeddings (Hugging Face's rotate_half layout), gated MLP, grouped-query attention,
 tied or untied output head. The families differ in a few small switches, all in `LlamaConfig`; what a
@@ -27,10 +29,9 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora.models import attention, layers
-from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_config, read_gguf, read_safetensors,
+from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_config, read_safetensors,
                                      transpose)
 
 
@@ -55,8 +56,6 @@ VARIANTS = {
     "gemma": ("GemmaForCausalLM", {"norm_unit_offset": True, "scale_embeddings": True}),
 }
 FIXED_BY_MODEL_TYPE = ("model_type", "qkv_bias", "qk_norm", "norm_unit_offset", "scale_embeddings")
-# llama.cpp's general.architecture -> model_type. It writes Mistral as "llama" and has no Mistral window.
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
 ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": partial(nn.gelu, approximate=True),
                "gelu": partial(nn.gelu, approximate=False)}
 
@@ -169,50 +168,6 @@ class LlamaConfig:
         if self.model_type in ("qwen2", "qwen3"):
             fields["use_sliding_window"] = False
         return fields
-
-    @classmethod
-    def from_gguf(cls, metadata, tensor_names, rope_freqs=None):
-        """The config a GGUF file's `{arch}.*` metadata describes; tied when the file has no `output.weight`.
-
-        `rope_freqs`: the file's `rope_freqs.weight` (llama.cpp's form of Llama 3.x's rope scaling), if any.
-        """
-        arch = metadata.get("general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
-            raise NotImplementedError(f"GGUF architecture is {arch!r}; jlora.models.llama reads "
-                                      f"{sorted(GGUF_ARCHITECTURES)}.")
-        model_type = GGUF_ARCHITECTURES[arch]
-        get = lambda key, default=None: metadata.get(f"{arch}.{key}", default)
-        heads = get("attention.head_count")
-        head_dim = get("attention.key_length") or get("embedding_length") // heads
-        if get("rope.dimension_count", head_dim) != head_dim:
-            raise NotImplementedError(f"GGUF rope.dimension_count={get('rope.dimension_count')} differs from "
-                                      f"head_dim={head_dim}; partial rotary embeddings are not implemented.")
-        if get("rope.scaling.type", "none") not in ("none", None):
-            raise NotImplementedError(f"GGUF uses rope scaling {get('rope.scaling.type')!r}; only the default rotary "
-                                      "embedding and Llama 3's rope_freqs are implemented.")
-        if get("attention.sliding_window") is not None:
-            raise NotImplementedError(f"GGUF has {arch}.attention.sliding_window; sliding windows are read from "
-                                      "Hugging Face directories only.")
-        return cls(
-            vocab_size=get("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
-            hidden_size=get("embedding_length"),
-            intermediate_size=get("feed_forward_length"),
-            num_hidden_layers=get("block_count"),
-            num_attention_heads=heads,
-            num_key_value_heads=get("attention.head_count_kv", heads),
-            head_dim=head_dim,
-            max_position_embeddings=get("context_length"),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_freq_factors=None if rope_freqs is None else tuple(float(f) for f in rope_freqs),
-            attention_bias="blk.0.attn_output.bias" in tensor_names,
-            hidden_act="gelu_pytorch_tanh" if model_type == "gemma" else "silu",
-            tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
-            model_type=model_type,
-            **VARIANTS[model_type][1],
-        )
 
 
 init = nn.initializers.normal(0.02)
@@ -490,91 +445,6 @@ def hf_key_map(config):
     return key_map
 
 
-def unpermute_rope(weight, num_heads):
-    """Undo the row permutation llama.cpp's converter applies to q/k weights (and biases).
-
-    The converter turns HF's rotate_half layout into interleaved pairs with
-    `w.reshape(n, 2, d // n // 2, *rest).swapaxes(1, 2)`; this is its inverse.
-    """
-    rows = weight.shape[0]
-    pairs = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-    return pairs.swapaxes(1, 2).reshape(weight.shape)
-
-
-def gguf_key_map(config):
-    """`{gguf_name: (param_path, transform)}` for a llama.cpp GGUF (tensors dequantized, in torch layout).
-
-    llama.cpp's converter permutes q/k rows for the Llama architecture only, and stores Gemma's norm weights
-    plus one (its (1 + w) folded in); both are undone here.
-    """
-    c = config
-    permuted = c.model_type in ("llama", "mistral")
-    q = (lambda w: unpermute_rope(w, c.num_attention_heads)) if permuted else None
-    k = (lambda w: unpermute_rope(w, c.num_key_value_heads)) if permuted else None
-    norm = (lambda w: w - 1.0) if c.norm_unit_offset else None
-    t = lambda f: transpose if f is None else (lambda w: f(w).T)
-    key_map = {
-        "token_embd.weight": ("embed_tokens/embedding", None),
-        "output_norm.weight": ("norm/weight", norm),
-    }
-    if not c.tie_word_embeddings:
-        key_map["output.weight"] = ("lm_head/kernel", transpose)
-    for i in range(c.num_hidden_layers):
-        gg, ours = f"blk.{i}", f"layers_{i}"
-        key_map.update({
-            f"{gg}.attn_norm.weight": (f"{ours}/input_layernorm/weight", norm),
-            f"{gg}.ffn_norm.weight": (f"{ours}/post_attention_layernorm/weight", norm),
-            f"{gg}.attn_q.weight": (f"{ours}/self_attn/q_proj/kernel", t(q)),
-            f"{gg}.attn_k.weight": (f"{ours}/self_attn/k_proj/kernel", t(k)),
-            f"{gg}.attn_v.weight": (f"{ours}/self_attn/v_proj/kernel", transpose),
-            f"{gg}.attn_output.weight": (f"{ours}/self_attn/o_proj/kernel", transpose),
-            f"{gg}.ffn_gate.weight": (f"{ours}/mlp/gate_proj/kernel", transpose),
-            f"{gg}.ffn_up.weight": (f"{ours}/mlp/up_proj/kernel", transpose),
-            f"{gg}.ffn_down.weight": (f"{ours}/mlp/down_proj/kernel", transpose),
-        })
-        if c.qk_norm:
-            key_map[f"{gg}.attn_q_norm.weight"] = (f"{ours}/self_attn/q_norm/weight", None)
-            key_map[f"{gg}.attn_k_norm.weight"] = (f"{ours}/self_attn/k_norm/weight", None)
-        if c.attention_bias or c.qkv_bias:
-            key_map.update({
-                f"{gg}.attn_q.bias": (f"{ours}/self_attn/q_proj/bias", q),
-                f"{gg}.attn_k.bias": (f"{ours}/self_attn/k_proj/bias", k),
-                f"{gg}.attn_v.bias": (f"{ours}/self_attn/v_proj/bias", None),
-            })
-        if c.attention_bias:
-            key_map[f"{gg}.attn_output.bias"] = (f"{ours}/self_attn/o_proj/bias", None)
-    return key_map
-
-
-def keep_gguf_blocks(path, variables, config, *, dtype=jnp.float32):
-    """`variables` with every weight the GGUF file ships in Q4_0, Q4_1 or Q8_0 replaced by those blocks as
-    shipped (`jlora.Quantized` leaves), rather than dequantized; other weights stay as they are.
-
-    llama.cpp permutes the rows of attn_q/attn_k for its rotary layout; blocks run along a row (the input
-    dimension), so the permutation is undone by moving whole rows with their scales.
-    """
-    import gguf
-
-    from jlora.quant.quantize import from_gguf_blocks
-
-    key_map = gguf_key_map(config)
-    rows = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    params = dict(variables["params"])
-    flat = {}
-    for tensor in gguf.GGUFReader(path).tensors:
-        kind = tensor.tensor_type.name.lower()
-        if kind not in ("q4_0", "q4_1", "q8_0") or tensor.name not in key_map:
-            continue
-        target, transform = key_map[tensor.name]
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # torch (out, in)
-        heads = rows.get(tensor.name.split(".")[-2])
-        order = None if heads is None else unpermute_rope(np.arange(shape[0]), heads)
-        flat[target] = from_gguf_blocks(tensor.data, kind, shape, dtype, order, transposed=transform is not None)
-    nested = jax.tree_util.tree_map_with_path(
-        lambda keypath, leaf: flat.get("/".join(k.key for k in keypath), leaf), params)
-    return {**variables, "params": nested}
-
-
 def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
     """Load a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Gemma directory (config.json + safetensors).
 
@@ -595,24 +465,4 @@ def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
     if config.tie_word_embeddings:
         check_tied(tensors, "lm_head.weight", "model.embed_tokens.weight", directory)
     variables = assign(tensors, hf_key_map(config), expected, source=directory, param_dtype=param_dtype, ignore=ignore)
-    return model, variables, config
-
-
-def from_gguf(path, *, dtype=jnp.float32, param_dtype=jnp.float32, contents=None):
-    """Load a llama.cpp GGUF file, dequantizing every tensor to float32 first.
-
-    Args:
-      path: the .gguf file.
-      dtype: compute dtype. param_dtype: dtype the weights are stored in.
-      contents: `(metadata, tensors)` from `checkpoint.read_gguf(path)`, to avoid reading the file twice.
-
-    Returns:
-      `(model, variables, config)`.
-    """
-    metadata, tensors = contents if contents is not None else read_gguf(path)
-    config = LlamaConfig.from_gguf(metadata, tensors.keys(), tensors.get("rope_freqs.weight"))
-    model = Llama(config, dtype=dtype, param_dtype=param_dtype)
-    expected = param_shapes(model, jnp.zeros((1, 1), jnp.int32))
-    variables = assign(tensors, gguf_key_map(config), expected, source=path, param_dtype=param_dtype,
-                       ignore=lambda name: name == "rope_freqs.weight")
     return model, variables, config

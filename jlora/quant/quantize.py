@@ -17,7 +17,7 @@ Formats (``Quantized.format``), each a pair of functions in :data:`FORMATS`:
 - ``int8``: symmetric 8-bit integers -127..127 times absmax / 127 per output channel (one block
   the length of the whole input axis).
 - ``q4_0``, ``q4_1``, ``q8_0``: llama.cpp's GGUF blocks of 32 as shipped (float16 scale, and a
-  float16 minimum for ``q4_1``), from :func:`from_gguf_blocks`.
+  float16 minimum for ``q4_1``), from :func:`jlora.quant.gguf.blocks`.
 """
 
 from __future__ import annotations
@@ -368,37 +368,3 @@ def dequantize(params):
 def nbytes(params) -> int:
     """Bytes ``params`` holds: quantised leaves count their codes and scales."""
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params) if hasattr(x, "size"))
-
-
-def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple, dtype=jnp.float32, row_order=None,
-                     transposed: bool = True) -> Quantized:
-    """A GGUF tensor's blocks as shipped, as the :class:`Quantized` of its transpose ``(in, out)``
-    (a kernel), or with ``transposed=False`` of the torch-layout ``(out, in)`` itself (an embedding).
-
-    Args:
-      raw: the tensor's bytes as ``gguf.GGUFReader`` gives them, ``(out, in / 32 * bytes per block)``.
-      kind: ``'q4_0'``, ``'q4_1'`` or ``'q8_0'``.
-      shape: the torch shape ``(out, in)``.
-      dtype: the dense dtype :meth:`Quantized.dense` returns.
-      row_order: optional permutation of the ``out`` rows (llama.cpp's Q/K rope permutation undone);
-        blocks run along ``in``, so whole rows move with their scales.
-    """
-    out_dim, in_dim = shape
-    raw = np.asarray(raw, np.uint8).reshape(out_dim, in_dim // 32, -1)
-    if row_order is not None:
-        raw = raw[np.asarray(row_order)]
-    scales = raw[..., :2].copy().view(np.float16)[..., 0]
-    arrays = {"scales": jnp.asarray(scales)}
-    if kind == "q4_1":
-        arrays["mins"] = jnp.asarray(raw[..., 2:4].copy().view(np.float16)[..., 0])
-        arrays["values"] = jnp.asarray(raw[..., 4:])
-    elif kind == "q4_0":
-        arrays["values"] = jnp.asarray(raw[..., 2:])
-    elif kind == "q8_0":
-        arrays["values"] = jnp.asarray(raw[..., 2:].copy().view(np.int8))
-    else:
-        raise ValueError(f"GGUF block kind {kind!r} is not kept as shipped; known: q4_0, q4_1, q8_0")
-    # Torch (out, in) with blocks along in is our (in, out) kernel with blocks along axis 0.
-    if transposed:
-        return Quantized(arrays, kind, (in_dim, out_dim), jnp.dtype(dtype), 0, 32)
-    return Quantized(arrays, kind, (out_dim, in_dim), jnp.dtype(dtype), 1, 32)

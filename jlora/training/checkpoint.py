@@ -20,14 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.core import adapter, paths
+from jlora.core.errors import CheckpointError
 from jlora import kinds  # noqa: F401 - registers the bundled kinds, which restoring a checkpoint looks up by name
 from jlora.training import step as train
 from jlora.core.partition import Trainable, trainable_base_paths
 from jlora import __version__
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, or does not fit the base model or settings it is restored into."""
 
 
 class DamagedCheckpoint(CheckpointError):

@@ -12,7 +12,9 @@ import pytest
 
 import jlora
 from helpers import trained
-from jlora.models import Tokenizer, complete, export, llama
+from jlora.interop import card
+from jlora.interop import hf as export
+from jlora.models import Tokenizer, complete, llama
 from tiny import random_variables, tiny_tokenizer
 
 TEXTS = ["ROMEO: But soft, what light", "In 2024, 12345 apples", "naïve café 🙂\n\tx = 1",
@@ -134,22 +136,22 @@ def test_an_unknown_export_dtype_is_refused_before_anything_is_written(tmp_path)
 
 
 def test_base_source_names_the_hub_id_the_directory_or_the_gguf_quantisation(tmp_path):
-    assert export.base_source("SmolLM2-135M") == export.BaseSource(
+    assert card.base_source("SmolLM2-135M") == card.BaseSource(
         "SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct", None, "Q4_1")
-    assert export.base_source(jlora.models.fetch_smollm2()).gguf_type == "Q4_1"
+    assert card.base_source(jlora.models.fetch_smollm2()).gguf_type == "Q4_1"
     (tmp_path / "base").mkdir()
-    source = export.base_source(tmp_path / "base")
+    source = card.base_source(tmp_path / "base")
     assert (source.directory, source.reference) == (tmp_path / "base", str(tmp_path / "base"))
-    assert export.base_source("nowhere").reference == "nowhere"
+    assert card.base_source("nowhere").reference == "nowhere"
 
 
 def test_model_cards_state_the_training_and_warn_when_the_peft_base_is_not_the_one_trained_on():
     variables = random_variables(llama.Llama(llama.LlamaConfig(vocab_size=64, **TINY)))
     adapters = jlora.init(variables, rank=4, alpha=8.0, targets=["q_proj", "v_proj"])
-    source = export.base_source("smollm2-135m")
+    source = card.base_source("smollm2-135m")
     facts = dict(base=source, adapters=adapters, data=["play.txt"], steps=3, perplexity=(68.49, 47.7234),
                  command="jlora finetune --rank 4 --alpha 8 --data play.txt")
-    merged = export.model_card(kind="merged", where="runs/x/merged", dtype="bfloat16", **facts)
+    merged = card.model_card(kind="merged", where="runs/x/merged", dtype="bfloat16", **facts)
     for row in ["| base | `smollm2-135m` (HuggingFaceTB/SmolLM2-135M-Instruct), the GGUF file's Q4_1 weights "
                 "dequantised to float |", "| method | lora |", "| rank | 4 |", "| alpha | 8 |",
                 "| targets | q_proj, v_proj (4 weights) |", "| data | play.txt |", "| steps | 3 |",
@@ -158,11 +160,11 @@ def test_model_cards_state_the_training_and_warn_when_the_peft_base_is_not_the_o
                 'generate = pipeline("text-generation", model="runs/x/merged")', "base_model: HuggingFaceTB/SmolLM2-135M-Instruct"]:
         assert row in merged.splitlines(), row
     assert "--with-base" not in merged
-    peft_card = export.model_card(kind="peft", where="out", **facts)
+    peft_card = card.model_card(kind="peft", where="out", **facts)
     assert 'model = AutoPeftModelForCausalLM.from_pretrained("out")' in peft_card
     assert "jlora trained this adapter on `smollm2-135m` (HuggingFaceTB/SmolLM2-135M-Instruct), the GGUF file's Q4_1" in peft_card
     assert "`jlora export-peft RUN OUT --with-base`" in peft_card
-    with_base = export.model_card(kind="peft", where="out", base_copy="/abs/out/base", **facts)
+    with_base = card.model_card(kind="peft", where="out", base_copy="/abs/out/base", **facts)
     assert "--with-base" not in with_base and "`base_model_name_or_path` is `/abs/out/base`" in with_base
     with pytest.raises(ValueError, match="kind 'gguf' is not an export jlora writes; choose 'merged' or 'peft'"):
-        export.model_card(kind="gguf", where="out", **facts)
+        card.model_card(kind="gguf", where="out", **facts)

@@ -284,7 +284,7 @@ def write_llama_cpp_gguf(path, name, theirs):
 def test_gguf_written_like_llama_cpp_gives_transformers_logits(hf_base, tmp_path, name):
     _, theirs, _, hf_variables, hf_config = hf_base(name)
     write_llama_cpp_gguf(tmp_path / "tiny.gguf", name, theirs)
-    model, variables, config = llama.from_gguf(tmp_path / "tiny.gguf")
+    model, variables, config = jlora.models.gguf.from_gguf(tmp_path / "tiny.gguf")
     assert (config.model_type, config.tie_word_embeddings, config.head_dim) == (
         hf_config.model_type, hf_config.tie_word_embeddings, hf_config.head_dim)
     ours = np.asarray(jax.jit(model.apply)(variables, jnp.array(TOKENS)))
@@ -325,7 +325,7 @@ def test_gguf_tokenizer_splits_as_transformers_gguf_tokenizer(tmp_path, arch, pr
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    metadata, _ = jlora.models.checkpoint.read_gguf(tmp_path / "t.gguf")
+    metadata, _ = jlora.quant.gguf.read(tmp_path / "t.gguf")
     ours = jlora.models.Tokenizer.from_gguf_metadata(metadata)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
     for text in ["hello world 12345 x1y22z4444", "it's I'LL  spaced\n\n\tlines  ", "naïve 東京 🙂!!\r\n", "<|im_start|>hello"]:

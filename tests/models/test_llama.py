@@ -12,7 +12,8 @@ from tokenizers import pre_tokenizers
 import jlora.models
 import tiny
 from jlora.models import CheckpointError, Llama, LlamaConfig, generate
-from jlora.models.llama import hf_key_map, rope, unpermute_rope
+from jlora.models.gguf import unpermute_rope
+from jlora.models.llama import hf_key_map, rope
 
 GQA = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-5)
@@ -341,8 +342,33 @@ def test_gguf_with_a_different_architecture_is_refused(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(NotImplementedError, match=r"GGUF architecture is 'phi3'; jlora.models.llama reads \['gemma', 'llama', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(NotImplementedError, match=r"GGUF architecture is 'phi3'; jlora.models.gguf reads \['gemma', 'llama', 'qwen2', 'qwen3'\]"):
         jlora.models.load(tmp_path / "g.gguf")
+
+
+def test_gguf_lacking_a_key_the_shape_needs_is_one_error_naming_file_and_key(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "short.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)  # no feed_forward_length
+    writer.add_token_list(TOKENS)
+    writer.add_tensor("token_embd.weight", np.zeros((len(TOKENS), 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"short\.gguf: GGUF metadata lacks llama\.feed_forward_length, which "
+                                              r"the model's shape needs"):
+        jlora.models.load(tmp_path / "short.gguf")
+    metadata = {"general.architecture": "qwen2", "qwen2.attention.head_count": "two"}
+    with pytest.raises(CheckpointError, match=r"^x\.gguf: GGUF metadata qwen2\.attention\.head_count is 'two', "
+                                              r"not a number\.$"):
+        jlora.models.gguf.config_from_gguf(metadata, [], source="x.gguf")
+    metadata = {"general.architecture": "qwen2", "qwen2.attention.head_count": 2, **{f"qwen2.{k}": 16 for k in (
+        "embedding_length", "feed_forward_length", "block_count", "context_length", "attention.layer_norm_rms_epsilon")}}
+    with pytest.raises(CheckpointError, match=r"neither qwen2\.vocab_size nor tokenizer\.ggml\.tokens"):
+        jlora.models.gguf.config_from_gguf(metadata, [], source="x.gguf")
+    assert jlora.models.gguf.config_from_gguf({**metadata, "qwen2.vocab_size": 16}, []).vocab_size == 16
 
 
 def test_gguf_with_an_unknown_pre_tokenizer_is_refused():
