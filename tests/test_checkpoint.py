@@ -46,6 +46,7 @@ def steps(model, frozen, state, dataset, start, stop):
     return state
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_resume_is_bitwise_equal_to_a_straight_run(setup, tmp_path):
     model, params, dataset = setup
     frozen, state = fresh(params)
@@ -132,6 +133,7 @@ def test_sigkill_mid_save_keeps_the_last_complete_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("kind, bias", [("lora", "lora_only"), ("dora", "none"), ("ia3", "all")])
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_a_checkpoint_restores_with_no_template_or_options(setup, tmp_path, kind, bias):
     model, params, dataset = setup
     config = train.TrainConfig(max_steps=2, warmup_steps=1, batch_size=4, lora_plus_ratio=4.0)
@@ -150,6 +152,7 @@ def test_a_checkpoint_restores_with_no_template_or_options(setup, tmp_path, kind
 LEGACY = Path(__file__).parent / "data" / "checkpoint-0.1"
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_a_checkpoint_of_jlora_0_1_restores_from_its_options(tmp_path):
     # Written by jlora 0.1's code (tests/data/README.md): its metadata names the kind and init options only.
     model = GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))

@@ -54,6 +54,7 @@ def test_init_sets_m_to_the_column_norms_and_leaves_the_weight_unchanged():
         ((2, 6, 10), {"in_axes": 2}, (0, 1)),  # an output projection (heads, head_dim, out)
     ],
 )
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_merge_follows_the_dora_formula(shape, options, norm_axes):
     rng = np.random.default_rng(1)
     w = rng.normal(size=shape)
@@ -71,6 +72,7 @@ def test_merge_follows_the_dora_formula(shape, options, norm_axes):
     np.testing.assert_allclose(jlora.unmerge(jlora.merge(params, adapters), adapters)["w"], w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_gradients_treat_the_norm_as_a_constant_as_peft_does():
     rng = np.random.default_rng(2)
     w, x = rng.normal(size=(6, 5)), rng.normal(size=(4, 6))
@@ -94,12 +96,14 @@ def test_gradients_treat_the_norm_as_a_constant_as_peft_does():
     assert not np.any(grads.base_norm)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_adapt_equals_model_of_merged_params(tiny):
     kind, model, params, tokens = tiny
     adapters = trained(dora.init(params, rank=4, targets=LINEAR[kind]))
     assert_adapt_equals_merge(model.apply, params, adapters, tokens)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_adapt_of_a_transposed_use_and_stacked_layers():
     class Layer(nn.Module):
         @nn.compact
@@ -123,6 +127,7 @@ def test_adapt_of_a_transposed_use_and_stacked_layers():
 # ---- unmerge ----
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_unmerge_recovers_the_base(tiny):
     kind, _, params, _ = tiny
     adapters = trained(dora.init(params, rank=4, targets=LINEAR[kind]), std=0.1)

@@ -72,6 +72,7 @@ class MlpBlock(nn.Module):
         return nn.Dense(x.shape[-1])(h)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_flax_example_names_key_value_and_the_mlp_blocks_second_dense():
     model, x = FlaxExampleBlock(), jax.random.normal(jax.random.key(1), (2, 5, 16))
     params = jax.jit(model.init)(jax.random.key(0), x)
@@ -120,6 +121,7 @@ def test_at_init_the_model_is_unchanged(tiny):
     assert_trees_close(adapted(params, ia3.init(params), tokens), jax.jit(model.apply)(params, tokens))
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_adapt_equals_model_of_merged_params(tiny):
     model, params, tokens = tiny
     assert_adapt_equals_merge(model.apply, params, trained(ia3.init(params), std=STD), tokens)
@@ -167,6 +169,7 @@ def test_unmerge_refuses_a_vector_entry_too_close_to_zero():
         jlora.unmerge(merged, adapters)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_optimizer_updates_only_the_vectors():
     rng = np.random.default_rng(0)
     params = {name: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32), "bias": jnp.zeros(shape[1])}

@@ -228,6 +228,7 @@ class LinenAttention(nn.Module):
         return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out_general")(out)  # (h, hd, d)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_linen_output_is_unchanged_at_init():
     model = LinenAttention()
     x = normal(1, 2, 5, 8)

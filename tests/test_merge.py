@@ -75,6 +75,7 @@ def build(case):
 
 
 # Every layout in both dtypes, a few drawn shapes, ranks and scalings each (about 25 in all).
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @settings(max_examples=3, deadline=None, derandomize=True)

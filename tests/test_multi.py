@@ -42,6 +42,7 @@ def five_examples():
     return jnp.concatenate([tokens, tokens[::-1], tokens[:1]])  # 5 rows: the first and last are the same tokens
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 @pytest.mark.parametrize("kind", KINDS)
 def test_mixed_batch_equals_each_adapter_alone_in_values_and_gradients(kind):
     model, params, _ = jax_model("llama")
@@ -88,6 +89,7 @@ def test_padded_ranks_contribute_exactly_zero():
     assert jax.tree.all(jax.tree.map(np.array_equal, jlora.unstack(stacked, like=[small, large]), [small, large]))
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_hot_swap_and_loading_a_free_slot_do_not_recompile():
     model, params, tokens = jax_model("llama")
     first, second, third = three_adapters("lora", params)
@@ -104,6 +106,7 @@ def test_hot_swap_and_loading_a_free_slot_do_not_recompile():
     assert step._cache_size() == compiled == 1
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_stacked_layers_take_an_adapter_axis_before_the_layer_axis():
     params = {"layers": {"kernel": normal(0, 3, 8, 8)}}  # 3 layers run by lax.scan
 
@@ -120,6 +123,7 @@ def test_stacked_layers_take_an_adapter_axis_before_the_layer_axis():
         assert_trees_close(mixed[row : row + 1], want)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_generation_with_one_adapter_per_sequence():
     model, params, tokens = jax_model("gpt2")
     adapters = three_adapters("lora", params)[:2]
@@ -174,6 +178,7 @@ def test_batch_axis_per_argument():
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_ranks_pad_through_the_kind_keeping_scaling_and_unstack_gives_back_alpha(kind):
     params = {"w": normal(0, 8, 6)}
     init = jlora.adapter.kind(kind).create

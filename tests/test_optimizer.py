@@ -63,6 +63,7 @@ def test_labels_name_a_b_base_and_frozen():
     assert got[1].base == {"query": {"bias": "base"}, "value": {"bias": "base"}}
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_adamw_on_params_and_adapters_moves_only_the_adapters():
     params, adapters, x, y = setup()
     tx = jlora.optimizer(optax.adamw(1e-2, weight_decay=0.1))

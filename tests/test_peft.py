@@ -53,6 +53,7 @@ def assert_same_adapters(ours, theirs):
 # ---- round trip and the written config (no torch needed) ----
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha/r", "rslora"])
 @pytest.mark.parametrize("config, init", [(GPT2, GPT2_ADAPTERS), (LLAMA, LLAMA_ADAPTERS)], ids=["gpt2", "llama"])
 def test_jlora_peft_jlora_round_trip_is_bitwise(tmp_path, config, init, use_rslora):
@@ -241,6 +242,7 @@ def test_export_refuses_what_peft_would_compute_differently(tmp_path):
 
 @pytest.mark.parametrize("config, targets", [(GPT2, ["c_attn", "c_fc", "c_proj"]), (LLAMA, ["q_proj", "v_proj", "lm_head"])],
                          ids=["gpt2", "llama"])
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_dora_round_trip_is_bitwise(tmp_path, config, targets):
     params = jax.tree.map(lambda s: jnp.full(s.shape, 0.1, s.dtype) + jnp.arange(s.shape[-1]) / 100, abstract_params(config))
     adapters = trained(dora.init(params, rank=4, alpha=8.0, targets=targets, rank_pattern={targets[0]: 2}))

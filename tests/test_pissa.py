@@ -45,6 +45,7 @@ def test_factors_are_the_principal_singular_part(alpha, use_rslora, scaling):
     np.testing.assert_allclose(jlora.merge(residual, adapters)["proj"]["kernel"], w, atol=1e-5)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_stacked_and_multi_axis_weights_take_one_svd_per_layer_of_the_flattened_matrix():
     rng = np.random.default_rng(1)
     stacked, general = rng.normal(size=(3, 10, 6)), rng.normal(size=(10, 2, 4))  # (L, in, out), (in, heads, dim)
@@ -57,6 +58,7 @@ def test_stacked_and_multi_axis_weights_take_one_svd_per_layer_of_the_flattened_
     assert_trees_close(jlora.merge(residual, adapters), params, tol=1e-6)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_residual_plus_adapters_is_the_base_model(tiny):
     kind, model, params, tokens = tiny
     residual, adapters = pissa.init(params, rank=4, targets=LINEAR[kind])

@@ -33,6 +33,7 @@ def test_nf4_levels_are_the_papers_table():
     ("int4", lambda absmax: absmax / 7 / 2),
     ("int8", lambda absmax: absmax / 127 / 2),
 ])
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_round_trip_error_is_within_half_a_step_of_each_block(fmt, bound):
     w = normal(0, 256, 48)
     back = jlora.dequantize(jlora.quantize({"w": w}, fmt, block_size=64))["w"]
@@ -163,6 +164,7 @@ def test_count_params_counts_a_quantised_weight_by_its_shape_and_bytes():
 # ---- stacked layers (nn.scan): a quantised base stacks per layer and is dequantised one layer at a time ----
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_stacked_quantized_weights_unstack_to_the_same_arrays_and_dequantise_per_layer():
     model, variables, _ = jax_model("llama")
     qparams = jlora.quantize(variables, "nf4", block_size=16)
@@ -207,6 +209,7 @@ def scanned_quantized_llama(quantized_llama):
     return model.clone(scan=True, remat="full"), layers.stack_layers(qparams), layers.stack_layers(adapters)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_a_scanned_quantised_base_equals_the_unrolled_one_and_the_dequantised_merge(quantized_llama,
                                                                                     scanned_quantized_llama):
     model, qparams, adapters, tokens = quantized_llama

@@ -68,6 +68,7 @@ def test_fsdp_sharded_base_gives_the_same_step(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.device_get(state.trainable), one.trainable)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_accumulation_averages_micro_batch_gradients(setup):
     model, _, frozen, trainable, batch = setup
     sgd = jlora.optimizer(optax.sgd(1.0))
@@ -97,6 +98,7 @@ def test_schedule_warms_up_from_the_first_step_then_decays_to_zero():
     assert float(cosine(5)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_the_first_step_trains_at_a_positive_rate_and_reports_a_finite_grad_norm(setup):
     model, params, frozen, trainable, batch = setup
     config = train.TrainConfig(max_steps=10, warmup_steps=5, batch_size=8, learning_rate=1e-2, grad_clip=0.0)
@@ -164,6 +166,7 @@ def test_a_batch_the_devices_cannot_share_is_refused(setup):
         train.shard_batch(jax.tree.map(lambda x: x[:6], batch), train.mesh())
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 @pytest.mark.parametrize("kind, head", [("llama", "lm_head"), ("gpt2", "wte")])
 def test_chunked_loss_equals_the_full_loss_with_lora_on_the_head(kind, head):
     """Untied lm_head (Llama) and tied embeddings (GPT-2) both train through the chunked head; 8
@@ -213,6 +216,7 @@ def test_step_with_a_chunked_head_equals_the_step_without(setup):
     assert_trees_close(got[0].trainable, want[0].trainable, tol=1e-6)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_bf16_base_trains_float32_adapters_optimizer_state_and_loss(setup):
     model, params, _, _, batch = setup
     config = train.TrainConfig(max_steps=3, batch_size=8, loss_chunk=4)

@@ -27,6 +27,7 @@ def plain_params():
     }
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_plain_matmuls():
     params = plain_params()
 
@@ -109,6 +110,7 @@ def test_under_jit_and_with_control_flow():
     )
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_nested_jit_checkpoint_cond_custom_vjp_and_fori():
     @jax.custom_vjp
     def double(x):
@@ -182,6 +184,7 @@ def gpt():
 ALL_LINEAR = ["c_attn", "c_proj", "c_fc", "mlp_proj"]
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_gpt_all_linear_layers(gpt):
     model, params, tokens = gpt
     adapters = trained(jlora.init(params, rank=4, targets=ALL_LINEAR))
@@ -189,6 +192,7 @@ def test_gpt_all_linear_layers(gpt):
     assert_adapt_equals_merge(model.apply, params, adapters, tokens)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_tied_embedding_lookup_and_head(gpt):
     """One table used by a lookup and, transposed, as the output head: in plain jnp and in a linen GPT."""
     params = plain_params()
@@ -212,6 +216,7 @@ def test_at_init_output_is_unchanged(gpt):
     np.testing.assert_array_equal(jlora.adapt(model.apply)(params, adapters, tokens), model.apply(params, tokens))
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_under_jit_grad_vmap_checkpoint(gpt):
     model, params, tokens = gpt
     adapters = trained(jlora.init(params, rank=4, targets=ALL_LINEAR))
@@ -256,6 +261,7 @@ class LinenModel(nn.Module):
         return embed.attend(x)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_dense_general_3d_kernels_embedding_and_tied_head():
     model = LinenModel()
     ids = jnp.array([[1, 5, 12, 0], [3, 3, 8, 2]])
@@ -285,6 +291,7 @@ class ScannedLayers(nn.Module):
         return x
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_scan_over_stacked_layers():
     model = ScannedLayers()
     x = normal(10, 2, 6)
@@ -369,6 +376,7 @@ def test_lora_dropout_only_with_rng():
     assert not np.array_equal(dropped, adapted(params, adapters, x, lora_rng=jax.random.key(1)))
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_adapters_that_do_not_fit_are_refused_with_the_path(gpt):
     params = plain_params()
     adapters = jlora.init(params, rank=2)
@@ -410,6 +418,7 @@ def _flops(fn, *args):
     return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_factored_step_needs_fewer_flops_than_merged():
     model = GPT(vocab=64, d=64, heads=4, layers=2)
     tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 64)

@@ -42,6 +42,7 @@ def test_the_first_query_sees_only_its_own_key():
     np.testing.assert_allclose(got[0, 0], values[0, 0].reshape(-1), atol=1e-6)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 @pytest.mark.parametrize("block", [2, 3])  # 3 does not divide 7: the last block is padded
 def test_blocked_attention_equals_dense_in_values_and_gradients(block):
     queries, keys, values = normal(0, 2, 7, 4, 8), normal(1, 2, 7, 2, 8), normal(2, 2, 7, 2, 8)
@@ -57,6 +58,7 @@ def test_blocked_attention_equals_dense_in_values_and_gradients(block):
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_the_cache_holds_earlier_positions_so_one_step_equals_the_full_sequence():
     keys, values, queries = normal(1, 2, 5, 2, 8), normal(2, 2, 5, 2, 8), normal(0, 2, 5, 4, 8)
     cache = attention.init_cache(["h_0"], 2, 8, 2, 8, jnp.float32)

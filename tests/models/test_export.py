@@ -41,6 +41,7 @@ def variables_of(config, param_dtype=jnp.float32):
     return random_variables(export.family(config).model(config, param_dtype=param_dtype))
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_saved_directory_loads_back_bitwise(tmp_path, name, param_dtype):

@@ -135,6 +135,7 @@ def test_an_unknown_export_dtype_is_refused_before_anything_is_written(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_base_source_names_the_hub_id_the_directory_or_the_gguf_quantisation(tmp_path):
     assert card.base_source("SmolLM2-135M") == card.BaseSource(
         "SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct", None, "Q4_1")

@@ -50,6 +50,7 @@ def test_param_paths_are_hugging_face_names_with_2d_kernels():
     assert shapes == expected
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_logits_are_float32_batch_by_time_by_vocab_and_head_is_tied():
     model = GPT2(CONFIG)
     variables = random_variables(model)
@@ -85,6 +86,7 @@ def test_cached_steps_equal_full_forward_passes():
     assert int(cache["index"]) == 8
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_greedy_generation_equals_recomputing_the_whole_sequence_each_token():
     model = GPT2(CONFIG)
     variables = random_variables(model)

@@ -23,6 +23,7 @@ def lora_loss(model):
     return jax.jit(jax.value_and_grad(lambda a, v, t: jnp.sum(jnp.sin(adapted(v, a, t))), argnums=0))
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_scanned_and_rematerialised_equal_unrolled_logits_and_lora_gradients(kind):
     model, variables, tokens = jax_model(kind)
@@ -50,6 +51,7 @@ def test_scanned_params_have_a_leading_layer_axis_and_stack_as_the_loaded_tree()
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_stack_then_unstack_gives_back_the_same_params_and_adapters(method):
     model, variables, _ = jax_model("llama")
     adapters = trained(jlora.adapter.kind(method).create(variables, targets=["q_proj", "down_proj"]))
@@ -64,6 +66,7 @@ def test_stack_then_unstack_gives_back_the_same_params_and_adapters(method):
     assert_trees_close(layers.unstack_layers(merged), jlora.merge(variables, adapters))
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_scanned_model_generates_with_a_stacked_cache_as_the_unrolled_one():
     model, variables, tokens = jax_model("llama")
     scanned = model.clone(scan=True, remat="dots")
@@ -79,6 +82,7 @@ def test_scanned_model_generates_with_a_stacked_cache_as_the_unrolled_one():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_remat_lowers_the_compiled_memory_of_a_lora_step():
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, max_position_embeddings=512)
@@ -97,6 +101,7 @@ def test_remat_lowers_the_compiled_memory_of_a_lora_step():
     assert full < 0.5 * none, (none, full)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_blocked_attention_equals_dense_in_values_and_gradients_and_holds_no_full_score_matrix():
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=40)
@@ -129,6 +134,7 @@ def test_blocked_attention_equals_dense_in_values_and_gradients_and_holds_no_ful
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_blocked_mlp_equals_whole_in_values_and_gradients_and_keeps_its_param_paths(kind):
     model, variables, tokens = jax_model(kind)  # 2 x 8 = 16 tokens: blocks of 5, the last padded
     adapters = trained(jlora.init(variables, rank=4, targets=LINEAR[kind], key=jax.random.key(1)))

@@ -29,6 +29,7 @@ def flat(params):
 random_variables = partial(tiny.random_variables, std=0.3, norms=0.0)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_param_paths_are_hugging_face_names_with_2d_kernels():
     shapes = {p: leaf.shape for p, leaf in flat(random_variables(Llama(GQA))["params"]).items()}
     expected = {"embed_tokens/embedding": (67, 32), "norm/weight": (32,), "lm_head/kernel": (32, 67)}
@@ -93,6 +94,7 @@ def test_cached_steps_equal_full_forward_passes_with_grouped_query_attention():
     assert int(cache["index"]) == 8 and cache["layers_1"]["key"].shape == (2, 10, 2, 8)
 
 
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_greedy_generation_equals_recomputing_the_whole_sequence_each_token():
     model = Llama(GQA)
     variables = random_variables(model, std=0.5)
@@ -285,6 +287,7 @@ def write_gguf(path, config, variables, quantized=None):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.slow  # heavy compile: kept out of the fast tier
 def test_gguf_loads_weights_and_config_exactly(tmp_path, tied):
     config = LlamaConfig(**{**GGUF_CONFIG.__dict__, "tie_word_embeddings": tied})
     model = Llama(config)
