@@ -12,6 +12,7 @@ import numpy as np
 
 import jlora
 from jlora.cli.common import load_base as _LOAD_BASE  # the tests patch common.load_base with this cache
+from jlora.cli.common import need_tokenizer
 from jlora.core import paths
 from jlora.core.adapter import is_adapter
 
@@ -123,11 +124,18 @@ def assert_adapt_equals_merge(fn, params, adapters, *args, strict=True):
     assert any(np.any(g) for g in jax.tree.leaves(want_grads[1]))
 
 
-@functools.cache
-def load_base_once(name="smollm2-135m", dtype="float32", quantize=None):
+def load_base_once(name="smollm2-135m", dtype="float32", quantize=None, *, text=True):
     """``jlora.cli.common.load_base``, once per test process: SmolLM2 (or any base) is read, dequantised
     and tokenized once a session, whichever test module asks first."""
-    return _LOAD_BASE(name, dtype, quantize)
+    loaded = _load_base_cached(name, dtype, quantize)
+    if text:
+        need_tokenizer(loaded[2], name)
+    return loaded
+
+
+@functools.cache
+def _load_base_cached(name, dtype, quantize):
+    return _LOAD_BASE(name, dtype, quantize, text=False)
 
 
 def tiny_llama_dir(directory: Path, **sizes) -> Path:

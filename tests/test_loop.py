@@ -1,7 +1,9 @@
 """jlora.fit: history, evaluation and checkpoint cadence, resume, NaN stop and Ctrl-C."""
 
+import errno
 import json
 import math
+import signal
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -169,3 +171,67 @@ def test_the_plot_marks_measured_evaluations_only_and_smooths_the_training_loss(
 def test_smoothing_refuses_a_weight_outside_0_1():
     with pytest.raises(ValueError, match=r"weight must be in \[0, 1\), got 1.0"):
         loop.smooth([1.0], weight=1.0)
+
+
+# ---- faults: a failed write or Ctrl-C names the last checkpoint, and loses none ----
+
+
+def test_ctrl_c_during_a_save_lets_the_save_finish_then_stops():
+    saves = Saves()
+    real_save = saves.save
+
+    def interrupted_mid_save(state, metadata=None):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C arrives while the checkpoint is being written
+        real_save(state, metadata)
+
+    saves.save = interrupted_mid_save
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(loop.Interrupted) as stopped:
+        loop.fit(step, State(0, 0.0), lambda k: k, max_steps=6, checkpointer=saves, save_every=2)
+    assert (stopped.value.step, stopped.value.last_saved, saves.steps) == (2, 2, [2])
+    assert signal.getsignal(signal.SIGINT) is handler  # put back after each save
+
+
+def test_a_history_or_log_write_that_fails_is_one_error_naming_the_file_and_last_checkpoint(tmp_path):
+    history = tmp_path / "history.jsonl"
+
+    def board(entry):
+        if entry["step"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "tensorboard" / "events"))
+
+    with pytest.raises(loop.WriteFailed) as failed:
+        loop.fit(step, State(0, 0.0), lambda k: k, max_steps=6, checkpointer=(saves := Saves()), save_every=2,
+                 history_path=history, log=board)
+    assert str(failed.value) == f"writing {tmp_path / 'tensorboard' / 'events'} failed after step 3: No space left on device"
+    assert failed.value.last_saved == 2 and saves.steps == [2]
+    assert [json.loads(line)["step"] for line in history.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_resumed_history_that_cannot_be_rewritten_is_left_whole(tmp_path, monkeypatch):
+    history = tmp_path / "history.jsonl"
+    loop.fit(step, State(0, 0.0), lambda k: k, max_steps=4, history_path=history)
+    before = history.read_bytes()
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop.os, "replace", disk_full)
+    with pytest.raises(loop.WriteFailed, match=f"writing {history} failed after step 2: No space left on device"):
+        loop.fit(step, State(2, 1.0), lambda k: k, max_steps=4, history_path=history, checkpointer=Saves([2]))
+    assert history.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["history.jsonl"]
+
+
+def test_a_ctrl_c_that_a_callback_swallowed_still_stops_the_loop_and_prints_nothing(capsys):
+    class Finalised:
+        def __del__(self):  # what JAX's garbage-collection hook is to a Ctrl-C: it drops the KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
+
+    def step_with_a_finaliser(state, batch):
+        if state.step == 2:
+            Finalised()
+        return step(state, batch)
+
+    with pytest.raises(loop.Interrupted) as stopped:
+        loop.fit(step_with_a_finaliser, State(0, 0.0), lambda k: k, max_steps=6)
+    assert stopped.value.step == 3 and capsys.readouterr().err == ""
+    assert not jlora.core.interrupts.pending()

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 from pathlib import Path
+
+from jlora.core import interrupts
 
 # Only argparse at import time, so `jlora --help` answers at once; each command imports JAX and its
 # module (jlora.cli.finetune, .generate, .export) when it runs.
@@ -301,8 +305,13 @@ EXPECTED = (UsageError, ValueError, NotImplementedError, FileNotFoundError, NotA
             PermissionError)
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
+def main(argv=None, *, exits: bool = False) -> int:
+    """Runs a command line; returns its exit status. ``exits``: the process ends right after (the
+    ``jlora`` command), so a second Ctrl-C may be ignored while it winds down."""
+    try:
+        args = parse(argv)
+    except KeyboardInterrupt:
+        return interrupted("jlora", exits)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the model card
     out = getattr(args, "out", None)
     made = new_directories(out) if out else None
@@ -310,15 +319,45 @@ def main(argv=None) -> int:
     try:
         status = command(args.run)(args)
         return status
-    except EXPECTED as error:
-        print(f"jlora {args.command}: error: {error}", file=sys.stderr)
-        return (status := 2)
     except KeyboardInterrupt:
-        print(f"\njlora {args.command}: interrupted", file=sys.stderr)
-        return (status := 130)
+        return (status := interrupted(f"jlora {args.command}", exits))
+    except Exception as error:
+        if interrupts.pending():  # an error that Ctrl-C caused: an import or a callback cut short
+            return (status := interrupted(f"jlora {args.command}", exits))
+        if isinstance(error, EXPECTED):
+            print(f"jlora {args.command}: error: {error}", file=sys.stderr)
+            return (status := 2)
+        if isinstance(error, OSError):  # a full disk, a read-only or removed folder
+            where = f" {error.filename}" if error.filename else ""
+            print(f"jlora {args.command}: error: writing or reading{where} failed: {error.strerror or error}",
+                  file=sys.stderr)
+            return (status := 1)
+        raise
     finally:
         if made and status != 0:
             remove_if_empty(made())
+
+
+def interrupted(who: str, exits: bool) -> int:
+    """Ctrl-C: one line, exit status 130; when the process ``exits``, a second Ctrl-C is ignored."""
+    interrupts.clear()
+    if exits:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"\n{who}: interrupted", file=sys.stderr)
+    return 130
+
+
+def entry() -> None:
+    """The ``jlora`` command: :func:`main`, Ctrl-C watched throughout (:mod:`jlora.core.interrupts`),
+    then exit. After Ctrl-C it exits at once, so that no library's exit handler (JAX's, orbax's) runs
+    into the interrupt and prints a traceback."""
+    with interrupts.watch():
+        status = main(exits=True)
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
 
 
 def command(run: str):

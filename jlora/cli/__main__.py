@@ -1,6 +1,4 @@
-import sys
-
-from jlora.cli import main
+from jlora.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

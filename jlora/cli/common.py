@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,18 +18,26 @@ from jlora.core.partition import combine
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_base(name, dtype="float32", quantize=None):
+def load_base(name, dtype="float32", quantize=None, *, text=True):
     """``(model, params, tokenizer, config)`` of a base, its weights quantised when ``quantize`` names a
-    format (``--quantize``); one without tokenizer files is refused."""
+    format (``--quantize``). ``text``: the command encodes or decodes text, so a base without tokenizer
+    files is refused; the commands that only move weights (merge, export-peft, import-peft) pass False
+    and get ``tokenizer`` None for such a base."""
     from jlora import models
 
     model, params, tokenizer, config = models.load(name, param_dtype=DTYPES[dtype], dtype=DTYPES[dtype])
-    if tokenizer is None:
-        raise UsageError(f"base {name} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
-                         "jlora's commands encode text with it")
+    if text:
+        need_tokenizer(tokenizer, name)
     if quantize:
         params = models.quantize_base(name, params, config, quantize, dtype=DTYPES[dtype])
     return model, params, tokenizer, config
+
+
+def need_tokenizer(tokenizer, name):
+    """Refuses a base without tokenizer files for a command that encodes or decodes text."""
+    if tokenizer is None:
+        raise UsageError(f"base {name} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
+                         "this command encodes or decodes text with it")
 
 
 def prepare_out(out, overwrite: bool, base=None) -> Path:
@@ -82,27 +91,41 @@ def pick_task(adapters, info: RunInfo, task, where):
     return multi.take(adapters, names.index(task))
 
 
-def load_run(checkpoint_path, base=None, dtype="float32", quantize=None, task=None):
+def load_run(checkpoint_path, base=None, dtype="float32", quantize=None, task=None, *, text=True):
     """Base model (quantised as the run's was, unless ``quantize`` says otherwise) plus the adapters of
     a run's latest checkpoint: (model, params, tokenizer, config, adapters, info), ``info`` its
-    :class:`RunInfo`; of task ``task`` in a run trained with --task."""
+    :class:`RunInfo`; of task ``task`` in a run trained with --task. ``text``: as :func:`load_base`'s.
+    A damaged newest step is skipped (and left in place) for the newest intact one, with a warning."""
     ckpt = checkpoint.Checkpointer(run_dir_checkpoints(checkpoint_path))
-    info = RunInfo.from_json(ckpt.metadata())
+    info = RunInfo.from_json(readable_metadata(ckpt))
     quantize = quantize or info.quantize
-    model, params, tokenizer, config = load_base(base or info.base_name, dtype, quantize)
+    model, params, tokenizer, config = load_base(base or info.base_name, dtype, quantize, text=text)
     from jlora.models import layers
 
     # A run with --scan saved its adapters stacked like the scanned layers; unstack them for the unrolled model.
     stacked = info.scan
     expect = {"base": base_identity(info.base_name, params, quantize)}
     base = layers.stack_layers(params, stacked) if stacked else params
-    state, metadata = ckpt.restore(expect=expect, base=base)
+    state, metadata, damaged = ckpt.newest_intact(expect=expect, base=base)  # a read moves no damaged step aside
     info = RunInfo.from_json(metadata)
+    if damaged:
+        print(f"warning: using step {info.step}, the newest intact checkpoint in {ckpt.directory}; skipped "
+              f"{'; '.join(damaged.values())}", file=sys.stderr)
     params, adapters = combine(base, state.trainable)
     adapters = pick_task(adapters, info, task, checkpoint_path)
     if stacked:
         params, adapters = layers.unstack_layers(params, stacked), layers.unstack_layers(adapters, stacked)
     return model, params, tokenizer, config, adapters, info
+
+
+def readable_metadata(ckpt) -> dict:
+    """The metadata of the newest step whose metadata reads (a run's base and settings, before its arrays load)."""
+    for step in reversed(ckpt.all_steps()[1:]):
+        try:
+            return ckpt.metadata(step)
+        except checkpoint.DamagedCheckpoint:
+            continue
+    return ckpt.metadata(ckpt.all_steps()[0] if ckpt.all_steps() else None)
 
 
 def base_identity(name, params, quantize=None) -> dict:

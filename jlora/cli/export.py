@@ -58,17 +58,20 @@ def save_merged(out, merged, adapters, config, tokenizer, base, dtype, facts) ->
 
 
 def merge_cmd(args) -> int:
-    model, params, tokenizer, config, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
+    model, params, tokenizer, config, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype,
+                                                                       task=args.task, text=False)
     base = args.base or info.base_name
     out = common.prepare_out(args.out, args.overwrite, base)
     save_merged(out, merge(params, adapters), adapters, config, tokenizer, base, args.save_dtype,
                 card_facts(info, run_report(args.checkpoint), args.task))
-    print(f"merged model ({args.save_dtype}, with tokenizer) written to {args.out}", file=sys.stderr)
+    with_tokenizer = "with tokenizer" if tokenizer is not None else "no tokenizer: the base has none"
+    print(f"merged model ({args.save_dtype}, {with_tokenizer}) written to {args.out}", file=sys.stderr)
     return 0
 
 
 def export_peft_cmd(args) -> int:
-    model, params, tokenizer, config, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype, task=args.task)
+    model, params, tokenizer, config, adapters, info = common.load_run(args.checkpoint, args.base, args.dtype,
+                                                                       task=args.task, text=False)
     base = args.base or info.base_name
     out = common.prepare_out(args.out, args.overwrite, base)
     source = card.base_source(base)
@@ -85,7 +88,8 @@ def export_peft_cmd(args) -> int:
         reference = str(base_copy)
     out = peft.export_peft(adapters, config, out, base_model_name_or_path=reference,
                                  use_rslora=facts["use_rslora"])
-    hf.save_tokenizer(out, tokenizer, model_max_length=hf.context_length(config))
+    if tokenizer is not None:
+        hf.save_tokenizer(out, tokenizer, model_max_length=hf.context_length(config))
     card.save_model_card(out, card.model_card(kind="peft", base=source, where=out, adapters=adapters,
                                                   base_copy=base_copy, **facts))
     print(f"PEFT adapter written to {out} (base_model_name_or_path: {reference})", file=sys.stderr)
@@ -93,9 +97,8 @@ def export_peft_cmd(args) -> int:
 
 
 def import_peft_cmd(args) -> int:
-
     base = args.base or DEFAULT_BASE
-    model, params, _, config = common.load_base(base, args.dtype)
+    model, params, _, config = common.load_base(base, args.dtype, text=False)  # converting encodes no text
     adapters = peft.import_peft(args.peft_dir, params, config)
     ckpt = checkpoint.Checkpointer(args.out)
     if ckpt.latest_step() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -209,17 +210,14 @@ def load(args, say) -> Setup:
 def resume(args, run: Setup, ckpt, say):
     """``(state, adapters)`` of the run's checkpoint, refused where the flags would change what it trains."""
     try:
-        state, saved, damaged = ckpt.restore_intact(expect={"base": run.info.base}, base=run.params)
+        state, saved, damaged = ckpt.newest_intact(expect={"base": run.info.base}, base=run.params)
     except checkpoint.CheckpointError as error:
         raise UsageError(f"--resume: {error}") from None
-    for report in damaged:
-        say(f"warning: skipped a damaged checkpoint: {report}")
     saved = RunInfo.from_json(saved)
     conflicts = resume_conflicts(args, saved.adapter or {})
     if conflicts:
         raise UsageError(f"--resume continues the adapters in {ckpt.directory}, made with "
                          f"{saved.adapter}; drop {', '.join(conflicts)}")
-    say(f"resuming from step {int(state.step)} in {ckpt.directory}")
     run.info.adapter = saved.adapter
     differences = run.info.resume_differences(saved)
     if "tasks" in differences:
@@ -230,6 +228,9 @@ def resume(args, run: Setup, ckpt, say):
         stacked = run.info.scan
         raise UsageError(f"--resume: the checkpoint was trained {'with' if not stacked else 'without'} --scan; "
                          f"{'pass' if not stacked else 'drop'} --scan to continue it")
+    for step, report in damaged.items():  # moved aside only now that nothing refuses the resume
+        say(f"warning: skipped a damaged checkpoint: {report} (moved to {ckpt.set_aside(step)})")
+    say(f"resuming from step {int(state.step)} in {ckpt.directory}")
     if "train" in differences:
         say(f"note: training settings differ from the checkpoint's {saved.train}; "
             "the resumed run will not equal an uninterrupted one")
@@ -271,9 +272,24 @@ def finetune(args) -> int:
     out, ckpt = open_out(args)
     check_flags(args)
     run = load(args, say)
-    if writer:  # every flag's final value: `jlora finetune --config OUT/config.yaml` runs this again
-        (out / "config.yaml").write_text(cli_config.dump(args), encoding="utf-8")
     state, adapters = resume(args, run, ckpt, say) if args.resume else initialize(args, run)
+    try:
+        return run_and_finish(args, run, state, adapters, out, ckpt, writer, say, start_time)
+    except OSError as error:  # a full disk, a read-only or removed folder: the checkpoints written are whole
+        print(f"\n{write_fault(error)}; {saved_note(ckpt.latest_step(), ckpt)}", file=sys.stderr)
+        return 1
+
+
+def write_fault(error: OSError) -> str:
+    """``writing FILE failed: reason`` of an OSError met while writing a run's files."""
+    where = f" {error.filename}" if error.filename else ""
+    return f"writing{where} failed: {loop.reason(error)}"
+
+
+def run_and_finish(args, run: Setup, state, adapters, out, ckpt, writer, say, start_time) -> int:
+    """The run's writing part: config.yaml, training, then what :func:`finish` writes."""
+    if writer:  # every flag's final value, written once nothing refuses the run: `jlora finetune --config OUT/config.yaml` runs it again
+        (out / "config.yaml").write_text(cli_config.dump(args), encoding="utf-8")
     frozen, state = place(args, run, state, adapters, say)
     report = {"base": args.base, "method": run.info.method, "devices": jax.device_count(),
               "processes": jax.process_count()}
@@ -316,7 +332,9 @@ def train(args, run: Setup, frozen, state, ckpt, out, writer):
             evaluate=validation if has_valid else None, eval_every=args.eval_every, history_path=out / "history.jsonl",
             log=make_log(args, progress, board), tokens_per_step=args.batch_size * args.seq_len, best=best,
         )
-    except (loop.LossNotFinite, loop.SaveFailed) as error:
+        if board is not None:
+            board.close()  # its last events: a full disk here is a failed write like the others
+    except (loop.LossNotFinite, loop.WriteFailed) as error:
         print(f"\n{error}; {saved_note(error.last_saved, ckpt)}", file=sys.stderr)
         return 1
     except loop.Interrupted as interrupt:
@@ -325,7 +343,8 @@ def train(args, run: Setup, frozen, state, ckpt, out, writer):
     finally:
         progress.close()
         if board is not None:
-            board.close()
+            with contextlib.suppress(OSError):  # closed above, or the run stopped on an error already reported
+                board.close()
     return result, time.perf_counter() - began, start
 
 

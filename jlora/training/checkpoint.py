@@ -163,31 +163,46 @@ class Checkpointer:
             raise DamagedCheckpoint(f"cannot restore {where}: {_reason(error)}") from None
         return restored["state"], metadata
 
-    def restore_intact(self, abstract_state=None, expect: dict | None = None, base=None):
-        """:meth:`restore` of the newest step that restores: a damaged newer step is moved aside to
-        ``<step>.damaged`` (its files are kept) and reported.
+    def newest_intact(self, abstract_state=None, expect: dict | None = None, base=None):
+        """:meth:`restore` of the newest step that restores, touching no file: a damaged newer step is
+        skipped and reported.
 
         Returns:
-          ``(state, metadata, damaged)``, ``damaged`` a list of ``"<path>: <reason>"`` for the steps skipped.
+          ``(state, metadata, damaged)``, ``damaged`` ``{step: "<path>: <reason>"}`` of the steps skipped.
 
         Raises:
           CheckpointError: no step restores (every one's reason is listed), or one does not fit
             (``expect``, other adapters): that is no damage, so no older step is tried.
         """
-        damaged = []
+        damaged = {}
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, metadata = self.restore(abstract_state, step, expect, base)
             except DamagedCheckpoint as error:
-                aside = self.directory / f"{step}.damaged"
-                if jax.process_index() == 0:  # on shared storage one process moves it; the others skip it too
-                    (self.directory / str(step)).rename(aside)
-                damaged.append(f"{error} (moved to {aside})")
+                damaged[step] = str(error)
                 continue
-            self.manager.reload()
             return state, metadata, damaged
+        raise CheckpointError(f"no checkpoint in {self.directory} restores" + "".join(f"\n  {d}" for d in damaged.values()))
+
+    def set_aside(self, step: int) -> Path:
+        """Moves a damaged step to ``<step>.damaged`` (its files kept), so a new save of that step can be made."""
+        aside = self.directory / f"{step}.damaged"
+        if jax.process_index() == 0:  # on shared storage one process moves it; the others skip it too
+            (self.directory / str(step)).rename(aside)
         self.manager.reload()
-        raise CheckpointError(f"no checkpoint in {self.directory} restores" + "".join(f"\n  {d}" for d in damaged))
+        return aside
+
+    def restore_intact(self, abstract_state=None, expect: dict | None = None, base=None):
+        """:meth:`newest_intact`, each damaged newer step then moved aside (:meth:`set_aside`) and reported.
+
+        Returns:
+          ``(state, metadata, damaged)``, ``damaged`` a list of ``"<path>: <reason> (moved to <aside>)"``.
+        """
+        try:
+            state, metadata, damaged = self.newest_intact(abstract_state, expect, base)
+        finally:
+            self.manager.reload()
+        return state, metadata, [f"{reason} (moved to {self.set_aside(step)})" for step, reason in damaged.items()]
 
     def _step(self, step):
         step = self.latest_step() if step is None else step

@@ -16,14 +16,18 @@ names the last checkpoint, which is left intact for ``--resume``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+
+from jlora.core import interrupts
 
 
 class LossNotFinite(RuntimeError):
@@ -43,14 +47,26 @@ class Interrupted(KeyboardInterrupt):
         self.step, self.last_saved = step, last_saved
 
 
-class SaveFailed(RuntimeError):
-    """Writing the checkpoint of ``step`` failed (a full disk, say); ``last_saved`` is the last good one."""
+class WriteFailed(RuntimeError):
+    """Writing ``path`` failed (a full disk, a read-only or removed folder) after ``step`` steps;
+    ``last_saved`` is the last complete checkpoint's step (or None), ``error`` the cause."""
 
-    def __init__(self, step: int, last_saved: int | None, error: Exception):
-        text = str(error).strip()
-        reason = getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
-        super().__init__(f"saving the checkpoint of step {step} failed: {reason}")
-        self.step, self.last_saved, self.error = step, last_saved, error
+    def __init__(self, path, step: int, last_saved: int | None, error: Exception, text: str | None = None):
+        super().__init__(text or f"writing {path} failed after step {step}: {reason(error)}")
+        self.path, self.step, self.last_saved, self.error = path, step, last_saved, error
+
+
+class SaveFailed(WriteFailed):
+    """Writing the checkpoint of ``step`` failed; ``last_saved`` is the last good one."""
+
+    def __init__(self, step: int, last_saved: int | None, error: Exception, path=None):
+        super().__init__(path, step, last_saved, error, f"saving the checkpoint of step {step} failed: {reason(error)}")
+
+
+def reason(error: Exception) -> str:
+    """An error's cause in a few words: an OSError's ``strerror`` (``No space left on device``), else its first line."""
+    text = str(error).strip()
+    return getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
 
 
 class FitResult(NamedTuple):
@@ -143,7 +159,8 @@ def fit(
     Raises:
       LossNotFinite: a step's loss is NaN or infinite (no checkpoint of that step is written).
       SaveFailed: a checkpoint could not be written; the earlier ones are intact.
-      Interrupted: Ctrl-C; a save in progress is finished or discarded by orbax as a whole.
+      WriteFailed: ``history_path`` or ``log`` met an OSError (a full disk, say); the checkpoints are intact.
+      Interrupted: Ctrl-C; a save in progress is finished first (Ctrl-C is held until it ends).
 
     Example:
       >>> step = lambda n, batch: (n + 1, {"loss": 1.0 / (n + 1)})
@@ -158,26 +175,28 @@ def fit(
     history = read_history(history_path, until=start) if history_path is not None and writer else []
     log_file = None
     if history_path is not None and writer:
-        log_file = Path(history_path).open("w")
-        log_file.writelines(json.dumps(entry) + "\n" for entry in history)
-        log_file.flush()
+        log_file = _reopen_history(Path(history_path), history, start, last_saved)
     best_entry = _best_so_far(best, start) if best is not None else None
 
     def record(entry: dict):
         history.append(entry)
-        if log_file is not None:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-        if log is not None and writer:
-            log(entry)
+        try:
+            if log_file is not None:
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+            if log is not None and writer:
+                log(entry)  # TensorBoard, say
+        except OSError as error:
+            raise WriteFailed(error.filename or history_path, done, last_saved, error) from error
 
     def save(at: int):
         nonlocal last_saved
-        try:
-            checkpointer.save(state, metadata)
-        except Exception as error:  # orbax wraps OSError (ENOSPC, EACCES) in its own types
-            raise SaveFailed(at, last_saved, error) from error
-        last_saved = at
+        with interrupts.held():  # Ctrl-C waits for the checkpoint to be whole
+            try:
+                checkpointer.save(state, metadata)
+            except Exception as error:  # orbax wraps OSError (ENOSPC, EACCES) in its own types
+                raise SaveFailed(at, last_saved, error, checkpointer.directory) from error
+            last_saved = at
 
     def run_eval(at: int):
         nonlocal best_entry
@@ -187,42 +206,62 @@ def fit(
         if score is not None and (best_entry is None or score < best_of(best_entry)):
             if at in best.all_steps():  # an earlier run's, of other settings
                 best.delete(at)
-            try:
-                best.save(state, {**(metadata or {}), "evaluation": entry})
-            except Exception as error:
-                raise SaveFailed(at, last_saved, error) from error
-            best_entry = entry
+            with interrupts.held():  # Ctrl-C waits for the checkpoint to be whole
+                try:
+                    best.save(state, {**(metadata or {}), "evaluation": entry})
+                except Exception as error:
+                    raise SaveFailed(at, last_saved, error, best.directory) from error
+                best_entry = entry
 
     done = start
-    try:
-        if evaluate is not None and start == 0:
-            run_eval(0)
-        began = time.perf_counter()
-        for k in range(start, max_steps):
-            state, metrics = step(state, batches(k))
-            loss = check_finite(k + 1, metrics)
-            now, done = time.perf_counter(), k + 1
-            entry = {"step": done, **{name: float(v) for name, v in metrics.items()}, "loss": loss,
-                     "seconds": now - began}
-            if tokens_per_step:
-                entry["tokens_per_second"] = tokens_per_step / max(now - began, 1e-9)
-            record(entry)
-            evaluating = evaluate is not None and (done == max_steps or bool(eval_every and done % eval_every == 0))
-            if checkpointer is not None and (done == max_steps or (save_every and done % save_every == 0)
-                                             or (evaluating and best is not None)):
-                save(done)
-            if evaluating:
-                run_eval(done)
-            began = time.perf_counter()  # a step's seconds leave out the saves and evaluations before it
-    except LossNotFinite as error:
-        error.last_saved = last_saved
-        raise
-    except KeyboardInterrupt:
-        raise Interrupted(done, last_saved) from None
-    finally:
-        if log_file is not None:
-            log_file.close()
+    with interrupts.watch():  # Ctrl-C is never lost, and waits for a checkpoint being written
+        try:
+            if evaluate is not None and start == 0:
+                run_eval(0)
+            began = time.perf_counter()
+            for k in range(start, max_steps):
+                interrupts.check()  # a Ctrl-C that a callback (JAX's garbage collection hook, say) swallowed
+                state, metrics = step(state, batches(k))
+                loss = check_finite(k + 1, metrics)
+                now, done = time.perf_counter(), k + 1
+                entry = {"step": done, **{name: float(v) for name, v in metrics.items()}, "loss": loss,
+                         "seconds": now - began}
+                if tokens_per_step:
+                    entry["tokens_per_second"] = tokens_per_step / max(now - began, 1e-9)
+                record(entry)
+                evaluating = evaluate is not None and (done == max_steps or bool(eval_every and done % eval_every == 0))
+                if checkpointer is not None and (done == max_steps or (save_every and done % save_every == 0)
+                                                 or (evaluating and best is not None)):
+                    save(done)
+                if evaluating:
+                    run_eval(done)
+                began = time.perf_counter()  # a step's seconds leave out the saves and evaluations before it
+            interrupts.check()
+        except LossNotFinite as error:
+            error.last_saved = last_saved
+            raise
+        except KeyboardInterrupt:
+            interrupts.clear()
+            raise Interrupted(done, last_saved) from None
+        finally:
+            if log_file is not None:
+                log_file.close()
     return FitResult(state, history, last_saved, best_entry)
+
+
+def _reopen_history(path: Path, history: list[dict], start: int, last_saved):
+    """``path`` holding exactly ``history`` (rewritten beside it, then moved over it: a full disk leaves
+    the old file whole), open for appending."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w") as file:
+            file.writelines(json.dumps(entry) + "\n" for entry in history)
+        os.replace(partial, path)
+        return path.open("a")
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise WriteFailed(error.filename or path, start, last_saved, error) from error
 
 
 def _best_so_far(best, start: int) -> dict | None:

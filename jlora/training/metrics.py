@@ -2,7 +2,7 @@
 
 ``jlora.fit`` records history entries; :class:`TensorBoard` is a ``log`` for it that writes each
 entry's numbers as scalars (tag = the entry's key, ``valid_perplexity/<task>`` grouped by task),
-through tensorboardX's ``SummaryWriter``. :func:`read_scalars` reads them back.
+through tensorboardX's event writer. :func:`read_scalars` reads them back.
 
     board = TensorBoard("runs/a/tensorboard", start=0)
     jlora.fit(step, state, batch_at, max_steps=100, log=board)
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from pathlib import Path
+
+FLUSH_SECONDS = 30  # how long step entries may wait in memory before they are written
 
 
 class TensorBoard:
@@ -36,22 +39,37 @@ class TensorBoard:
 
     def __init__(self, directory, start: int = 0):
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
         except ImportError:
             raise ImportError("TensorBoard files need tensorboardX: pip install tensorboardX") from None
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
         self.directory = Path(directory)
-        self.writer = SummaryWriter(str(self.directory), purge_step=start or None, flush_secs=30)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # tensorboardX's events writer in this thread: a full disk raises OSError here, at the call
+        # that met it (its SummaryWriter writes from a thread, which dies with its own traceback).
+        self.events = EventsWriter(str(self.directory / "events"))
+        if start:  # what SummaryWriter(purge_step=start) writes: TensorBoard hides older files' later steps
+            self.events.write_event(Event(step=start, session_log=SessionLog(status=SessionLog.START)))
+        self.flushed = time.monotonic()
 
     def __call__(self, entry: dict) -> None:
-        step = int(entry["step"])
-        for key, value in entry.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(key, float(value), step)
-        if "loss" not in entry:  # an evaluation: rare and worth having on disk at once
-            self.writer.flush()
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in entry.items()
+                  if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value)]
+        self.events.write_event(Event(wall_time=time.time(), step=int(entry["step"]), summary=Summary(value=values)))
+        if "loss" not in entry or time.monotonic() - self.flushed > FLUSH_SECONDS:  # an evaluation: worth having at once
+            self.events.flush()
+            self.flushed = time.monotonic()
 
     def close(self) -> None:
-        self.writer.close()
+        """Flushes and closes the file; a second call does nothing."""
+        events, self.events = self.events, None
+        if events is not None:
+            events.close()
 
     def __enter__(self):
         return self
