@@ -16,6 +16,8 @@ import difflib
 import tomllib
 from pathlib import Path
 
+from jlora.core import files
+
 SKIPPED = {"help", "config", "resume"}  # never written into a run's config.yaml
 
 
@@ -28,21 +30,19 @@ def read(path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"config file {path}: the name must end in .yaml, .yml or .toml, to say how to read it")
+    text = files.read_text(path, ValueError)
     try:
         if suffix == ".toml":
             values = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
+        else:
             import yaml
 
             values = yaml.safe_load(text)
-        else:
-            raise ValueError(f"config file {path}: the name must end in .yaml, .yml or .toml, to say how to read it")
-    except ValueError:
-        raise
-    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError
-        raise ValueError(f"config file {path} does not parse: {error}") from None
+    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError, a RecursionError
+        raise ValueError(f"config file {path} does not parse: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} holds a {type(values).__name__}; it must be a mapping of flag names to values")

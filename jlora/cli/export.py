@@ -29,9 +29,10 @@ def run_report(checkpoint_path) -> dict:
     if checkpoints.name != "checkpoints" or not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        report = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # a card without those facts beats a refused export
+    return report if isinstance(report, dict) else {}
 
 
 def card_facts(info: RunInfo, report, task=None) -> dict:

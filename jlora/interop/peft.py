@@ -24,7 +24,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core import paths
+from jlora.core import files, paths
 from jlora.core.adapter import table
 from jlora.kinds.dora import DoRA
 from jlora.kinds.ia3 import IA3, INPUT, OUTPUT
@@ -366,6 +366,14 @@ def _ia3_export(found, placed, model_config, use_rslora):
     return tensors, settings
 
 
+# The types of the adapter_config.json fields jlora reads (PEFT's LoraConfig and IA3Config).
+CONFIG_FIELDS = {"peft_type": str | None, "r": int, "lora_alpha": float, "use_rslora": bool | None, "use_dora": bool | None,
+                 "fan_in_fan_out": bool | None, "target_modules": list[str] | str | None, "rank_pattern": dict[str, int] | None,
+                 "alpha_pattern": dict[str, float] | None, "feedforward_modules": list[str] | str | None, "bias": str | None,
+                 "modules_to_save": list[str] | None, "layers_to_transform": int | list[int] | None,
+                 "lora_dropout": float | None, "base_model_name_or_path": str | None}
+
+
 def read_config(peft_dir) -> dict:
     """The adapter_config.json of a PEFT directory, checked to describe an adapter jlora can hold.
 
@@ -382,6 +390,14 @@ def read_config(peft_dir) -> dict:
         raise PeftFormatError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise PeftFormatError(f"{path} holds a JSON {type(config).__name__}, not an adapter config object")
+    files.checked(config, CONFIG_FIELDS, path, PeftFormatError, positive=["r"])
+    regexes = [*(config.get("rank_pattern") or {}), *(config.get("alpha_pattern") or {}),
+               *(config.get(key) for key in ("target_modules", "feedforward_modules") if isinstance(config.get(key), str))]
+    for regex in regexes:
+        try:
+            re.compile(regex)
+        except re.error as error:
+            raise PeftFormatError(f"{path}: {regex!r} is not a valid regular expression ({error})") from None
     if format_of(config) is None:
         readable = sorted({f.peft_type for f in FORMATS.values()})
         raise PeftFormatError(

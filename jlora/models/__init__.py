@@ -35,7 +35,7 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=jnp.float32):
     """
     metadata, tensors = gguf_file.read(path)
     model, variables, config = gguf.from_gguf(path, dtype=dtype, param_dtype=param_dtype, contents=(metadata, tensors))
-    return model, variables, Tokenizer.from_gguf_metadata(metadata), config
+    return model, variables, Tokenizer.from_gguf_metadata(metadata, source=path), config
 
 
 def load_hf_dir(directory, *, param_dtype=jnp.float32, dtype=jnp.float32):

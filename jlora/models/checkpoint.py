@@ -9,13 +9,13 @@ and `assign` walks that map once: every tensor must be used, every param filled,
 must match what the model's config implies. Errors name the tensor, the path and both shapes.
 """
 
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core import files
 from jlora.core.errors import CheckpointError
 
 
@@ -30,10 +30,7 @@ def read_config(directory):
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; expected a Hugging Face model directory "
                               "(as written by save_pretrained).")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    return files.read_json(path)
 
 
 def read_safetensors(directory):
@@ -47,16 +44,20 @@ def read_safetensors(directory):
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = files.checked(files.read_json(index), {"weight_map": dict[str, str]}, index,
+                                   required=["weight_map"])["weight_map"]
+        if not all(isinstance(name, str) and Path(name).name == name for name in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map each tensor to a file name in {directory}")
+        shards = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        shards = ["model.safetensors"]
     else:
         present = sorted(p.name for p in directory.iterdir())
         raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json "
                               f"(it holds {present}). Only safetensors checkpoints are read; convert a "
                               "pytorch_model.bin with save_pretrained(..., safe_serialization=True).")
     tensors = {}
-    for name in files:
+    for name in shards:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in model.safetensors.index.json but does not exist.")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core import files
 from jlora.core.errors import CheckpointError
 from jlora.models.checkpoint import assign, param_shapes, transpose
 from jlora.models.llama import VARIANTS, Llama, LlamaConfig
@@ -34,7 +35,15 @@ def config_from_gguf(metadata, tensor_names, rope_freqs=None, *, source="the GGU
       CheckpointError: a key this reads is missing or not a number (the message names the file and key).
       NotImplementedError: an architecture or rotary variant `jlora.models.llama` does not implement.
     """
+    files.checked(metadata, {"general.architecture": str | None}, f"{source}: GGUF metadata")
     arch = metadata.get("general.architecture")
+    sizes = [f"{arch}.{key}" for key in ("attention.head_count", "embedding_length", "feed_forward_length", "block_count",
+                                         "context_length", "attention.head_count_kv", "attention.key_length", "vocab_size")]
+    files.checked(metadata, {**dict.fromkeys(sizes, int | None), f"{arch}.rope.dimension_count": int | None,
+                             f"{arch}.attention.layer_norm_rms_epsilon": float | None, f"{arch}.rope.freq_base": float | None,
+                             f"{arch}.rope.scaling.type": str | None, "tokenizer.ggml.tokens": list | None,
+                             "tokenizer.ggml.bos_token_id": int | None, "tokenizer.ggml.eos_token_id": int | None},
+                  f"{source}: GGUF metadata", positive=sizes)
     if arch not in ARCHITECTURES:
         raise NotImplementedError(f"{source}: GGUF architecture is {arch!r}; jlora.models.gguf reads "
                                   f"{sorted(ARCHITECTURES)}.")

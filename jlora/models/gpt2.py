@@ -13,11 +13,14 @@ The output head is tied: logits = x @ wte.embedding.T.
 
 import dataclasses
 from functools import partial
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.core import files
+from jlora.core.errors import CheckpointError
 from jlora.models import attention, layers
 from jlora.models.checkpoint import assign, check_tied, param_shapes, read_config, read_safetensors
 
@@ -51,16 +54,22 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
     @classmethod
-    def from_hf(cls, hf):
-        """The config of a Hugging Face GPT-2 `config.json` dict; refuses flags this model does not implement."""
+    def from_hf(cls, hf, source="config.json"):
+        """The config of a Hugging Face GPT-2 `config.json` dict (``source``: the file, as errors name it);
+        refuses flags this model does not implement, and a size missing or a field of the wrong type."""
+        fields = files.dataclass_fields(cls)
+        sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        files.checked(hf, fields, source, positive=(*sizes, "n_inner"))  # a size left out is transformers' default, as here
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if hf.get(flag):
-                raise NotImplementedError(f"GPT-2 config sets {flag}=True, which jlora.models.gpt2 does not implement.")
+                raise NotImplementedError(f"{source}: GPT-2 config sets {flag}=True, which jlora.models.gpt2 does not implement.")
         if not hf.get("scale_attn_weights", True):
-            raise NotImplementedError("GPT-2 config sets scale_attn_weights=False, which jlora.models.gpt2 "
+            raise NotImplementedError(f"{source}: GPT-2 config sets scale_attn_weights=False, which jlora.models.gpt2 "
                                       "does not implement.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in hf.items() if k in fields})
+        try:
+            return cls(**{k: v for k, v in hf.items() if k in fields})
+        except ValueError as error:  # sizes that do not fit together, an activation not implemented
+            raise CheckpointError(f"{source}: {error}") from None
 
 
 ACTIVATIONS = {
@@ -232,7 +241,7 @@ def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
     Returns:
       `(model, variables, config)`.
     """
-    config = GPT2Config.from_hf(read_config(directory))
+    config = GPT2Config.from_hf(read_config(directory), source=Path(directory) / "config.json")
     model = GPT2(config, dtype=dtype, param_dtype=param_dtype)
     # GPT2LMHeadModel prefixes names with 'transformer.'; the original 'gpt2' checkpoints do not.
     tensors = {name.removeprefix("transformer."): array for name, array in read_safetensors(directory).items()}

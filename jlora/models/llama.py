@@ -25,11 +25,14 @@ Param paths follow Hugging Face's names:
 
 import dataclasses
 from functools import partial
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.core import files
+from jlora.core.errors import CheckpointError
 from jlora.models import attention, layers
 from jlora.models.checkpoint import (assign, check_tied, param_shapes, read_config, read_safetensors,
                                      transpose)
@@ -111,11 +114,16 @@ class LlamaConfig:
             raise ValueError(f"sliding_window={self.sliding_window} must be at least 1 (or None for no window).")
 
     @classmethod
-    def from_hf(cls, hf):
+    def from_hf(cls, hf, source="config.json"):
         """The config of a Hugging Face `config.json` dict (model_type a key of VARIANTS); refuses what is not implemented.
 
         Args:
           hf: the parsed config.json.
+          source: the file, as errors name it.
+
+        Raises:
+          CheckpointError: a size is missing, or a field jlora reads is of the wrong type (file and key named).
+          NotImplementedError: a family or option jlora does not implement.
 
         Returns:
           A LlamaConfig; what the model_type fixes in code (VARIANTS) is set from it, not read.
@@ -126,30 +134,34 @@ class LlamaConfig:
           >>> config.qkv_bias, config.attention_bias, config.head_dim, config.to_hf()["use_sliding_window"]
           (True, False, 16, False)
         """
+        files.checked(hf, HF_FIELDS, source, positive=SIZES + ("num_key_value_heads", "head_dim"))  # missing: the defaults, as in transformers
         model_type = hf.get("model_type", "llama")
         if model_type not in VARIANTS:
-            raise NotImplementedError(f"model_type={model_type!r} is not a Llama-style family jlora implements; "
+            raise NotImplementedError(f"{source}: model_type={model_type!r} is not a Llama-style family jlora implements; "
                                       f"known: {sorted(VARIANTS)}.")
         _, fixed = VARIANTS[model_type]
         # Some Gemma config.json files name the gelu Gemma uses in hidden_activation, beside a generic hidden_act.
         act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
-            raise NotImplementedError(f"{model_type} config has hidden_act={act!r}; implemented: {sorted(ACTIVATIONS)}.")
+            raise NotImplementedError(f"{source}: {model_type} config has hidden_act={act!r}; implemented: {sorted(ACTIVATIONS)}.")
         sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
         if hf.get("use_sliding_window") or sliding:
-            raise NotImplementedError(f"{model_type} config uses sliding-window layers (use_sliding_window="
+            raise NotImplementedError(f"{source}: {model_type} config uses sliding-window layers (use_sliding_window="
                                       f"{hf.get('use_sliding_window')}, layer_types {sorted(set(sliding))}); only "
                                       "Mistral's window on every layer is implemented.")
         if hf.get("use_bidirectional_attention"):
-            raise NotImplementedError(f"{model_type} config has use_bidirectional_attention=true; only causal "
+            raise NotImplementedError(f"{source}: {model_type} config has use_bidirectional_attention=true; only causal "
                                       "attention is implemented.")
         read = {f.name for f in dataclasses.fields(cls)} - set(FIXED_BY_MODEL_TYPE) - {
             "rope_scaling", "rope_freq_factors", "hidden_act", "sliding_window"}
         values = {k: v for k, v in hf.items() if k in read}
-        values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf)
+        values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf, source)
         # Only Mistral's modeling code reads sliding_window; Qwen's configs carry one that is off.
         window = hf.get("sliding_window") if model_type == "mistral" else None
-        return cls(**values, **fixed, model_type=model_type, hidden_act=act, sliding_window=window)
+        try:
+            return cls(**values, **fixed, model_type=model_type, hidden_act=act, sliding_window=window)
+        except ValueError as error:  # sizes that do not fit together
+            raise CheckpointError(f"{source}: {error}") from None
 
     def to_hf(self):
         """The config.json fields transformers reads for this config (besides model_type and architectures)."""
@@ -190,10 +202,19 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope_from_hf(hf):
+# What from_hf checks in a config.json: its sizes are >= 1, and every field it reads has its type.
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+HF_FIELDS = {**files.dataclass_fields(LlamaConfig, skip=(*FIXED_BY_MODEL_TYPE, "rope_scaling", "rope_freq_factors")),
+             "model_type": str, "hidden_activation": str | None, "rope_scaling": dict | None, "rope_parameters": dict | None,
+             "layer_types": list[str] | None, "use_sliding_window": bool | None, "use_bidirectional_attention": bool | None}
+
+
+def rope_from_hf(hf, source="config.json"):
     """`(rope_theta, Llama3RopeScaling or None)` of a config.json; refuses rope types other than default and llama3."""
     # transformers 5 writes rope_parameters={'rope_theta', 'rope_type', ...}; older versions rope_theta and rope_scaling.
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    files.checked(rope, {"rope_theta": float, "rope_type": str, "type": str,
+                         **files.dataclass_fields(Llama3RopeScaling)}, f"{source} (rope)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = rope.get("rope_theta", hf.get("rope_theta", LlamaConfig.rope_theta))
     if rope_type == "default":
@@ -202,10 +223,10 @@ def rope_from_hf(hf):
         names = [f.name for f in dataclasses.fields(Llama3RopeScaling)]
         missing = [name for name in names if name not in rope]
         if missing:
-            raise ValueError(f"rope_type 'llama3' needs {names}; the config lacks {missing} ({rope}).")
+            raise CheckpointError(f"{source}: rope_type 'llama3' needs {names}; the config lacks {missing} ({rope}).")
         return theta, Llama3RopeScaling(**{name: rope[name] for name in names})
-    raise NotImplementedError(f"config uses rope scaling {rope_type!r} ({rope}); only the default rotary embedding "
-                              "and rope_type 'llama3' are implemented.")
+    raise NotImplementedError(f"{source}: config uses rope scaling {rope_type!r} ({rope}); only the default rotary "
+                              "embedding and rope_type 'llama3' are implemented.")
 
 
 def inv_frequencies(dim, theta, scaling=None, factors=None):
@@ -455,7 +476,7 @@ def from_pretrained(directory, *, dtype=jnp.float32, param_dtype=jnp.float32):
     Returns:
       `(model, variables, config)`.
     """
-    config = LlamaConfig.from_hf(read_config(directory))
+    config = LlamaConfig.from_hf(read_config(directory), source=Path(directory) / "config.json")
     model = Llama(config, dtype=dtype, param_dtype=param_dtype)
     expected = param_shapes(model, jnp.zeros((1, 1), jnp.int32))
     # A tied checkpoint may still store lm_head.weight; rotary inv_freq buffers are recomputed.

@@ -1,11 +1,13 @@
 """A small tokenizer wrapper over the `tokenizers` library, built from a GGUF's vocabulary or a HF directory."""
 
 import functools
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
+
+from jlora.core import files
+from jlora.core.errors import CheckpointError
 
 # llama.cpp's `tokenizer.ggml.pre` names the regex the merges were learned with. Byte-level BPE
 # vocabularies split text one of these ways before merging.
@@ -93,15 +95,29 @@ class Tokenizer:
                                raise_exception=raise_exception)
 
     @classmethod
-    def from_gguf_metadata(cls, metadata):
-        """A byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` metadata (the `gpt2` tokenizer model)."""
+    def from_gguf_metadata(cls, metadata, source="the GGUF file"):
+        """A byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` metadata (the `gpt2` tokenizer model).
+
+        Raises:
+          CheckpointError: a key it reads is missing or of the wrong type (``source`` and the key named).
+          NotImplementedError: a tokenizer model or pre-tokenizer not implemented.
+        """
+        files.checked(metadata, GGUF_FIELDS, f"{source}: GGUF metadata", required=["tokenizer.ggml.tokens", "tokenizer.ggml.merges"])
         kind = metadata.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise NotImplementedError(f"GGUF tokenizer model is {kind!r}; only byte-level BPE ('gpt2') is implemented.")
+            raise NotImplementedError(f"{source}: GGUF tokenizer model is {kind!r}; only byte-level BPE ('gpt2') is implemented.")
         pre = metadata.get("tokenizer.ggml.pre", "default")
         tokens = metadata["tokenizer.ggml.tokens"]
         merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-        backend = Backend(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
+        if any(len(merge) != 2 for merge in merges):
+            raise CheckpointError(f"{source}: GGUF metadata tokenizer.ggml.merges holds an entry without a space "
+                                  "(each is 'left right')")
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            if metadata.get(key) is not None and not 0 <= metadata[key] < len(tokens):
+                raise CheckpointError(f"{source}: GGUF metadata {key} is {metadata[key]}, outside the "
+                                      f"{len(tokens)} tokens of tokenizer.ggml.tokens")
+        backend = _backend(lambda: Backend(models.BPE({token: i for i, token in enumerate(tokens)}, merges)),
+                           f"{source}: GGUF metadata tokenizer.ggml.tokens/merges")
         if pre in GPT2_SPLIT:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         elif pre in DIGITS_THEN_GPT2_SPLIT:
@@ -113,11 +129,11 @@ class Tokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
             known = GPT2_SPLIT + DIGITS_THEN_GPT2_SPLIT + tuple(REGEX_SPLITS)
-            raise NotImplementedError(f"GGUF pre-tokenizer {pre!r} is not implemented; known: {list(known)}.")
+            raise NotImplementedError(f"{source}: GGUF pre-tokenizer {pre!r} is not implemented; known: {list(known)}.")
         backend.decoder = decoders.ByteLevel()
         types = metadata.get("tokenizer.ggml.token_type") or []
         backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                    for i, kind in enumerate(types) if kind == CONTROL])
+                                    for i, kind in enumerate(types[:len(tokens)]) if kind == CONTROL])
         return cls(backend,
                    bos_id=metadata.get("tokenizer.ggml.bos_token_id"),
                    eos_id=metadata.get("tokenizer.ggml.eos_token_id"),
@@ -135,11 +151,14 @@ class Tokenizer:
         config = config or {}
         tokenizer_config = {}
         if (directory / "tokenizer_config.json").is_file():
-            tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+            path = directory / "tokenizer_config.json"
+            tokenizer_config = files.checked(files.read_json(path), {"chat_template": str | None, "bos_token": str | dict | None,
+                                                                     "eos_token": str | dict | None}, path)
         if (directory / "tokenizer.json").is_file():
-            backend = Backend.from_file(str(directory / "tokenizer.json"))
+            backend = _backend(lambda: Backend.from_file(str(directory / "tokenizer.json")), directory / "tokenizer.json")
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-            backend = Backend(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+            backend = _backend(lambda: Backend(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"))),
+                               f"{directory / 'vocab.json'} + merges.txt")
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = decoders.ByteLevel()
             special = {"<|endoftext|>"} & set(backend.get_vocab())
@@ -154,12 +173,29 @@ class Tokenizer:
             if isinstance(value, str) and backend.token_to_id(value) is not None:
                 return backend.token_to_id(value)
             value = config.get(f"{name}_token_id")
-            return value[0] if isinstance(value, list) else value
+            value = (value or [None])[0] if isinstance(value, list) else value
+            return value if files.fits(value, int) and 0 <= value < backend.get_vocab_size() else None
 
         template = tokenizer_config.get("chat_template")
         if (directory / "chat_template.jinja").is_file():
-            template = (directory / "chat_template.jinja").read_text()
+            template = files.read_text(directory / "chat_template.jinja")
         return cls(backend, bos_id=special_id("bos"), eos_id=special_id("eos"), chat_template=template)
+
+
+# The types of the GGUF metadata keys a tokenizer is built from.
+GGUF_FIELDS = {"tokenizer.ggml.model": str | None, "tokenizer.ggml.pre": str | None, "tokenizer.ggml.tokens": list[str],
+               "tokenizer.ggml.merges": list[str], "tokenizer.ggml.token_type": list[int] | None,
+               "tokenizer.ggml.bos_token_id": int | None, "tokenizer.ggml.eos_token_id": int | None,
+               "tokenizer.ggml.add_bos_token": bool | None, "tokenizer.chat_template": str | None}
+
+
+def _backend(load, source) -> Backend:
+    """``load()``'s tokenizer, or one CheckpointError naming ``source`` (the tokenizers library raises its own Exception)."""
+    try:
+        return load()
+    except Exception as error:
+        raise CheckpointError(f"{source} is not a tokenizer file the tokenizers library reads: "
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
 
 @functools.lru_cache(maxsize=8)

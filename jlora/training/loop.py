@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jlora.core import interrupts
+from jlora.core import files, interrupts
 
 
 class LossNotFinite(RuntimeError):
@@ -97,11 +97,30 @@ def check_finite(step: int, metrics: dict) -> float:
 
 
 def read_history(path, until: int | None = None) -> list[dict]:
-    """The entries of a history.jsonl (those with ``step <= until``, when given); [] if it does not exist."""
+    """The entries of a history.jsonl (those with ``step <= until``, when given); [] if it does not exist.
+    A last line cut short (a crash while it was written) is dropped.
+
+    Raises:
+      ValueError: naming the file and line, for one that is not an entry (a JSON object with an integer ``step``).
+    """
     path = Path(path)
     if not path.exists():
         return []
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = files.read_text(path, ValueError)
+    lines = text.splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            entry = ...
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or not files.fits(entry.get("step"), int):
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the write of this line was cut off
+            raise ValueError(f"{path}:{number}: not a history entry (a JSON object with an integer 'step'): {line[:60]!r}")
+        entries.append(entry)
     return [e for e in entries if until is None or e["step"] <= until]
 
 
