@@ -1,3 +1,4 @@
+import re
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,9 +147,43 @@ def test_no_match_without_any_matrix_says_none():
         paths.select({"w": zeros(3)}, ["w"])
 
 
-def test_regex_onto_a_vector_names_path_and_shape():
+def test_a_regex_onto_a_kernel_and_a_vector_takes_the_kernel_and_says_what_it_skipped():
+    with pytest.warns(UserWarning, match=r"^targets 'flax/query/.\*': skipped 1 matched leaf that LoRA cannot adapt \(not "
+                                         r"floating-point matrices\): flax/query/bias \(shape \(8,\), dtype float32\); a "
+                                         r"narrower pattern \(e.g. '.\*/kernel'\) leaves them out$"):
+        assert list(paths.select(model_zoo(), r"flax/query/.*")) == ["flax/query/kernel"]
+
+
+def test_a_regex_onto_vectors_only_names_path_and_shape():
     with pytest.raises(ValueError, match=r"target 'flax/query/bias' is not a floating-point matrix \(shape \(8,\), dtype float32\)"):
-        paths.select(model_zoo(), r"flax/query/.*")
+        paths.select(model_zoo(), r"flax/query/bias")
+
+
+def test_every_weight_that_can_be_adapted_and_the_rest_reported():
+    tree = {"emb": {"table": zeros(10, 4, dtype=jnp.int32)}, "dense": {"kernel": zeros(4, 4), "bias": zeros(4)}, "step": 3}
+    with pytest.warns(UserWarning, match=r"skipped 3 matched leaves .*: dense/bias \(shape \(4,\), dtype float32\), "
+                                         r"emb/table \(shape \(10, 4\), dtype int32\), step \(shape None, dtype int\)"):
+        assert list(paths.select(tree, ".*")) == ["dense/kernel"]
+
+
+def test_a_list_mixes_module_names_and_regexes_told_apart_by_re_prefix_or_compiled_pattern():
+    tree = model_zoo()
+    names = [p for p, leaf in paths.leaves(tree) if paths.is_floating_matrix(leaf)]
+    by_regex = [p for p in names if re.fullmatch(r".*/query/kernel", p)]
+    assert list(paths.select(tree, ["re:.*/query/kernel"])) == by_regex and by_regex
+    assert list(paths.select(tree, [re.compile(r".*/query/kernel")])) == by_regex
+    mixed = paths.select(tree, ["re:.*/query/kernel", "value"])
+    assert set(mixed) == set(by_regex) | set(paths.select(tree, ["value"]))
+
+
+def test_a_regex_written_as_a_module_name_or_one_matching_nothing_is_an_error_saying_so():
+    with pytest.raises(ValueError, match=r"^targets \['q.\*'\] match no weight; 'q.\*' looks like a regular expression, but a "
+                                         r"list's entries are module names; write 're:q.\*' for a regex fullmatched against the path"):
+        paths.select(model_zoo(), ["q.*"])
+    with pytest.raises(ValueError, match=r"^targets 're:zzz' match no weight; 're:zzz' is a regex fullmatched against whole paths"):
+        paths.select(model_zoo(), ["re:zzz", "query"])
+    with pytest.raises(ValueError, match=r"target 're:\(': the regex '\(' is not a valid regular expression"):
+        paths.select(model_zoo(), ["re:("])
 
 
 def test_regex_onto_an_int_matrix_names_path_and_dtype():
@@ -164,7 +199,7 @@ def test_predicate_onto_a_python_scalar_is_rejected():
 
 @pytest.mark.parametrize("targets", [[], [1, 2], ("query", 3)])
 def test_bad_target_spec_is_a_type_error(targets):
-    with pytest.raises(TypeError, match="targets must be a regex str, a non-empty list of module names or a predicate"):
+    with pytest.raises(TypeError, match="targets must be a regex str, a non-empty list of module names \\(or .re:. regexes\\) or a predicate"):
         paths.matcher(targets)
 
 
@@ -209,7 +244,7 @@ def test_every_named_target_must_match_and_a_typo_gets_close_names():
 def test_bad_target_specs_raise_value_or_type_errors_that_name_them():
     with pytest.raises(ValueError, match=r"targets 'q_proj\(' is not a valid regular expression: missing \)"):
         paths.select(LLAMA_LIKE, "q_proj(")
-    with pytest.raises(TypeError, match=r"targets must be a regex str, a non-empty list of module names or a predicate .* got 5"):
+    with pytest.raises(TypeError, match=r"targets must be a regex str, a non-empty list of module names .* or a predicate .* got 5"):
         paths.select(LLAMA_LIKE, 5)
     with pytest.raises(TypeError, match=r"got \[\]"):
         paths.select(LLAMA_LIKE, [])

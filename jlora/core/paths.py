@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -125,8 +126,9 @@ def matcher(targets: Target) -> tuple[Callable[[str, Any], bool], bool]:
     rather than rejected).
 
     - a ``str``: a regex, ``re.fullmatch``-ed against the whole path.
-    - a sequence of ``str``: module names (:func:`names_module`); a name matches a path component
-      or a run of them, ``'attn/c_proj'`` or PEFT's ``'attn.c_proj'``.
+    - a sequence of entries, each a module name (:func:`names_module`: a path component or a run of
+      them, ``'attn/c_proj'`` or PEFT's ``'attn.c_proj'``) or a regex fullmatched against the path:
+      a ``str`` starting ``re:`` (``'re:.*/mlp/.*'``) or a compiled ``re.Pattern``.
     - a callable ``(path, leaf) -> bool``.
 
     Raises:
@@ -138,12 +140,27 @@ def matcher(targets: Target) -> tuple[Callable[[str, Any], bool], bool]:
     if callable(targets):
         return targets, False
     names = tuple(targets) if isinstance(targets, (list, tuple, set, frozenset)) else ()
-    if not names or not all(isinstance(n, str) for n in names):
+    if not names or not all(isinstance(n, (str, re.Pattern)) for n in names):
         raise TypeError(
-            f"targets must be a regex str, a non-empty list of module names or a predicate (path, leaf) -> bool, "
-            f"got {targets!r}"
+            f"targets must be a regex str, a non-empty list of module names (or 're:' regexes) or a predicate "
+            f"(path, leaf) -> bool, got {targets!r}"
         )
-    return (lambda path, leaf: any(names_module(path, n) for n in names)), True
+    entries = [entry_matcher(n) for n in names]
+    return (lambda path, leaf: any(entry(path) for entry in entries)), True
+
+
+def entry_matcher(entry) -> Callable[[str], bool]:
+    """Whether a path is selected by one entry of a targets list: a module name, ``'re:<regex>'`` or a ``re.Pattern``."""
+    if isinstance(entry, re.Pattern):
+        return lambda path: entry.fullmatch(path) is not None
+    if entry.startswith("re:"):
+        pattern = _regex(entry[3:], f"target {entry!r}: the regex")
+        return lambda path: pattern.fullmatch(path) is not None
+    return lambda path: names_module(path, entry)
+
+
+def _is_regex_entry(entry) -> bool:
+    return isinstance(entry, re.Pattern) or entry.startswith("re:")
 
 
 def describe_leaf(leaf) -> str:
@@ -176,32 +193,49 @@ def select(tree, targets: Target, *, every_name: bool = True) -> dict[str, Any]:
         matched leaf (regex, predicate) is not a floating-point array of two or more dimensions.
     """
     match, by_name = matcher(targets)
-    chosen, refused = {}, {}
+    chosen, refused, skipped = {}, {}, {}
     for path, leaf in leaves(tree):
         if not match(path, leaf):
             continue
-        if by_name and path.rsplit("/", 1)[-1] in NOT_WEIGHTS:
+        if by_name and path.rsplit("/", 1)[-1] in NOT_WEIGHTS and not any(
+                _is_regex_entry(n) and entry_matcher(n)(path) for n in targets):
             continue
         if not is_floating_matrix(leaf):
-            if by_name:
+            if by_name and not any(_is_regex_entry(n) and entry_matcher(n)(path) for n in targets):
                 refused[path] = leaf
-                continue
-            raise ValueError(
-                f"target {path!r} is not a floating-point matrix ({describe_leaf(leaf)}); "
-                "LoRA adapts weights of two or more dimensions"
-            )
+            elif callable(targets):  # a predicate chose this leaf itself
+                raise ValueError(f"target {path!r} is not a floating-point matrix ({describe_leaf(leaf)}); "
+                                 "LoRA adapts weights of two or more dimensions")
+            else:  # a regex spans what can be adapted and what cannot: the latter is skipped, and said
+                skipped[path] = leaf
+            continue
         chosen[path] = leaf
+    if skipped and not chosen:
+        path, leaf = next(iter(skipped.items()))
+        raise ValueError(f"target {path!r} is not a floating-point matrix ({describe_leaf(leaf)}); "
+                         "LoRA adapts weights of two or more dimensions")
     names = list(targets) if by_name else []
-    unmatched = [n for n in names if not any(names_module(p, n) for p in chosen)] if every_name else []
+    unmatched = [n for n in names if not any(entry_matcher(n)(p) for p in chosen)] if every_name else []
     if chosen and not unmatched:
+        if skipped:
+            warnings.warn(f"targets {targets!r}: skipped {len(skipped)} matched {'leaf' if len(skipped) == 1 else 'leaves'} that LoRA cannot adapt (not "
+                          f"floating-point matrices): {fmt_paths([f'{p} ({describe_leaf(w)})' for p, w in skipped.items()], 3)}; "
+                          "a narrower pattern (e.g. '.*/kernel') leaves them out", stacklevel=3)
         return chosen
     candidates = [p for p, leaf in leaves(tree) if is_floating_matrix(leaf)]
     details = []
     for name in unmatched or names:
+        if _is_regex_entry(name):
+            details.append(f"{name if isinstance(name, str) else name.pattern!r} is a regex fullmatched against whole "
+                           "paths such as the candidates below")
+            continue
         not_matrices = [f"{p} ({describe_leaf(w)})" for p, w in refused.items() if names_module(p, name)]
         close = close_names(name, candidates)
         if not_matrices:
             details.append(f"{name!r} names only weights that are not floating-point matrices: {fmt_paths(not_matrices, 3)}")
+        elif re.search(r"[*+?\[\](){}|^$\\]", name):
+            details.append(f"{name!r} looks like a regular expression, but a list's entries are module names; "
+                           f"write 're:{name}' for a regex fullmatched against the path")
         elif close:
             details.append(f"{name!r}: did you mean {', '.join(map(repr, close))}?")
     head = f"targets {targets!r} match no weight" if not chosen else f"targets {', '.join(map(repr, unmatched))} match no weight"

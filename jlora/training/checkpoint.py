@@ -11,8 +11,10 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -107,12 +109,19 @@ class Checkpointer:
         """Removes the checkpoint of ``step`` (``jlora.fit`` drops a best checkpoint a fresh run replaces)."""
         self.manager.delete(step)
 
-    def save(self, state, metadata: dict | None = None) -> Path:
-        """Writes ``state`` as step ``state.step``, with ``metadata`` plus what describes it: the
-        step, jlora's version and, for a :class:`jlora.Trainable`, its structure (:func:`describe_trainable`)."""
-        step = int(state.step)
-        metadata = {**(metadata or {}), "step": step, "jlora_version": __version__}
-        if isinstance(state.trainable, Trainable):
+    def save(self, state, metadata: dict | None = None, *, step: int | None = None) -> Path:
+        """Writes ``state`` (any tree :func:`describe_tree` describes: a :class:`jlora.train.TrainState`,
+        adapters alone, a dict of adapters and an optax state...) as step ``step`` (default
+        ``state.step``), with ``metadata`` plus what describes it: the step, jlora's version, the
+        state's structure (:func:`describe_tree`, so it restores with no template) and, for a
+        :class:`jlora.Trainable`, its adapters (:func:`describe_trainable`)."""
+        if step is None:
+            if not hasattr(state, "step"):
+                raise ValueError(f"saving a {type(state).__name__} without a .step in {self.directory}: pass step=N")
+            step = state.step
+        step = int(step)
+        metadata = {**(metadata or {}), "step": step, "jlora_version": __version__, "structure": describe_tree(state)}
+        if isinstance(getattr(state, "trainable", None), Trainable):
             metadata["trainable"] = describe_trainable(state.trainable)
         self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(metadata)), force=True
@@ -152,11 +161,14 @@ class Checkpointer:
             found = metadata.get(key)
             if found != wanted:
                 raise CheckpointError(f"checkpoint {where} was made with {key}={found}, but this run has {key}={wanted}")
+        saved = abstract_tree(metadata["structure"], where) if "structure" in metadata else None
         if abstract_state is None:
-            abstract_state = saved_structure(metadata, base, where)
+            abstract_state = saved if saved is not None else saved_structure(metadata, base, where)
         elif "trainable" in metadata and isinstance(getattr(abstract_state, "trainable", None), Trainable):
             _refuse_other_adapters(describe_trainable(abstract_state.trainable)["adapters"],
                                    adapter.upgraded(metadata["trainable"]["adapters"]), where)
+        if saved is not None:  # a template that does not fit is no damage: say where it differs
+            _refuse_misfit(abstract_state, saved, where)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         except Exception as error:
@@ -209,6 +221,82 @@ class Checkpointer:
         if step is None or step not in self.manager.all_steps():
             raise CheckpointError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in {self.directory}")
         return step
+
+
+def describe_tree(tree):
+    """The structure of a state to save, as JSON: dicts, lists, tuples, None, NamedTuples (optax's
+    states: by class, ``"module:qualname"``), adapters (:func:`jlora.adapter.describe`) and arrays
+    (``[shape, dtype]``), so that :func:`abstract_tree` rebuilds it with no template.
+
+    Example:
+      >>> import optax
+      >>> described = describe_tree(optax.adam(1e-3).init({"w": jnp.ones(3)}))
+      >>> described["tuple"][0]["namedtuple"], described["tuple"][0]["fields"]["mu"]
+      ('optax._src.transform:ScaleByAdamState', {'dict': {'w': {'array': [[3], 'float32']}}})
+    """
+    if tree is None:
+        return None
+    if adapter.is_adapter(tree):  # its static fields, and its array fields as subtrees (an optax state holds masks there)
+        children = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda node: node is not tree)[0]
+        fields = {paths.key_name(keypath[0]): describe_tree(child) for keypath, child in children}
+        static = {f.name: adapter._plain(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.name not in fields}
+        return {"adapter": tree.name, "static": static, "fields": fields}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        cls = type(tree)
+        return {"namedtuple": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {name: describe_tree(value) for name, value in zip(tree._fields, tree)}}
+    if isinstance(tree, dict):
+        if not all(isinstance(key, str) for key in tree):
+            raise TypeError(f"a checkpoint's dicts need string keys; got {sorted(map(repr, tree))[:3]}")
+        return {"dict": {key: describe_tree(value) for key, value in tree.items()}}
+    if isinstance(tree, (list, tuple)):
+        return {"list" if isinstance(tree, list) else "tuple": [describe_tree(value) for value in tree]}
+    if hasattr(tree, "shape") and hasattr(tree, "dtype") or isinstance(tree, (int, float, np.number)):
+        array = np.asarray(tree) if not hasattr(tree, "dtype") else tree
+        return {"array": [list(array.shape), str(array.dtype)]}
+    raise TypeError(f"a checkpoint holds arrays, dicts, lists, tuples, NamedTuples and adapters; got a "
+                    f"{type(tree).__name__}: register it as a NamedTuple or save its arrays in a dict")
+
+
+def abstract_tree(described, where="the checkpoint"):
+    """The state :func:`describe_tree` described, its arrays ``jax.ShapeDtypeStruct``: a template to
+    restore into.
+
+    Raises:
+      CheckpointError: a class it names cannot be found (the class and what to import are named).
+    """
+    if described is None:
+        return None
+    form = next(key for key in ("array", "adapter", "dict", "list", "tuple", "namedtuple") if key in described)
+    value = described[form]
+    if form == "array":
+        return jax.ShapeDtypeStruct(tuple(value[0]), jax.numpy.dtype(value[1]))
+    if form == "adapter":
+        try:
+            cls = adapter.kind(value)
+        except ValueError as error:
+            raise CheckpointError(f"{where}: {error}") from None
+        static = {name: adapter._frozen(v) for name, v in described["static"].items()}
+        return cls(**static, **{name: abstract_tree(v, where) for name, v in described["fields"].items()})
+    if form == "dict":
+        return {key: abstract_tree(v, where) for key, v in value.items()}
+    if form in ("list", "tuple"):
+        items = [abstract_tree(v, where) for v in value]
+        return items if form == "list" else tuple(items)
+    cls = _named_class(value, where)
+    return cls(**{name: abstract_tree(v, where) for name, v in described["fields"].items()})
+
+
+def _named_class(name: str, where):
+    module_name, _, qualname = name.partition(":")
+    module = sys.modules.get(module_name)  # only a module already imported: restoring runs no import a file names
+    found = module
+    for part in qualname.split(".") if module is not None else ():
+        found = getattr(found, part, None)
+    if not (isinstance(found, type) and issubclass(found, tuple) and hasattr(found, "_fields")):
+        raise CheckpointError(f"{where} holds a {qualname} of module {module_name}, which this program has not "
+                              f"imported; import {module_name} before restoring (or pass a template)")
+    return found
 
 
 def describe_trainable(trainable: Trainable) -> dict:
@@ -267,6 +355,23 @@ def _refuse_other_adapters(template: dict, saved: dict, where) -> None:
             f"{where} holds other adapters than the template at {len(differing)} path(s): {shown}"
             + ("; ..." if len(differing) > 3 else "")
         )
+
+
+def _refuse_misfit(template, saved, where) -> None:
+    """CheckpointError naming the first leaves where ``template`` and the saved structure differ."""
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+    ours, theirs = shapes(template), shapes(saved)
+    differing = [p for p in sorted(set(ours) | set(theirs)) if ours.get(p) != theirs.get(p)]
+    if differing:
+        shown = "; ".join(f"{p}: saved {theirs.get(p, 'nothing')}, template {ours.get(p, 'nothing')}" for p in differing[:3])
+        raise CheckpointError(f"{where} does not fit the template at {len(differing)} leaf(s): {shown}"
+                              + ("; ..." if len(differing) > 3 else ""))
+    if jax.tree.structure(template) != jax.tree.structure(saved):
+        raise CheckpointError(f"{where} holds the template's arrays in other containers: saved "
+                              f"{str(jax.tree.structure(saved))[:200]}, template {str(jax.tree.structure(template))[:200]}")
 
 
 def _brief(entry: dict | None) -> str:
