@@ -324,3 +324,30 @@ def test_rank_and_alpha_patterns_must_name_a_target():
         jlora.init(params, rank_pattern={"o_proj": 2})
     with pytest.raises(ValueError, match=r"alpha_pattern keys \['k_proj'\]"):
         jlora.init(params, alpha_pattern={"q_proj": 2.0, "k_proj": 4.0})
+
+
+# --- a reading of a weight's axes that the bias beside it contradicts is refused, naming the fix ---
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"layers": {"dense": {"kernel": jnp.ones((3, 8, 16)), "bias": jnp.ones((3, 16))}}},
+     r"'layers/dense/kernel' has shape \(3, 8, 16\): read with stack_axes=0, in_axes=1, its update would be low rank from "
+     r"inputs \(3,\) to outputs \(8, 16\) \(stacked over \(\)\), but 'layers/dense/bias' has shape \(3, 16\), so the outputs "
+     r"are other axes; pass stack_axes=\{'layers/dense': 1\}, in_axes=\{'layers/dense': 1\}"),
+    ({"out": {"kernel": jnp.ones((4, 8, 32)), "bias": jnp.ones(32)}},
+     r"'out/kernel' has shape \(4, 8, 32\).* but 'out/bias' has shape \(32,\).*; pass stack_axes=\{'out': 0\}, in_axes=\{'out': 2\}"),
+    ({"lin": {"kernel": jnp.ones((16, 8)), "bias": jnp.ones(16)}},
+     r"'lin/kernel' has shape \(16, 8\).* but 'lin/bias' has shape \(16,\), so the outputs are other axes; a weight laid out "
+     r"\(out, in\), as PyTorch and Equinox store them, must be transposed to \(in, out\) first"),
+])
+def test_axes_the_bias_contradicts_are_refused_with_the_option_that_fits(params, message):
+    module = next(iter(params))
+    with pytest.raises(ValueError, match=message):
+        jlora.init(params, rank=2, targets=[module])
+
+
+def test_the_option_the_refusal_names_gives_a_low_rank_update_per_stacked_layer():
+    params = {"layers": {"dense": {"kernel": jnp.ones((3, 8, 16)), "bias": jnp.ones((3, 16))}}}
+    adapters = jlora.init(params, rank=2, targets=["dense"], stack_axes={"layers/dense": 1}, in_axes={"layers/dense": 1})
+    lora = jlora.adapter.table(adapters)["layers/dense/kernel"]
+    assert (lora.a.shape, lora.b.shape, lora.stack_axes) == ((3, 8, 2), (3, 2, 16), 1)

@@ -357,7 +357,10 @@ def test_unrecognised_use_falls_back_with_warning_or_raises_when_strict():
     with pytest.warns(UserWarning, match=r"'?w'? used by `exp`"):
         out = jlora.adapt(fn)(params, adapters, jnp.ones((2, 4)))
     np.testing.assert_allclose(out, fn(jlora.merge(params, adapters), jnp.ones((2, 4))), rtol=1e-6)
-    with pytest.raises(ValueError, match=r"w used by `exp`.*strict=True"):
+    with pytest.raises(ValueError, match=r"w used by `exp`, which has no factored rule; that use gets the merged weight "
+                                         r"W0 \+ ΔW \(strict=True\): the result is still equal to the merged model's, only "
+                                         r"that use is not factored; pass strict=False to accept it, or use the weight "
+                                         r"through a matmul .*jax.make_jaxpr\(fn\)"):
         jlora.adapt(fn, strict=True)(params, adapters, jnp.ones((2, 4)))
 
 

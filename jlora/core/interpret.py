@@ -286,7 +286,10 @@ def warn_or_raise(ctx, names: str, what: str):
     """The one place a use without a factored rule is reported: a warning, or an error if strict."""
     message = f"jlora.adapt: {names} used by {what}; that use gets the merged weight W0 + ΔW"
     if ctx.strict:
-        raise ValueError(message + " (strict=True)")
+        raise ValueError(message + " (strict=True): the result is still equal to the merged model's, only that use "
+                         "is not factored; pass strict=False to accept it, or use the weight through a matmul "
+                         "(x @ W, jnp.einsum, lax.dot_general), a convolution or an indexing gather, which adapt "
+                         "factors. jax.make_jaxpr(fn)(params, *args) shows where the weight meets that operation.")
     warnings.warn(message, stacklevel=3)
 
 

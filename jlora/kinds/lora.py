@@ -159,6 +159,29 @@ def upgrade(static: dict, arrays: dict) -> dict:
     return {**static, "alpha": scaling * rank, "use_rslora": False}
 
 
+def refuse_misread_axes(path: str, shape: tuple, n_stack: int, n_in: int, bias) -> None:
+    """Refuses a reading of a weight's axes that the bias beside it contradicts: a bias has the
+    weight's stacked and output axes (``stack + out``), so a stacked ``(layers, in, out)`` kernel read
+    without ``stack_axes``, an output projection ``(heads, head_dim, d)`` without ``in_axes=2``, or a
+    PyTorch/Equinox ``(out, in)`` weight would give an update that is low rank over other axes than
+    the layer's. The error names the path, both shapes, the axes it would factor over and the option
+    that fits."""
+    if bias is None or not hasattr(bias, "shape"):
+        return
+    stack, inputs, outputs = shape[:n_stack], shape[n_stack:n_stack + n_in], shape[n_stack + n_in:]
+    if tuple(bias.shape) == stack + outputs:
+        return
+    fits = [(s, i) for s in range(len(shape) - 1) for i in range(1, len(shape) - s)
+            if shape[:s] + shape[s + i:] == tuple(bias.shape)]
+    module = path.rsplit("/", 1)[0]
+    hint = (f"pass stack_axes={{{module!r}: {fits[0][0]}}}, in_axes={{{module!r}: {fits[0][1]}}} (or as ints for every target)"
+            if fits else "a weight laid out (out, in), as PyTorch and Equinox store them, must be transposed to (in, out) "
+                         "first (and back after merge)")
+    raise ValueError(f"{path!r} has shape {shape}: read with stack_axes={n_stack}, in_axes={n_in}, its update would be "
+                     f"low rank from inputs {inputs} to outputs {outputs} (stacked over {stack}), but "
+                     f"{module + '/bias'!r} has shape {tuple(bias.shape)}, so the outputs are other axes; {hint}")
+
+
 def init(
     params,
     rank: int = 8,
@@ -212,6 +235,7 @@ def init(
         paths.check_patterns(name, option, chosen)
     keys = jax.random.split(key, len(chosen))
     adapters = {}
+    leaves = dict(paths.leaves(params))
     for k, (path, w) in zip(keys, chosen.items()):
         r = paths.per_path(rank_pattern, path, rank)
         n_stack = paths.per_path(stack_axes, path, 0)
@@ -221,6 +245,7 @@ def init(
             raise ValueError(
                 f"{path!r} has shape {shape}: stack_axes={n_stack}, in_axes={n_in} leave no output axis"
             )
+        refuse_misread_axes(path, shape, n_stack, n_in, leaves.get(path.rsplit("/", 1)[0] + "/bias"))
         s, i, o = shape[:n_stack], shape[n_stack : n_stack + n_in], shape[n_stack + n_in :]
         fan_in, fan_out = math.prod(i), math.prod(o)
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 < r <= min(fan_in, fan_out):
