@@ -198,15 +198,16 @@ def _arrays(adapter: Adapter) -> dict[str, Any]:
     return {paths.key_name(keypath[0]): leaf for keypath, leaf in flat}
 
 
-def _plain(value):
+def plain_static(value):
+    """A static field's value as JSON holds it (tuples as lists, numpy scalars as numbers)."""
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain_static(v) for v in value]
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _frozen(value):
+def frozen_static(value):
     """JSON's lists back to the tuples static fields hold (they must hash)."""
-    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+    return tuple(frozen_static(v) for v in value) if isinstance(value, list) else value
 
 
 def describe(adapters) -> dict[str, dict]:
@@ -222,7 +223,7 @@ def describe(adapters) -> dict[str, dict]:
     out = {}
     for path, adapter in table(adapters).items():
         arrays = _arrays(adapter)
-        static = {f.name: _plain(getattr(adapter, f.name)) for f in dataclasses.fields(adapter) if f.name not in arrays}
+        static = {f.name: plain_static(getattr(adapter, f.name)) for f in dataclasses.fields(adapter) if f.name not in arrays}
         shapes = {field: [list(x.shape), str(x.dtype)] for field, x in arrays.items()}
         out[path] = {"kind": adapter.name, "static": static, "arrays": shapes}
     return out
@@ -258,7 +259,7 @@ def abstract(description: dict[str, dict]) -> dict:
         except ValueError as error:
             raise ValueError(f"adapter at {path!r}: {error}") from None
         arrays = {f: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for f, (shape, dtype) in entry["arrays"].items()}
-        static = {f: _frozen(v) for f, v in cls.upgrade(entry["static"], entry["arrays"]).items()}
+        static = {f: frozen_static(v) for f, v in cls.upgrade(entry["static"], entry["arrays"]).items()}
         adapters[path] = cls(**static, **arrays)
     return paths.nest(adapters)
 

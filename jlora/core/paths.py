@@ -193,15 +193,16 @@ def select(tree, targets: Target, *, every_name: bool = True) -> dict[str, Any]:
         matched leaf (regex, predicate) is not a floating-point array of two or more dimensions.
     """
     match, by_name = matcher(targets)
+    regexes = [entry_matcher(n) for n in targets if _is_regex_entry(n)] if by_name else []
     chosen, refused, skipped = {}, {}, {}
     for path, leaf in leaves(tree):
         if not match(path, leaf):
             continue
-        if by_name and path.rsplit("/", 1)[-1] in NOT_WEIGHTS and not any(
-                _is_regex_entry(n) and entry_matcher(n)(path) for n in targets):
+        named = by_name and not any(regex(path) for regex in regexes)  # chosen by a module name, not a regex
+        if named and path.rsplit("/", 1)[-1] in NOT_WEIGHTS:
             continue
         if not is_floating_matrix(leaf):
-            if by_name and not any(_is_regex_entry(n) and entry_matcher(n)(path) for n in targets):
+            if named:
                 refused[path] = leaf
             elif callable(targets):  # a predicate chose this leaf itself
                 raise ValueError(f"target {path!r} is not a floating-point matrix ({describe_leaf(leaf)}); "

@@ -239,7 +239,7 @@ def describe_tree(tree):
     if adapter.is_adapter(tree):  # its static fields, and its array fields as subtrees (an optax state holds masks there)
         children = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda node: node is not tree)[0]
         fields = {paths.key_name(keypath[0]): describe_tree(child) for keypath, child in children}
-        static = {f.name: adapter._plain(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.name not in fields}
+        static = {f.name: adapter.plain_static(getattr(tree, f.name)) for f in dataclasses.fields(tree) if f.name not in fields}
         return {"adapter": tree.name, "static": static, "fields": fields}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         cls = type(tree)
@@ -276,7 +276,7 @@ def abstract_tree(described, where="the checkpoint"):
             cls = adapter.kind(value)
         except ValueError as error:
             raise CheckpointError(f"{where}: {error}") from None
-        static = {name: adapter._frozen(v) for name, v in described["static"].items()}
+        static = {name: adapter.frozen_static(v) for name, v in described["static"].items()}
         return cls(**static, **{name: abstract_tree(v, where) for name, v in described["fields"].items()})
     if form == "dict":
         return {key: abstract_tree(v, where) for key, v in value.items()}
