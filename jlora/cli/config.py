@@ -42,7 +42,7 @@ def read(path) -> dict:
 
             values = yaml.safe_load(text)
     except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError, a RecursionError
-        raise ValueError(f"config file {path} does not parse: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise ValueError(f"config file {path} does not parse: {files.reason(error)}") from None
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} holds a {type(values).__name__}; it must be a mapping of flag names to values")

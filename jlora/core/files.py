@@ -18,6 +18,13 @@ from typing import Any
 from jlora.core.errors import CheckpointError
 
 
+def reason(error: Exception) -> str:
+    """An error's cause in a few words: an OSError's ``strerror`` (``No space left on device``), else
+    the first line of its message, else its type's name."""
+    text = str(error).strip()
+    return getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
+
+
 def read_text(path, error: type[Exception] = CheckpointError) -> str:
     """The UTF-8 text of ``path``; ``error`` naming it when it is missing, unreadable or not UTF-8."""
     path = Path(path)

@@ -195,7 +195,7 @@ def _backend(load, source) -> Backend:
         return load()
     except Exception as error:
         raise CheckpointError(f"{source} is not a tokenizer file the tokenizers library reads: "
-                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                              f"{files.reason(error)}") from None
 
 
 @functools.lru_cache(maxsize=8)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jlora.core import files, interrupts
+from jlora.core.files import reason
 
 
 class LossNotFinite(RuntimeError):
@@ -61,12 +62,6 @@ class SaveFailed(WriteFailed):
 
     def __init__(self, step: int, last_saved: int | None, error: Exception, path=None):
         super().__init__(path, step, last_saved, error, f"saving the checkpoint of step {step} failed: {reason(error)}")
-
-
-def reason(error: Exception) -> str:
-    """An error's cause in a few words: an OSError's ``strerror`` (``No space left on device``), else its first line."""
-    text = str(error).strip()
-    return getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
 
 
 class FitResult(NamedTuple):
